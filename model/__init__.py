@@ -1,0 +1,1 @@
+"""CogVLM in PyTorch: config, weights, prompt building, vision tower, language model, runner."""

@@ -1,0 +1,88 @@
+"""The CogVLM language model with visual experts, over flat (unpadded) token batches.
+
+Tokens of a batch are one flat [T] axis; the attention backend knows where sequences start
+and end. Module names follow the checkpoints, so `state_dict()` keys are theirs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.attention import AttentionBackend
+from model.config import CogVLMConfig
+from model.expert_attention import VisionExpertAttention
+from model.expert_mlp import VisionExpertMLP
+from model.rms_norm import RMSNorm
+from model.rotary import rotary_cos_sin
+from model.vision import VisionTower
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: CogVLMConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = VisionExpertAttention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = VisionExpertMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, hidden, cos_sin, vision_mask, attention: AttentionBackend) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, vision_mask, attention)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden), vision_mask)
+
+
+class CogVLMModel(nn.Module):
+    def __init__(self, cfg: CogVLMConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.vision = VisionTower(cfg)
+
+
+class CogVLMForCausalLM(nn.Module):
+    def __init__(self, cfg: CogVLMConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = CogVLMModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] -> [B, num_image_tokens, hidden]: what fills the image slots."""
+        return self.model.vision(pixels.to(self.dtype))
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        image_embeds: torch.Tensor | None = None,  # [N, hidden]: features for N image slots
+        image_slot_ids: torch.Tensor | None = None,  # [N]: rows of the batch those slots are
+    ) -> torch.Tensor:  # [T, hidden]
+        embeds = self.model.embed_tokens(input_ids)
+        if image_embeds is not None:
+            embeds[image_slot_ids] = image_embeds.to(embeds.dtype)
+        return embeds
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,  # [T, hidden]
+        position_ids: torch.Tensor,  # [T]
+        vision_mask: torch.Tensor | None,  # [T] bool, the shifted rule; None: no vision token
+        attention: AttentionBackend,
+    ) -> torch.Tensor:  # [T, hidden], after the final norm
+        cfg = self.config
+        cos_sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, inputs_embeds.dtype)
+        hidden = inputs_embeds
+        for layer in self.model.layers:
+            hidden = layer(hidden, cos_sin, vision_mask, attention)
+        return self.model.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32
+        return self.lm_head(hidden).float()

@@ -1,0 +1,27 @@
+"""Neox-style rotary embeddings (rotate_half on the two halves of each head)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotary_cos_sin(
+    position_ids: torch.Tensor,  # [T] int
+    head_dim: int,
+    theta: float,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:  # 2 x [T, 1, head_dim]
+    """Angles in fp32, then cos/sin cast to the model dtype, as the reference's cached tables are."""
+    device = position_ids.device
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = position_ids.float()[:, None] * inv_freq[None, :]  # [T, head_dim / 2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, head_dim]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; the rotation itself runs in fp32."""
+    x32 = x.float()
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
+    return (x32 * cos.float() + rotated * sin.float()).to(x.dtype)

@@ -1,0 +1,1 @@
+"""cogserve's front: CLI, conversation mapping, (later) HTTP API, engine loop and scheduler."""

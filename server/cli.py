@@ -1,0 +1,85 @@
+"""`cogserve` command line: generate, init-tiny (and serve, once the HTTP server lands)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from server.config import DEFAULT_MODEL, GenerateConfig, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cogserve", description="Serve and run CogVLM models.")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate once with the reference path")
+    add_model_args(gen)
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one user question (with --image for an image)")
+    source.add_argument("--messages", help="JSON file with an OpenAI-style messages array")
+    gen.add_argument("--image", help="image file to ask about (with --prompt)")
+    gen.add_argument("--template", choices=["chat", "vqa", "base"], help="default: the checkpoint's")
+    gen.add_argument("--max-tokens", type=int, default=GenerateConfig.max_tokens)
+    gen.add_argument("--temperature", type=float, default=GenerateConfig.temperature)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--top-logprobs", type=int, default=0, help="K best [token_id, logprob] per token (<= 20)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+
+    tiny = commands.add_parser("init-tiny", help="write a random-weight tiny checkpoint for tests")
+    tiny.add_argument("out_dir")
+    tiny.add_argument("--generation", type=int, choices=[1, 2], default=1)
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder (HF layout)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the checkpoint's)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-image-pixels", type=int, default=ModelConfig.max_image_pixels)
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+                       max_model_len=args.max_model_len, max_image_pixels=args.max_image_pixels)  # fmt: skip
+
+
+def generate_config(args: argparse.Namespace) -> GenerateConfig:
+    if args.image and not args.prompt:
+        raise ValueError("--image goes with --prompt; with --messages put the image in a message")
+    return GenerateConfig(
+        model=model_config(args), image=args.image, prompt=args.prompt, messages=args.messages,
+        template=args.template, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+        top_logprobs=args.top_logprobs, json=args.json,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from model.config import ConfigError
+    from model.processor import PromptError
+    from model.weights import WeightsError
+
+    try:
+        if args.command == "generate":
+            from server.generate_command import run_generate
+
+            return run_generate(generate_config(args))
+        if args.command == "init-tiny":
+            from model.tiny_checkpoint import write_tiny_checkpoint
+
+            cfg = write_tiny_checkpoint(args.out_dir, args.generation, seed=args.seed)
+            print(f"wrote a tiny CogVLM generation {cfg.generation} checkpoint to {args.out_dir}")
+            return 0
+    except (ConfigError, WeightsError, PromptError, ValueError, OSError) as err:
+        print(f"cogserve {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 1

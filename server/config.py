@@ -1,0 +1,33 @@
+"""Frozen configs, one per command, built once by server/cli.py's argparse."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model.processor import DEFAULT_MAX_IMAGE_PIXELS
+
+DEFAULT_MODEL = "checkpoints/tiny-cogvlm"  # written by `cogserve init-tiny` (make serve does it)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = DEFAULT_MODEL  # checkpoint folder (HF layout)
+    tokenizer: str | None = None  # tokenizer folder; default: the checkpoint folder
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto: checkpoint dtype on GPU, fp32 on CPU
+    device: str = "auto"  # auto | cpu | cuda
+    max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # decompression-bomb cap, checked before decoding
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    model: ModelConfig = ModelConfig()
+    image: str | None = None  # image file for --prompt
+    prompt: str | None = None  # one user question
+    messages: str | None = None  # JSON file with an OpenAI-style messages array
+    template: str | None = None  # chat | vqa | base; default: the checkpoint's template_version
+    max_tokens: int = 64
+    temperature: float = 0.0
+    seed: int | None = None
+    top_logprobs: int = 0
+    json: bool = False  # print one JSON object instead of the text
