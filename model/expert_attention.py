@@ -20,7 +20,9 @@ class VisionExpertAttention(nn.Module):
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
         self.language_expert_query_key_value = nn.Linear(cfg.hidden_size, cfg.qkv_size, bias=False)
-        self.vision_expert_query_key_value = nn.Linear(cfg.hidden_size, cfg.qkv_size, bias=cfg.vision_qkv_bias)
+        self.vision_expert_query_key_value = nn.Linear(
+            cfg.hidden_size, cfg.qkv_size, bias=cfg.vision_qkv_bias
+        )
         self.language_expert_dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.vision_expert_dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
@@ -39,4 +41,6 @@ class VisionExpertAttention(nn.Module):
         k = apply_rotary(k.reshape(-1, self.num_kv_heads, self.head_dim), *cos_sin)  # [T, KV, D]
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         ctx = attention.attend(self.layer_idx, q, k, v)  # [T, H * D]
-        return expert_linear(ctx, vision_mask, self.language_expert_dense.weight, self.vision_expert_dense.weight)
+        return expert_linear(
+            ctx, vision_mask, self.language_expert_dense.weight, self.vision_expert_dense.weight
+        )

@@ -65,8 +65,9 @@ def generate_reference(
         slot_ids = torch.tensor(inputs.image_slots, device=device)
     mask = vision_expert_mask(inputs.token_type_ids)
     vision_mask = torch.tensor(mask, device=device) if any(mask) else None
-    cache = ContiguousKVCache(cfg.num_layers, prompt_len + max_tokens, cfg.num_kv_heads, cfg.head_dim,
-                              model.dtype, device)  # fmt: skip
+    cache = ContiguousKVCache(
+        cfg.num_layers, prompt_len + max_tokens, cfg.num_kv_heads, cfg.head_dim, model.dtype, device
+    )
 
     embeds = model.embed(input_ids, image_embeds, slot_ids)
     positions = torch.tensor(inputs.position_ids, device=device)

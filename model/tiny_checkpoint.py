@@ -31,7 +31,9 @@ def tokenizer_corpus() -> list[str]:
     lines = []
     for color, shape, place in itertools.product(colors, shapes, places):
         lines.append(f"Question: What is in the image? Answer: a {color} {shape} on the {place}.")
-        lines.append(f"Question: Where is the {color} {shape}? Short answer: [[{len(color)}12,3{len(shape)}4,567,890]]")
+        lines.append(
+            f"Question: Where is the {color} {shape}? Short answer: [[{len(color)}12,3{len(shape)}4,567,890]]"
+        )
         lines.append(f"Describe the picture. There are two shapes: a {shape} and a {color} one, {place}!")
     return lines
 
@@ -41,16 +43,33 @@ def write_sentencepiece_tokenizer(out: Path) -> int:
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(tokenizer_corpus()), model_writer=model, vocab_size=TOKENIZER_VOCAB_SIZE,
-        model_type="bpe", byte_fallback=True, character_coverage=1.0, num_threads=1, unk_id=0, bos_id=1,
-        eos_id=2, pad_id=-1, add_dummy_prefix=True, normalization_rule_name="identity", minloglevel=2,
+        sentence_iterator=iter(tokenizer_corpus()),
+        model_writer=model,
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        num_threads=1,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        add_dummy_prefix=True,
+        normalization_rule_name="identity",
+        minloglevel=2,
         hard_vocab_limit=False,
-    )  # fmt: skip
+    )
     (out / "tokenizer.model").write_bytes(model.getvalue())
     config = {
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False, "legacy": False, "clean_up_tokenization_spaces": False,
-    }  # fmt: skip
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": False,
+        "clean_up_tokenization_spaces": False,
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
 
@@ -70,9 +89,12 @@ def write_byte_level_tokenizer(out: Path) -> tuple[int, dict[str, int]]:
     tokenizer.add_special_tokens(list(LLAMA3_SPECIALS))
     tokenizer.save(str(out / "tokenizer.json"))
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": LLAMA3_SPECIALS[0],
-        "eos_token": LLAMA3_SPECIALS[2], "pad_token": LLAMA3_SPECIALS[3], "clean_up_tokenization_spaces": False,
-    }  # fmt: skip
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": LLAMA3_SPECIALS[0],
+        "eos_token": LLAMA3_SPECIALS[2],
+        "pad_token": LLAMA3_SPECIALS[3],
+        "clean_up_tokenization_spaces": False,
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return tokenizer.get_vocab_size(), {name: tokenizer.token_to_id(name) for name in LLAMA3_SPECIALS}
 
@@ -80,21 +102,46 @@ def write_byte_level_tokenizer(out: Path) -> tuple[int, dict[str, int]]:
 def tiny_config(generation: int, vocab_size: int, special_ids: dict[str, int] | None = None) -> CogVLMConfig:
     if generation == 1:
         # 32 px / 4 px patches = 64 patches -> 66 image tokens
-        vision = VisionConfig(image_size=32, patch_size=4, hidden_size=32, num_layers=2, num_heads=2,
-                              intermediate_size=64)  # fmt: skip
-        return CogVLMConfig(generation=1, vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                            num_layers=2, num_heads=4, num_kv_heads=4, vision=vision)  # fmt: skip
+        vision = VisionConfig(
+            image_size=32, patch_size=4, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64
+        )
+        return CogVLMConfig(
+            generation=1,
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=4,
+            vision=vision,
+        )
     # 64 px / 4 px = 256 patches, 2x2 conv -> 64 -> 66 image tokens; GQA 4 q heads over 2 kv heads
     ids = special_ids or {}
-    vision = VisionConfig(image_size=64, patch_size=4, hidden_size=32, num_layers=2, num_heads=2,
-                          intermediate_size=64, has_conv=True)  # fmt: skip
+    vision = VisionConfig(
+        image_size=64,
+        patch_size=4,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=64,
+        has_conv=True,
+    )
     return CogVLMConfig(
-        generation=2, vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
-        num_kv_heads=2, rope_theta=500000.0, max_position_embeddings=8192,
+        generation=2,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=160,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
         bos_token_id=ids.get(LLAMA3_SPECIALS[0], 0),
         eos_token_ids=(ids.get(LLAMA3_SPECIALS[1], 1), ids.get(LLAMA3_SPECIALS[2], 2)),
-        pad_token_id=ids.get(LLAMA3_SPECIALS[3], 3), vision_qkv_bias=True, vision=vision,
-    )  # fmt: skip
+        pad_token_id=ids.get(LLAMA3_SPECIALS[3], 3),
+        vision_qkv_bias=True,
+        vision=vision,
+    )
 
 
 def random_state_dict(cfg: CogVLMConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -134,9 +181,12 @@ def save_sharded(state: dict[str, torch.Tensor], out: Path, num_shards: int) -> 
 
 
 def write_tiny_checkpoint(
-    out_dir: str | Path, generation: int = 1, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+    out_dir: str | Path,
+    generation: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
     num_shards: int = 3,
-) -> CogVLMConfig:  # fmt: skip
+) -> CogVLMConfig:
     if generation not in (1, 2):
         raise ValueError(f"generation must be 1 or 2, got {generation}")
     out = Path(out_dir)

@@ -51,7 +51,9 @@ def checkpoint_files(folder: Path) -> dict[Path, list[str] | None]:
     single = folder / SINGLE_FILE
     if single.is_file():
         return {single: None}
-    raise WeightsError(f"{folder}: neither {INDEX_FILE} nor {SINGLE_FILE} found (only safetensors is supported)")
+    raise WeightsError(
+        f"{folder}: neither {INDEX_FILE} nor {SINGLE_FILE} found (only safetensors is supported)"
+    )
 
 
 def resolve_dtype(name: str, cfg: CogVLMConfig, device: torch.device) -> torch.dtype:
@@ -79,8 +81,13 @@ def load_model(
     loaded: set[str] = set()
     shards = checkpoint_files(folder)
     total_bytes = sum(shard.stat().st_size for shard in shards)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights",
-               disable=total_bytes < PROGRESS_MIN_BYTES)
+    bar = tqdm(
+        total=total_bytes,
+        unit="B",
+        unit_scale=True,
+        desc="loading weights",
+        disable=total_bytes < PROGRESS_MIN_BYTES,
+    )
     for shard, index_keys in shards.items():
         with safe_open(shard, framework="pt", device="cpu") as f:
             file_keys = set(f.keys())
@@ -92,11 +99,9 @@ def load_model(
                     continue
                 if key not in expected:
                     raise WeightsError(f"{shard}: unexpected tensor '{key}' (no such parameter in the model)")
-                shape = tuple(f.get_slice(key).get_shape())
-                if shape != tuple(expected[key].shape):
-                    raise WeightsError(
-                        f"{shard}: tensor '{key}' has shape {list(shape)}, expected {list(expected[key].shape)}"
-                    )
+                shape, want = list(f.get_slice(key).get_shape()), list(expected[key].shape)
+                if shape != want:
+                    raise WeightsError(f"{shard}: tensor '{key}' has shape {shape}, expected {want}")
                 tensor = f.get_tensor(key).to(device=device, dtype=dtype)
                 _set_parameter(model, key, tensor)
                 loaded.add(key)

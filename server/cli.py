@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
@@ -27,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=GenerateConfig.max_tokens)
     gen.add_argument("--temperature", type=float, default=GenerateConfig.temperature)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--top-logprobs", type=int, default=0, help="K best [token_id, logprob] per token (<= 20)")
+    gen.add_argument(
+        "--top-logprobs", type=int, default=0, help="K best [token_id, logprob] per token (<= 20)"
+    )
     gen.add_argument("--json", action="store_true", help="print one JSON object")
 
     tiny = commands.add_parser("init-tiny", help="write a random-weight tiny checkpoint for tests")
@@ -47,18 +48,31 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
-                       max_model_len=args.max_model_len, max_image_pixels=args.max_image_pixels)  # fmt: skip
+    return ModelConfig(
+        model=args.model,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_image_pixels=args.max_image_pixels,
+    )
 
 
 def generate_config(args: argparse.Namespace) -> GenerateConfig:
     if args.image and not args.prompt:
         raise ValueError("--image goes with --prompt; with --messages put the image in a message")
     return GenerateConfig(
-        model=model_config(args), image=args.image, prompt=args.prompt, messages=args.messages,
-        template=args.template, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-        top_logprobs=args.top_logprobs, json=args.json,
-    )  # fmt: skip
+        model=model_config(args),
+        image=args.image,
+        prompt=args.prompt,
+        messages=args.messages,
+        template=args.template,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        top_logprobs=args.top_logprobs,
+        json=args.json,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,9 @@ def messages_to_conversation(messages: list[dict], load_image: ImageLoader) -> C
     if not turns or turns[-1][0] != "user":
         raise PromptError("the last message must have role 'user'")
     if len(image_urls) > 1:
-        raise PromptError(f"at most one image per conversation (CogVLM was trained that way), got {len(image_urls)}")
+        raise PromptError(
+            f"at most one image per conversation (CogVLM was trained that way), got {len(image_urls)}"
+        )
     history, question = [], None
     for role, texts in turns[:-1]:
         if role == "user":

@@ -46,8 +46,9 @@ def run_generate(gc: GenerateConfig) -> int:
     conversation = read_conversation(gc)
     model, processor = load_everything(gc.model)
     inputs = processor.build(conversation, gc.template)
-    params = GenerationParams(max_tokens=gc.max_tokens, temperature=gc.temperature, seed=gc.seed,
-                              top_logprobs=gc.top_logprobs)  # fmt: skip
+    params = GenerationParams(
+        max_tokens=gc.max_tokens, temperature=gc.temperature, seed=gc.seed, top_logprobs=gc.top_logprobs
+    )
     result = generate_reference(model, inputs, params, gc.model.max_model_len)
     text_ids = result.output_token_ids
     if result.finish_reason == "stop":
