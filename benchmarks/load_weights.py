@@ -29,10 +29,12 @@ GiB = 1 << 30
 
 def bench_config(num_layers: int) -> CogVLMConfig:
     """Half of CogVLM-17B's width: about 0.1 B parameters a layer, 3.5 GB at 16 layers in bf16."""
-    vision = VisionConfig(image_size=224, patch_size=14, hidden_size=1024, num_layers=8, num_heads=16,
-                          intermediate_size=4096)  # fmt: skip
-    return CogVLMConfig(hidden_size=2048, intermediate_size=5504, num_layers=num_layers, num_heads=16,
-                        num_kv_heads=16, vision=vision)  # fmt: skip
+    vision = VisionConfig(
+        image_size=224, patch_size=14, hidden_size=1024, num_layers=8, num_heads=16, intermediate_size=4096
+    )
+    return CogVLMConfig(
+        hidden_size=2048, intermediate_size=5504, num_layers=num_layers, num_heads=16, num_kv_heads=16, vision=vision
+    )
 
 
 def write_checkpoint(cfg: CogVLMConfig, folder: Path, num_shards: int) -> None:
@@ -87,19 +89,19 @@ def main() -> None:
         if not (folder / "config.json").exists():
             write_checkpoint(bench_config(args.layers), folder, args.shards)
         shard_sizes = [p.stat().st_size for p in folder.glob("*.safetensors")]
-        done = subprocess.run(
-            [sys.executable, "-c", CHILD, str(folder)], check=True, capture_output=True, text=True
-        )
+        done = subprocess.run([sys.executable, "-c", CHILD, str(folder)], check=True, capture_output=True, text=True)
         after_load, peak, seconds = done.stdout.split()
         after_load, peak, checkpoint, largest = int(after_load), int(peak), sum(shard_sizes), max(shard_sizes)
         target = checkpoint + largest + GiB
+        print(f"checkpoint {checkpoint / GiB:.2f} GiB in {len(shard_sizes)} shards (largest {largest / GiB:.2f} GiB)")
         print(
-            f"checkpoint {checkpoint / GiB:.2f} GiB in {len(shard_sizes)} shards (largest {largest / GiB:.2f} GiB)"
+            f"load time {float(seconds):.1f} s, peak RSS after load {after_load / GiB:.2f} GiB, after reading "
+            f"every weight {peak / GiB:.2f} GiB = {peak / checkpoint:.2f}x checkpoint"
         )
-        print(f"load time {float(seconds):.1f} s, peak RSS after load {after_load / GiB:.2f} GiB, after reading "
-              f"every weight {peak / GiB:.2f} GiB = {peak / checkpoint:.2f}x checkpoint")  # fmt: skip
-        print(f"target: peak < checkpoint + largest shard + 1 GiB = {target / GiB:.2f} GiB -> "
-              f"{'met' if peak < target else 'MISSED'} ({peak / target:.2f} of target)")  # fmt: skip
+        print(
+            f"target: peak < checkpoint + largest shard + 1 GiB = {target / GiB:.2f} GiB -> "
+            f"{'met' if peak < target else 'MISSED'} ({peak / target:.2f} of target)"
+        )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from model.attention import AttentionBackend
 from model.config import CogVLMConfig
 from model.expert_attention import VisionExpertAttention
 from model.expert_mlp import VisionExpertMLP
+from model.experts import routing_for
 from model.rms_norm import RMSNorm
 from model.rotary import rotary_cos_sin
 from model.vision import VisionTower
@@ -26,9 +27,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = VisionExpertMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, hidden, cos_sin, vision_mask, attention: AttentionBackend) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, vision_mask, attention)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden), vision_mask)
+    def forward(self, hidden, cos_sin, routing, attention: AttentionBackend) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, routing, attention)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden), routing)
 
 
 class CogVLMModel(nn.Module):
@@ -79,9 +80,10 @@ class CogVLMForCausalLM(nn.Module):
     ) -> torch.Tensor:  # [T, hidden], after the final norm
         cfg = self.config
         cos_sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, inputs_embeds.dtype)
+        routing = routing_for(vision_mask)
         hidden = inputs_embeds
         for layer in self.model.layers:
-            hidden = layer(hidden, cos_sin, vision_mask, attention)
+            hidden = layer(hidden, cos_sin, routing, attention)
         return self.model.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32

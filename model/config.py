@@ -140,9 +140,7 @@ class CogVLMConfig:
             num_kv_heads=int(raw.get("num_multi_query_heads", 8)) if generation == 2 else num_heads,
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
             rope_theta=500000.0 if generation == 2 else 10000.0,
-            max_position_embeddings=int(
-                raw.get("max_position_embeddings", 8192 if generation == 2 else 2048)
-            ),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 8192 if generation == 2 else 2048)),
             bos_token_id=int(need(raw, "bos_token_id")),
             eos_token_ids=eos_ids,
             pad_token_id=int(raw.get("pad_token_id", 128002 if generation == 2 else 0)),
@@ -167,9 +165,7 @@ class CogVLMConfig:
 
     def validate(self, source: str = "config") -> None:
         if self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"{source}: hidden_size {self.hidden_size} not divisible by heads {self.num_heads}"
-            )
+            raise ConfigError(f"{source}: hidden_size {self.hidden_size} not divisible by heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"{source}: num_attention_heads {self.num_heads} is not a multiple of "
@@ -180,9 +176,7 @@ class CogVLMConfig:
         if self.vision.hidden_size % self.vision.num_heads:
             raise ConfigError(f"{source}: vision_config.hidden_size not divisible by vision_config.num_heads")
         if self.template_version not in ("chat", "vqa", "base"):
-            raise ConfigError(
-                f"{source}: template_version {self.template_version!r} is not chat, vqa or base"
-            )
+            raise ConfigError(f"{source}: template_version {self.template_version!r} is not chat, vqa or base")
 
     def to_dict(self) -> dict:
         """The config.json an official checkpoint of this generation would carry."""
@@ -198,9 +192,7 @@ class CogVLMConfig:
             "rms_norm_eps": self.rms_norm_eps,
             "template_version": self.template_version,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids)
-            if len(self.eos_token_ids) > 1
-            else self.eos_token_ids[0],
+            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_ids[0],
             "pad_token_id": self.pad_token_id,
             "tie_word_embeddings": False,
             "torch_dtype": self.torch_dtype,

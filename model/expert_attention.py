@@ -3,9 +3,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.expert_linear import expert_linear
+from kernels.expert_linear import ExpertRouting
 from model.attention import AttentionBackend
 from model.config import CogVLMConfig
+from model.experts import routed_linear
 from model.rotary import apply_rotary
 
 
@@ -20,9 +21,7 @@ class VisionExpertAttention(nn.Module):
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
         self.language_expert_query_key_value = nn.Linear(cfg.hidden_size, cfg.qkv_size, bias=False)
-        self.vision_expert_query_key_value = nn.Linear(
-            cfg.hidden_size, cfg.qkv_size, bias=cfg.vision_qkv_bias
-        )
+        self.vision_expert_query_key_value = nn.Linear(cfg.hidden_size, cfg.qkv_size, bias=cfg.vision_qkv_bias)
         self.language_expert_dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.vision_expert_dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
@@ -30,17 +29,14 @@ class VisionExpertAttention(nn.Module):
         self,
         hidden: torch.Tensor,  # [T, hidden]
         cos_sin: tuple[torch.Tensor, torch.Tensor],  # 2 x [T, 1, head_dim]
-        vision_mask: torch.Tensor | None,  # [T] bool; None: no vision token in the batch
+        routing: ExpertRouting | None,  # rows by expert; None: no vision token in the batch
         attention: AttentionBackend,
     ) -> torch.Tensor:  # [T, hidden]
-        lang, vis = self.language_expert_query_key_value, self.vision_expert_query_key_value
-        qkv = expert_linear(hidden, vision_mask, lang.weight, vis.weight, lang.bias, vis.bias)
+        qkv = routed_linear(hidden, routing, self.language_expert_query_key_value, self.vision_expert_query_key_value)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)  # [Q | K | V], head-major
         q = apply_rotary(q.reshape(-1, self.num_heads, self.head_dim), *cos_sin)  # [T, H, D]
         k = apply_rotary(k.reshape(-1, self.num_kv_heads, self.head_dim), *cos_sin)  # [T, KV, D]
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         ctx = attention.attend(self.layer_idx, q, k, v)  # [T, H * D]
-        return expert_linear(
-            ctx, vision_mask, self.language_expert_dense.weight, self.vision_expert_dense.weight
-        )
+        return routed_linear(ctx, routing, self.language_expert_dense, self.vision_expert_dense)

@@ -1,14 +1,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kernels.expert_linear import expert_linear
+from kernels.expert_linear import ExpertRouting
+from model.experts import routed_gated_mlp
 
 
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)); one per expert."""
+    """down(silu(gate(x)) * up(x)); one per expert. Holds the weights; experts.py runs them."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -23,8 +23,5 @@ class VisionExpertMLP(nn.Module):
         self.language_mlp = GatedMLP(hidden_size, intermediate_size)
         self.vision_mlp = GatedMLP(hidden_size, intermediate_size)
 
-    def forward(self, x: torch.Tensor, vision_mask: torch.Tensor | None) -> torch.Tensor:
-        lang, vis = self.language_mlp, self.vision_mlp
-        gate = expert_linear(x, vision_mask, lang.gate_proj.weight, vis.gate_proj.weight)  # [T, I]
-        up = expert_linear(x, vision_mask, lang.up_proj.weight, vis.up_proj.weight)  # [T, I]
-        return expert_linear(F.silu(gate) * up, vision_mask, lang.down_proj.weight, vis.down_proj.weight)
+    def forward(self, x: torch.Tensor, routing: ExpertRouting | None) -> torch.Tensor:
+        return routed_gated_mlp(x, routing, self.language_mlp, self.vision_mlp)

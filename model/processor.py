@@ -87,9 +87,7 @@ def vision_expert_mask(token_type_ids: list[int]) -> list[bool]:
     """Routing is shifted by one: a token uses the vision expert iff it and the NEXT token of
     the same sequence are vision. So boi and patches -> vision, eoi -> language, last -> language."""
     types, n = token_type_ids, len(token_type_ids)
-    return [
-        i + 1 < n and types[i] == VISION_TOKEN_TYPE and types[i + 1] == VISION_TOKEN_TYPE for i in range(n)
-    ]
+    return [i + 1 < n and types[i] == VISION_TOKEN_TYPE and types[i + 1] == VISION_TOKEN_TYPE for i in range(n)]
 
 
 def open_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
@@ -130,9 +128,7 @@ class Processor:
         text_ids = self.tokenizer.encode(text, add_special_tokens=False)
         num_image = self.cfg.num_image_tokens if conversation.image is not None else 0
         input_ids = [self.cfg.bos_token_id] + [self.cfg.pad_token_id] * num_image + list(text_ids)
-        token_types = (
-            [LANGUAGE_TOKEN_TYPE] + [VISION_TOKEN_TYPE] * num_image + [LANGUAGE_TOKEN_TYPE] * len(text_ids)
-        )
+        token_types = [LANGUAGE_TOKEN_TYPE] + [VISION_TOKEN_TYPE] * num_image + [LANGUAGE_TOKEN_TYPE] * len(text_ids)
         pixels = None
         if conversation.image is not None:
             pixels = preprocess_image(conversation.image, self.cfg.vision.image_size)

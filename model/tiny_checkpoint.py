@@ -31,9 +31,7 @@ def tokenizer_corpus() -> list[str]:
     lines = []
     for color, shape, place in itertools.product(colors, shapes, places):
         lines.append(f"Question: What is in the image? Answer: a {color} {shape} on the {place}.")
-        lines.append(
-            f"Question: Where is the {color} {shape}? Short answer: [[{len(color)}12,3{len(shape)}4,567,890]]"
-        )
+        lines.append(f"Question: Where is the {color} {shape}? Short answer: [[{len(color)}12,3{len(shape)}4,567,890]]")
         lines.append(f"Describe the picture. There are two shapes: a {shape} and a {color} one, {place}!")
     return lines
 

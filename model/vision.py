@@ -111,9 +111,7 @@ class VisionTower(nn.Module):
         x = self.transformer(self.patch_embedding(pixels))[:, 1:]  # drop cls: [B, P, Dv]
         if hasattr(self, "conv"):
             batch, _, width = x.shape
-            grid = x.reshape(batch, self.grid_size, self.grid_size, width).permute(
-                0, 3, 1, 2
-            )  # [B, Dv, g, g]
+            grid = x.reshape(batch, self.grid_size, self.grid_size, width).permute(0, 3, 1, 2)  # [B, Dv, g, g]
             x = self.conv(grid).flatten(2).transpose(1, 2)  # [B, P / 4, Dv]
         x = self.linear_proj(x)  # [B, P', hidden]
         batch = x.shape[0]

@@ -51,9 +51,7 @@ def checkpoint_files(folder: Path) -> dict[Path, list[str] | None]:
     single = folder / SINGLE_FILE
     if single.is_file():
         return {single: None}
-    raise WeightsError(
-        f"{folder}: neither {INDEX_FILE} nor {SINGLE_FILE} found (only safetensors is supported)"
-    )
+    raise WeightsError(f"{folder}: neither {INDEX_FILE} nor {SINGLE_FILE} found (only safetensors is supported)")
 
 
 def resolve_dtype(name: str, cfg: CogVLMConfig, device: torch.device) -> torch.dtype:

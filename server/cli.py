@@ -26,9 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=GenerateConfig.max_tokens)
     gen.add_argument("--temperature", type=float, default=GenerateConfig.temperature)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument(
-        "--top-logprobs", type=int, default=0, help="K best [token_id, logprob] per token (<= 20)"
-    )
+    gen.add_argument("--top-logprobs", type=int, default=0, help="K best [token_id, logprob] per token (<= 20)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
 
     tiny = commands.add_parser("init-tiny", help="write a random-weight tiny checkpoint for tests")

@@ -40,9 +40,7 @@ def messages_to_conversation(messages: list[dict], load_image: ImageLoader) -> C
     if not turns or turns[-1][0] != "user":
         raise PromptError("the last message must have role 'user'")
     if len(image_urls) > 1:
-        raise PromptError(
-            f"at most one image per conversation (CogVLM was trained that way), got {len(image_urls)}"
-        )
+        raise PromptError(f"at most one image per conversation (CogVLM was trained that way), got {len(image_urls)}")
     history, question = [], None
     for role, texts in turns[:-1]:
         if role == "user":
@@ -53,9 +51,7 @@ def messages_to_conversation(messages: list[dict], load_image: ImageLoader) -> C
     if question is not None:  # a user turn with no answer before the last one
         history.append((question, ""))
     image = load_image(image_urls[0]) if image_urls else None
-    return Conversation(
-        query="\n".join(turns[-1][1]), history=tuple(history), image=image, system="\n".join(system)
-    )
+    return Conversation(query="\n".join(turns[-1][1]), history=tuple(history), image=image, system="\n".join(system))
 
 
 def _message_texts(content, where: str, image_urls: list[str]) -> list[str]:

@@ -41,10 +41,7 @@ def vision_tower(sd, cfg, pixels):  # [3, S, S] -> [N_img, hidden]
         stride=vc.patch_size,
     )
     x = x.flatten(2)[0].T  # [P, Dv]
-    x = (
-        torch.cat([sd[v + "patch_embedding.cls_embedding"], x])
-        + sd[v + "patch_embedding.position_embedding.weight"]
-    )
+    x = torch.cat([sd[v + "patch_embedding.cls_embedding"], x]) + sd[v + "patch_embedding.position_embedding.weight"]
     heads, hd = vc.num_heads, vc.hidden_size // vc.num_heads
     for layer in range(vc.num_layers):
         p = f"{v}transformer.layers.{layer}."

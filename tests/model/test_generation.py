@@ -24,24 +24,18 @@ def striped_image() -> Image.Image:
 def test_prefill_logits_match_the_naive_model(loaded, with_image):
     model, processor = loaded
     image = striped_image() if with_image else None
-    inputs = processor.build(
-        Conversation(query="What is in the image?", history=(("Hi", "Hello"),), image=image)
-    )
+    inputs = processor.build(Conversation(query="What is in the image?", history=(("Hi", "Hello"),), image=image))
     sd = model.state_dict()
     want = naive_logits(sd, model.config, inputs.input_ids, inputs.token_type_ids, inputs.pixels)
     from model.attention import ContiguousKVCache
     from model.processor import vision_expert_mask
 
     cfg = model.config
-    cache = ContiguousKVCache(
-        cfg.num_layers, inputs.num_tokens, cfg.num_kv_heads, cfg.head_dim, torch.float32, "cpu"
-    )
+    cache = ContiguousKVCache(cfg.num_layers, inputs.num_tokens, cfg.num_kv_heads, cfg.head_dim, torch.float32, "cpu")
     ids = torch.tensor(inputs.input_ids)
     embeds = model.embed(ids)
     if with_image:
-        embeds = model.embed(
-            ids, model.encode_images(inputs.pixels[None])[0], torch.tensor(inputs.image_slots)
-        )
+        embeds = model.embed(ids, model.encode_images(inputs.pixels[None])[0], torch.tensor(inputs.image_slots))
     mask = torch.tensor(vision_expert_mask(inputs.token_type_ids))
     with torch.no_grad():
         got = model.compute_logits(model(embeds, torch.tensor(inputs.position_ids), mask, cache))

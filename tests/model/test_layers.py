@@ -4,6 +4,7 @@ import torch
 from model.attention import causal_attention
 from model.config import CogVLMConfig
 from model.expert_attention import VisionExpertAttention
+from model.experts import routing_for
 from model.rms_norm import RMSNorm
 from model.rotary import apply_rotary, rotary_cos_sin
 
@@ -71,10 +72,10 @@ def test_v2_vision_qkv_bias_applies_to_vision_rows_only(v2_attention):
     mask = torch.tensor([False, True, True, True, False, False])
     cos_sin = rotary_cos_sin(torch.zeros(6, dtype=torch.long), 16, 500000.0, torch.float32)  # no rotation
     with_bias, without_bias = RecordingBackend(), RecordingBackend()
-    v2_attention(hidden, cos_sin, mask, with_bias)
+    v2_attention(hidden, cos_sin, routing_for(mask), with_bias)
     with torch.no_grad():
         v2_attention.vision_expert_query_key_value.bias.zero_()
-    v2_attention(hidden, cos_sin, mask, without_bias)
+    v2_attention(hidden, cos_sin, routing_for(mask), without_bias)
     delta = (with_bias.v - without_bias.v).abs().sum(dim=(1, 2))  # [T]
     assert (delta[mask] > 0).all() and (delta[~mask] == 0).all()
 
@@ -83,5 +84,5 @@ def test_dense_path_equals_all_language_mask(v2_attention):
     hidden = torch.randn(4, 64)
     cos_sin = rotary_cos_sin(torch.arange(4), 16, 500000.0, torch.float32)
     dense = v2_attention(hidden, cos_sin, None, RecordingBackend())
-    routed = v2_attention(hidden, cos_sin, torch.zeros(4, dtype=torch.bool), RecordingBackend())
+    routed = v2_attention(hidden, cos_sin, routing_for(torch.zeros(4, dtype=torch.bool)), RecordingBackend())
     torch.testing.assert_close(dense, routed)

@@ -73,9 +73,7 @@ def test_missing_tensor_without_index_entry_is_reported(checkpoint):
 
 
 def test_wrong_shape_names_key_file_and_shapes(checkpoint):
-    shard = rewrite_shard(
-        checkpoint, lambda t: t.update({"lm_head.weight": t["lm_head.weight"][:-1].clone()})
-    )
+    shard = rewrite_shard(checkpoint, lambda t: t.update({"lm_head.weight": t["lm_head.weight"][:-1].clone()}))
     with pytest.raises(WeightsError) as err:
         load_model(checkpoint)
     message = str(err.value)
@@ -90,9 +88,7 @@ def test_unexpected_tensor_names_key_and_file(checkpoint):
 
 
 def test_rotary_inv_freq_buffers_are_ignored(checkpoint):
-    rewrite_shard(
-        checkpoint, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)})
-    )
+    rewrite_shard(checkpoint, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}))
     load_model(checkpoint)
 
 

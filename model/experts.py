@@ -1,0 +1,68 @@
+"""Which implementation runs a visual-expert projection: the one place that decides.
+
+- no vision token in the batch (host-side knowledge, e.g. every decode step): one dense GEMM
+  with the language weights;
+- CUDA: the routed Triton kernels of kernels/expert_linear.py (one launch, no host sync);
+- CPU: the plain-torch references (gather -> two GEMMs -> scatter).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.expert_linear import (
+    ExpertRouting,
+    expert_gated_up,
+    expert_gated_up_ref,
+    expert_linear,
+    expert_linear_ref,
+    route_by_expert,
+)
+
+# Tests flip this to run the Triton kernels under the interpreter on CPU.
+FORCE_TRITON = False
+
+
+def routing_for(vision_mask: torch.Tensor | None) -> ExpertRouting | None:
+    """Once per forward: the same routing serves the 6 projections of every layer."""
+    return None if vision_mask is None else route_by_expert(vision_mask)
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda or FORCE_TRITON
+
+
+def routed_linear(
+    x: torch.Tensor,  # [T, in]
+    routing: ExpertRouting | None,
+    language: nn.Linear,
+    vision: nn.Linear,
+) -> torch.Tensor:  # [T, out]
+    if routing is None:
+        return F.linear(x, language.weight, language.bias)
+    args = (x, routing.vision_mask, language.weight, vision.weight, language.bias, vision.bias)
+    return expert_linear(*args, routing=routing) if _use_triton(x) else expert_linear_ref(*args)
+
+
+def routed_gated_mlp(
+    x: torch.Tensor,  # [T, hidden]
+    routing: ExpertRouting | None,
+    language: nn.Module,  # has gate_proj, up_proj, down_proj
+    vision: nn.Module,
+) -> torch.Tensor:  # [T, hidden]: down(silu(gate(x)) * up(x)) by each row's expert
+    if routing is None:
+        h = F.silu(F.linear(x, language.gate_proj.weight)) * F.linear(x, language.up_proj.weight)
+        return F.linear(h, language.down_proj.weight)
+    weights = (
+        language.gate_proj.weight,
+        language.up_proj.weight,
+        vision.gate_proj.weight,
+        vision.up_proj.weight,
+    )
+    if _use_triton(x):
+        h = expert_gated_up(x, routing.vision_mask, *weights, routing=routing)  # [T, inter], written once
+    else:
+        h = expert_gated_up_ref(x, routing.vision_mask, *weights)
+    return routed_linear(h, routing, language.down_proj, vision.down_proj)

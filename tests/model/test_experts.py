@@ -1,0 +1,37 @@
+import pytest
+import torch
+from PIL import Image
+
+import model.experts as experts
+from model.config import CogVLMConfig
+from model.generation import GenerationParams, generate_reference
+from model.processor import Conversation, Processor, load_tokenizer
+from model.weights import load_model
+
+
+def test_model_with_triton_kernels_gives_the_same_tokens(monkeypatch, tiny_checkpoint):
+    """The six projections wired to the routed kernels (interpreter on CPU) change no token."""
+    model = load_model(tiny_checkpoint, torch.float32)
+    processor = Processor(load_tokenizer(tiny_checkpoint), CogVLMConfig.from_checkpoint(tiny_checkpoint))
+    image = Image.fromarray((torch.rand(20, 30, 3) * 255).byte().numpy())
+    inputs = processor.build(Conversation(query="What is it?", image=image))
+    params = GenerationParams(max_tokens=4, stop_token_ids=(), top_logprobs=3)
+    want = generate_reference(model, inputs, params)
+    monkeypatch.setattr(experts, "FORCE_TRITON", True)
+    calls = []
+    original = experts.expert_linear
+    monkeypatch.setattr(experts, "expert_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
+    got = generate_reference(model, inputs, params)
+    assert calls, "the Triton path was not taken"
+    assert got.output_token_ids == want.output_token_ids
+    for got_top, want_top in zip(got.top_logprobs, want.top_logprobs, strict=True):
+        assert [t for t, _ in got_top] == [t for t, _ in want_top]
+        assert [lp for _, lp in got_top] == pytest.approx([lp for _, lp in want_top], abs=1e-4)
+
+
+def test_no_vision_token_takes_the_dense_path(monkeypatch):
+    layer = torch.nn.Linear(8, 4, bias=False)
+    other = torch.nn.Linear(8, 4, bias=False)
+    monkeypatch.setattr(experts, "expert_linear_ref", None)  # would raise if called
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(experts.routed_linear(x, None, layer, other), layer(x))
