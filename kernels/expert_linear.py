@@ -78,50 +78,34 @@ def _configs() -> list[triton.Config]:
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Two fp32 accumulators of 128 x 256 do not fit in registers: the gated kernel keeps BLOCK_N <= 128."""
+    """The gated kernel holds two fp32 accumulators: keep each at <= 64 registers a thread
+    (BLOCK_M * BLOCK_N / threads), or it spills."""
     if not named_args.get("GATED", kwargs.get("GATED", False)):
         return configs
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= 128]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps]
     return kept or configs
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "GATED"], prune_configs_by={"early_config_prune": _prune_configs})
+# NOTE: tuned per weight shape and per power-of-two bucket of rows, not per exact row count:
+# serving sees a new count every step, and retuning costs about a second.
+@triton.autotune(
+    configs=_configs(), key=["N", "K", "GATED", "M_BUCKET"], prune_configs_by={"early_config_prune": _prune_configs}
+)
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _expert_linear_kernel(
     # pointers
-    x_ptr,
-    out_ptr,
-    w_lang_ptr,
-    w_vis_ptr,
-    w2_lang_ptr,
-    w2_vis_ptr,
-    b_lang_ptr,
-    b_vis_ptr,
-    sorted_rows_ptr,
-    vision_start_ptr,
+    x_ptr, out_ptr, w_lang_ptr, w_vis_ptr, w2_lang_ptr, w2_vis_ptr, b_lang_ptr, b_vis_ptr,
+    sorted_rows_ptr, vision_start_ptr,
     # sizes
-    N,
-    K,
-    num_slots,
+    N, K, num_slots, M_BUCKET,  # M_BUCKET: autotune key only
     # strides
-    stride_xm,
-    stride_xk,
-    stride_om,
-    stride_on,
-    stride_wn,
-    stride_wk,
+    stride_xm, stride_xk, stride_om, stride_on, stride_wn, stride_wk,
     # constexpr
-    HAS_BIAS_LANG: tl.constexpr,
-    HAS_BIAS_VIS: tl.constexpr,
-    GATED: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    HAS_BIAS_LANG: tl.constexpr, HAS_BIAS_VIS: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
-):
+):  # fmt: skip
     """One [BLOCK_M, BLOCK_N] output tile of one expert.
 
     acc = x[rows] @ W_e[n_block].T  (and acc2 = x[rows] @ W2_e[n_block].T when GATED)
@@ -142,7 +126,9 @@ def _expert_linear_kernel(
     slot0 = pid_m * BLOCK_M
     if tl.load(sorted_rows_ptr + slot0) < 0:
         return  # an empty tile: regions fill from their start, so its first slot is padding
-    is_vision = slot0 >= tl.load(vision_start_ptr)
+    vision_start = tl.load(vision_start_ptr)
+    is_vision = slot0 >= vision_start
+    is_language = slot0 < vision_start
     if is_vision:
         w_ptr = w_vis_ptr
         w2_ptr = w2_vis_ptr
@@ -188,7 +174,7 @@ def _expert_linear_kernel(
         if is_vision:
             acc += tl.load(b_vis_ptr + offs_n).to(tl.float32)[None, :]
     if HAS_BIAS_LANG:
-        if not is_vision:
+        if is_language:
             acc += tl.load(b_lang_ptr + offs_n).to(tl.float32)[None, :]
     out_ptrs = out_ptr + rows64[:, None] * stride_om + offs_n_out[None, :].to(tl.int64) * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & (offs_n_out[None, :] < N))
@@ -221,31 +207,16 @@ def _launch(x, routing, w_lang, w_vis, w2_lang, w2_vis, b_lang, b_vis, gated: bo
     def grid(meta):
         return (routing.num_slots // meta["BLOCK_M"] * triton.cdiv(out_features, meta["BLOCK_N"]),)
 
+    # fmt: off
     _expert_linear_kernel[grid](
-        x,
-        out,
-        w_lang,
-        w_vis,
-        w2_lang if gated else w_lang,
-        w2_vis if gated else w_vis,
-        b_lang if b_lang is not None else w_lang,
-        b_vis if b_vis is not None else w_vis,
-        routing.sorted_rows,
-        routing.vision_start,
-        out_features,
-        in_features,
-        routing.num_slots,
-        x.stride(0),
-        x.stride(1),
-        out.stride(0),
-        out.stride(1),
-        w_lang.stride(0),
-        w_lang.stride(1),
-        HAS_BIAS_LANG=b_lang is not None,
-        HAS_BIAS_VIS=b_vis is not None,
-        GATED=gated,
-        PRECISION=precision,
+        x, out, w_lang, w_vis, w2_lang if gated else w_lang, w2_vis if gated else w_vis,
+        b_lang if b_lang is not None else w_lang, b_vis if b_vis is not None else w_vis,  # unused when absent
+        routing.sorted_rows, routing.vision_start,
+        out_features, in_features, routing.num_slots, triton.next_power_of_2(routing.num_slots),
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1), w_lang.stride(0), w_lang.stride(1),
+        HAS_BIAS_LANG=b_lang is not None, HAS_BIAS_VIS=b_vis is not None, GATED=gated, PRECISION=precision,
     )
+    # fmt: on
     return out
 
 

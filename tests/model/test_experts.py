@@ -9,6 +9,7 @@ from model.processor import Conversation, Processor, load_tokenizer
 from model.weights import load_model
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter variant; the CUDA one is below")
 def test_model_with_triton_kernels_gives_the_same_tokens(monkeypatch, tiny_checkpoint):
     """The six projections wired to the routed kernels (interpreter on CPU) change no token."""
     model = load_model(tiny_checkpoint, torch.float32)
@@ -35,3 +36,15 @@ def test_no_vision_token_takes_the_dense_path(monkeypatch):
     monkeypatch.setattr(experts, "expert_linear_ref", None)  # would raise if called
     x = torch.randn(3, 8)
     torch.testing.assert_close(experts.routed_linear(x, None, layer, other), layer(x))
+
+
+@pytest.mark.gpu
+def test_model_on_cuda_matches_the_cpu_reference(tiny_checkpoint):
+    """fp32 on CUDA, routed Triton kernels compiled, against the CPU reference path."""
+    processor = Processor(load_tokenizer(tiny_checkpoint), CogVLMConfig.from_checkpoint(tiny_checkpoint))
+    image = Image.fromarray((torch.rand(20, 30, 3) * 255).byte().numpy())
+    inputs = processor.build(Conversation(query="What is it?", image=image))
+    params = GenerationParams(max_tokens=6, stop_token_ids=())
+    want = generate_reference(load_model(tiny_checkpoint, torch.float32, "cpu"), inputs, params)
+    got = generate_reference(load_model(tiny_checkpoint, torch.float32, "cuda"), inputs, params)
+    assert got.output_token_ids == want.output_token_ids
