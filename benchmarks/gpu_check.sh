@@ -13,11 +13,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'commit', '$(git rev-parse --short HEAD 2>/dev/null)')" | tee -a "$OUT/gpu.txt"
 
 echo "== GPU tests (compiled kernels) =="
-timeout 240 $PY -m pytest -q tests/kernels tests/model 2>&1 | tee "$OUT/tests.log" | tail -n 15
+timeout 170 $PY -m pytest -q tests/kernels tests/model 2>&1 | tee "$OUT/tests.log" | tail -n 15
 tests_rc=${PIPESTATUS[0]}
 
 echo "== kernel benchmark =="
-timeout 330 $PY benchmarks/kernels/bench_expert_linear.py --json "$OUT/bench_expert_linear.json" 2>&1 \
+timeout 230 $PY benchmarks/kernels/bench_expert_linear.py --json "$OUT/bench_expert_linear.json" 2>&1 \
     | grep -v "benchmarking:" | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 echo "tests exit $tests_rc, benchmark exit $bench_rc"

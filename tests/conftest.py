@@ -9,6 +9,9 @@ import torch
 # CUDA they are compiled, as in production.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests check results, not speed: one kernel config per shape instead of autotuning eight
+# (tests/kernels covers every config once).
+os.environ.setdefault("COGSERVE_AUTOTUNE", "0")
 
 torch.set_num_threads(1)  # the other core may be busy; CPU tests are sized for one
 

@@ -7,8 +7,10 @@ most 2x the error of plain torch (gather -> two GEMMs -> scatter) in the same dt
 import pytest
 import torch
 
+import kernels.expert_linear as kernel_module
 from kernels.expert_linear import (
     ALIGN_M,
+    GPU_CONFIGS,
     expert_gated_up,
     expert_gated_up_ref,
     expert_linear,
@@ -168,3 +170,26 @@ def test_no_host_synchronisation_on_the_kernel_path():
         expert_gated_up(x, mask, w, w, w, w, routing=routing)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", GPU_CONFIGS, ids=str)
+def test_every_gpu_config_is_correct(monkeypatch, config):
+    """The autotuner may pick any of these in production; each must compute the same function."""
+    kernel = kernel_module._expert_linear_kernel
+    monkeypatch.setattr(kernel, "configs", [config])
+    monkeypatch.setattr(kernel, "cache", {})
+    for n_in in (72, 256):  # K not a multiple of BLOCK_K, and one that is
+        x = torch.randn(700, n_in, device=DEVICE, dtype=torch.bfloat16)
+        mask = pattern("long_run", 700)
+        w_lang, w_vis, b_lang, b_vis = weights(300, n_in, torch.bfloat16, bias_on=("vision",))
+        f64 = [t.double() if t is not None else None for t in (x, w_lang, w_vis, b_lang, b_vis)]
+        out = expert_linear(x, mask, w_lang, w_vis, b_lang, b_vis)
+        check_close(
+            out, expert_linear_ref(f64[0], mask, *f64[1:]), expert_linear_ref(x, mask, w_lang, w_vis, b_lang, b_vis)
+        )
+        if config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 64 * 32 * config.num_warps:  # gated-eligible
+            gl, ul, gv, uv = (weights(300, n_in, torch.bfloat16)[0] for _ in range(4))
+            got = expert_gated_up(x, mask, gl, ul, gv, uv)
+            ref = expert_gated_up_ref(x.double(), mask, gl.double(), ul.double(), gv.double(), uv.double())
+            check_close(got, ref, expert_gated_up_ref(x, mask, gl, ul, gv, uv))
