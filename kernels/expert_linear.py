@@ -71,35 +71,44 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config
     )
 
 
-# Hopper-sized tiles (shared memory per stage = (BM + BN) * BK * 2 bytes, at most ~227 KB in all).
+# Hopper-sized tiles; `fits` prunes the ones a call cannot use.
+# NOTE: (128, 256, 64, 8 warps, 4 stages) and (128, 128, 64, 4 warps, 4 stages) failed the
+# every-config GPU test on an H200 (2026-11-27) and are left out.
 GPU_CONFIGS = [
     _config(128, 256, 64, 8, 3),
-    _config(128, 256, 64, 8, 4),
     _config(256, 128, 64, 8, 3),
     _config(128, 128, 64, 8, 4),
     _config(128, 128, 128, 8, 3),
     _config(64, 256, 64, 4, 4),
-    _config(128, 128, 64, 4, 4),
     _config(128, 64, 64, 4, 4),
 ]
-INTERPRETER_CONFIG = _config(64, 64, 32, 4, 1)
+# Fits every dtype and both variants: the interpreter's config, the tests' config on GPU, and
+# the fallback when pruning leaves nothing.
+SAFE_CONFIG = _config(64, 64, 32, 4, 3)
+SHARED_MEMORY_BUDGET = 200 * 1024  # of ~227 KB a block may have on Hopper; 196 KB configs ran on an H200
 
 
 def _configs() -> list[triton.Config]:
     if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
-        return [INTERPRETER_CONFIG]  # NOTE: the interpreter cannot autotune over several configs
+        return [SAFE_CONFIG]  # NOTE: the interpreter cannot autotune over several configs
     if os.environ.get("COGSERVE_AUTOTUNE", "1") == "0":
-        return GPU_CONFIGS[:1]  # tests: one compile per shape instead of eight
+        return [SAFE_CONFIG]  # tests: one compile per shape instead of eight
     return GPU_CONFIGS
 
 
+def fits(config: triton.Config, element_size: int, gated: bool) -> bool:
+    """Shared memory: stages x (A tile + one or two B tiles). Registers: the gated kernel holds
+    two fp32 accumulators, each kept at <= 64 a thread (BLOCK_M * BLOCK_N / threads) or it spills."""
+    bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    shared = config.num_stages * (bm + bn * (2 if gated else 1)) * bk * element_size
+    registers_ok = not gated or bm * bn <= 64 * 32 * config.num_warps
+    return shared <= SHARED_MEMORY_BUDGET and registers_ok
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """The gated kernel holds two fp32 accumulators: keep each at <= 64 registers a thread
-    (BLOCK_M * BLOCK_N / threads), or it spills."""
-    if not named_args.get("GATED", kwargs.get("GATED", False)):
-        return configs
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps]
-    return kept or configs
+    gated = bool(named_args.get("GATED", kwargs.get("GATED", False)))
+    element_size = named_args["x_ptr"].element_size()
+    return [c for c in configs if fits(c, element_size, gated)] or [SAFE_CONFIG]
 
 
 # NOTE: tuned per weight shape and per power-of-two bucket of rows, not per exact row count:

@@ -15,6 +15,7 @@ from kernels.expert_linear import (
     expert_gated_up_ref,
     expert_linear,
     expert_linear_ref,
+    fits,
     route_by_expert,
 )
 
@@ -173,9 +174,9 @@ def test_no_host_synchronisation_on_the_kernel_path():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", GPU_CONFIGS, ids=str)
+@pytest.mark.parametrize("config", [c for c in GPU_CONFIGS if fits(c, 2, gated=False)], ids=str)
 def test_every_gpu_config_is_correct(monkeypatch, config):
-    """The autotuner may pick any of these in production; each must compute the same function."""
+    """The autotuner may pick any config that fits a bf16 call; each must compute the same function."""
     kernel = kernel_module._expert_linear_kernel
     monkeypatch.setattr(kernel, "configs", [config])
     monkeypatch.setattr(kernel, "cache", {})
@@ -188,7 +189,7 @@ def test_every_gpu_config_is_correct(monkeypatch, config):
         check_close(
             out, expert_linear_ref(f64[0], mask, *f64[1:]), expert_linear_ref(x, mask, w_lang, w_vis, b_lang, b_vis)
         )
-        if config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 64 * 32 * config.num_warps:  # gated-eligible
+        if fits(config, 2, gated=True):
             gl, ul, gv, uv = (weights(300, n_in, torch.bfloat16)[0] for _ in range(4))
             got = expert_gated_up(x, mask, gl, ul, gv, uv)
             ref = expert_gated_up_ref(x.double(), mask, gl.double(), ul.double(), gv.double(), uv.double())
