@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'commit', '$(git rev-parse --short HEAD 2>/dev/null)')" | tee -a "$OUT/gpu.txt"
 
 echo "== GPU tests (compiled kernels) =="
-timeout 170 $PY -m pytest -q tests/kernels tests/model 2>&1 | tee "$OUT/tests.log" | tail -n 15
+timeout 170 $PY -m pytest -q -rf --tb=line tests/kernels tests/model 2>&1 | tee "$OUT/tests.log" | tail -n 15
 tests_rc=${PIPESTATUS[0]}
 
 echo "== kernel benchmark =="
