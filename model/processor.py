@@ -6,6 +6,7 @@ types 0 (language) / 1 (vision) and CogVLM's position ids, plus the image as pix
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ class PromptInputs:
     position_ids: list[int]
     pixels: torch.Tensor | None = None  # [3, S, S] float32, CLIP-normalised
     image_slots: list[int] = field(default_factory=list)  # rows of input_ids that hold image features
+    image_hash: str | None = None  # content hash of the pixels: the key of prefix and encoder caches
 
     @property
     def num_tokens(self) -> int:
@@ -129,15 +131,17 @@ class Processor:
         num_image = self.cfg.num_image_tokens if conversation.image is not None else 0
         input_ids = [self.cfg.bos_token_id] + [self.cfg.pad_token_id] * num_image + list(text_ids)
         token_types = [LANGUAGE_TOKEN_TYPE] + [VISION_TOKEN_TYPE] * num_image + [LANGUAGE_TOKEN_TYPE] * len(text_ids)
-        pixels = None
+        pixels = image_hash = None
         if conversation.image is not None:
             pixels = preprocess_image(conversation.image, self.cfg.vision.image_size)
+            image_hash = hashlib.sha256(pixels.numpy().tobytes()).hexdigest()
         return PromptInputs(
             input_ids=input_ids,
             token_type_ids=token_types,
             position_ids=position_ids_for(token_types),
             pixels=pixels,
             image_slots=list(range(1, 1 + num_image)),
+            image_hash=image_hash,
         )
 
     def decode(self, token_ids: list[int]) -> str:

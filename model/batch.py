@@ -1,0 +1,86 @@
+"""What the scheduler hands the runner each step, and what comes back. Plain data, no tensors
+(except a request's pixels, passed through untouched)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from model.processor import LANGUAGE_TOKEN_TYPE, PromptInputs
+from model.sampling_params import SamplingParams
+
+
+@dataclass
+class SequenceData:
+    """A request as the model sees it: prompt, sampling parameters, tokens generated so far.
+    Created once per request; the scheduler appends to output_token_ids."""
+
+    request_id: str
+    prompt: PromptInputs
+    params: SamplingParams
+    output_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.prompt.num_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt.num_tokens + len(self.output_token_ids)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        prompt = self.prompt.input_ids
+        if end <= len(prompt):
+            return prompt[start:end]
+        return (prompt + self.output_token_ids)[start:end]
+
+    def positions(self, start: int, end: int) -> list[int]:
+        """Prompt positions, then generated tokens continue from the last prompt position + 1."""
+        prompt = self.prompt.position_ids
+        head = prompt[start : min(end, len(prompt))]
+        first_out = max(start, len(prompt))
+        base = prompt[-1] + 1 - len(prompt)
+        return head + [base + i for i in range(first_out, end)]
+
+    def token_type(self, index: int) -> int:
+        types = self.prompt.token_type_ids
+        return types[index] if index < len(types) else LANGUAGE_TOKEN_TYPE
+
+
+@dataclass
+class ScheduledSequence:
+    seq: SequenceData
+    start: int  # first token computed this step (== tokens already in the KV cache)
+    end: int  # one past the last; a sample is drawn when end == seq.num_tokens
+    block_ids: list[int]  # the whole block table of the sequence
+
+    @property
+    def num_new_tokens(self) -> int:
+        return self.end - self.start
+
+    @property
+    def needs_sample(self) -> bool:
+        return self.end == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    """The only thing the runner sees: sequences in batch order, and requests that are gone."""
+
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    finished_request_ids: list[str] = field(default_factory=list)  # drop per-request runner state
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+@dataclass
+class SampledToken:
+    token_id: int
+    logprob: float | None = None  # of the sampled token, under the raw model distribution
+    top_logprobs: list[tuple[int, float]] | None = None  # the K best, best first
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[str, SampledToken] = field(default_factory=dict)  # request_id -> token

@@ -1,0 +1,86 @@
+"""The paged KV cache and the `torch` attention backend over it.
+
+K and V are kept per layer as [num_blocks, block_size, num_kv_heads, head_dim] (the layout
+flash-attn's block-table API reads). A sequence's tokens live in the blocks of its block table;
+token i of a sequence sits in block block_table[i // block_size], row i % block_size.
+
+The torch backend is the reference and the CPU path: it gathers each sequence's blocks into a
+padded [B, S] view and runs one SDPA call for the whole batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model.attention import expand_kv_heads
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):  # fmt: skip
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class PagedAttentionMetadata:
+    """Where this step's tokens go and what each of them may see. Shared by all layers."""
+
+    slot_mapping: torch.Tensor  # [T] int64: block * block_size + row for each new token
+    query_lens: list[int]  # [B] new tokens per sequence, in batch order
+    seq_lens: list[int]  # [B] tokens in the cache per sequence after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
+
+
+class TorchPagedAttention:
+    """Reference backend: write new K/V into the blocks, gather, one masked SDPA over the batch."""
+
+    def __init__(self, cache: PagedKVCache):
+        self.cache = cache
+        self.meta: PagedAttentionMetadata | None = None
+
+    def prepare(self, meta: PagedAttentionMetadata) -> None:
+        """Once per step: the padding index and mask every layer reuses."""
+        self.meta = meta
+        device = meta.slot_mapping.device
+        num_seqs, max_q, max_s = len(meta.query_lens), max(meta.query_lens), max(meta.seq_lens)
+        q_lens = torch.tensor(meta.query_lens, device=device)
+        s_lens = torch.tensor(meta.seq_lens, device=device)
+        rows = torch.arange(max_q, device=device)
+        valid = rows[None, :] < q_lens[:, None]  # [B, Q]
+        self.query_index = valid.flatten().nonzero().flatten()  # flat [T] -> padded [B * Q]
+        query_pos = (s_lens - q_lens)[:, None] + rows[None, :]  # absolute position of each query
+        keys = torch.arange(max_s, device=device)
+        mask = keys[None, None, :] <= query_pos[:, :, None]  # [B, Q, S], causal; implies key < seq_len
+        mask[:, :, 0] |= ~valid  # padded queries see one key, so their (discarded) rows are not NaN
+        self.mask = mask[:, None]  # [B, 1, Q, S]
+        self.shape = (num_seqs, max_q, max_s)
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        meta, cache = self.meta, self.cache
+        num_seqs, max_q, max_s = self.shape
+        k_cache, v_cache = cache.k[layer_idx], cache.v[layer_idx]
+        num_kv, head_dim = k.shape[1], k.shape[2]
+        k_cache.view(-1, num_kv, head_dim)[meta.slot_mapping] = k
+        v_cache.view(-1, num_kv, head_dim)[meta.slot_mapping] = v
+        keys = k_cache[meta.block_tables].reshape(num_seqs, -1, num_kv, head_dim)[:, :max_s]  # [B, S, KV, D]
+        values = v_cache[meta.block_tables].reshape(num_seqs, -1, num_kv, head_dim)[:, :max_s]
+        num_heads = q.shape[1]
+        q_pad = q.new_zeros(num_seqs * max_q, num_heads, head_dim)
+        q_pad[self.query_index] = q
+        q_pad = q_pad.reshape(num_seqs, max_q, num_heads, head_dim).transpose(1, 2)  # [B, H, Q, D]
+        keys = expand_kv_heads(keys.flatten(0, 1), num_heads).reshape(num_seqs, max_s, num_heads, head_dim)
+        values = expand_kv_heads(values.flatten(0, 1), num_heads).reshape(num_seqs, max_s, num_heads, head_dim)
+        out = F.scaled_dot_product_attention(q_pad, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=self.mask)
+        out = out.transpose(1, 2).reshape(num_seqs * max_q, num_heads * head_dim)  # [B * Q, H * D]
+        return out[self.query_index]  # [T, H * D]

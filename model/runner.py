@@ -1,0 +1,122 @@
+"""Turns a SchedulerOutput into flat tensors, runs the model over the paged cache, samples.
+
+Batches are flat and unpadded: the tokens of every scheduled sequence one after another. Per
+token: id, position, the vision-expert mask (the shifted rule of COGVLM.md section 4, taken over
+the whole sequence, so a chunk that ends inside an image still routes its last token by the
+sequence's next token), and the KV slot. Images are encoded once, batched over the images this
+step needs, and kept in an encoder cache keyed by content hash, so a prefill split into chunks
+or a second request with the same image never runs the vision tower again.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from model.batch import RunnerOutput, SchedulerOutput
+from model.cogvlm import CogVLMForCausalLM
+from model.paged_attention import PagedAttentionMetadata, PagedKVCache, TorchPagedAttention
+from model.processor import VISION_TOKEN_TYPE
+from model.sampler import Sampler
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    num_blocks: int  # KV blocks in the pool (from the memory budget)
+    block_size: int = 16  # tokens per KV block
+    encoder_cache_size: int = 64  # images whose features are kept (LRU)
+
+
+class ModelRunner:
+    def __init__(self, model: CogVLMForCausalLM, config: RunnerConfig):
+        cfg = model.config
+        self.model = model
+        self.config = config
+        self.kv_cache = PagedKVCache(cfg.num_layers, config.num_blocks, config.block_size, cfg.num_kv_heads,
+                                     cfg.head_dim, model.dtype, model.device)  # fmt: skip
+        self.attention = TorchPagedAttention(self.kv_cache)
+        self.sampler = Sampler(cfg.eos_token_ids)
+        self.encoder_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # image hash -> [N_img, hidden]
+        self.num_images_encoded = 0  # for tests and metrics: vision tower runs, one per image
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        for request_id in out.finished_request_ids:
+            self.sampler.forget(request_id)
+        if not out.scheduled:
+            return RunnerOutput()
+        device, block_size = self.model.device, self.config.block_size
+        input_ids, positions, vision_mask, slots = [], [], [], []
+        image_rows, image_features = [], []
+        self._encode_missing_images(out)
+        for s in out.scheduled:
+            seq, start, end = s.seq, s.start, s.end
+            row0 = len(input_ids)
+            input_ids += seq.token_ids(start, end)
+            positions += seq.positions(start, end)
+            vision_mask += [
+                seq.token_type(i) == VISION_TOKEN_TYPE and seq.token_type(i + 1) == VISION_TOKEN_TYPE
+                for i in range(start, end)
+            ]
+            slots += [s.block_ids[i // block_size] * block_size + i % block_size for i in range(start, end)]
+            prompt = seq.prompt
+            if prompt.image_slots:
+                first, last = prompt.image_slots[0], prompt.image_slots[-1] + 1
+                lo, hi = max(start, first), min(end, last)
+                if lo < hi:  # this chunk holds image slots lo..hi-1
+                    image_rows += range(row0 + lo - start, row0 + hi - start)
+                    image_features.append(self.encoder_cache[prompt.image_hash][lo - first : hi - first])
+
+        ids = torch.tensor(input_ids, device=device)
+        features = torch.cat(image_features) if image_features else None
+        rows = torch.tensor(image_rows, device=device) if image_rows else None
+        embeds = self.model.embed(ids, features, rows)
+        max_blocks = max(len(s.block_ids) for s in out.scheduled)
+        block_tables = torch.tensor([s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in out.scheduled],
+                                    device=device)  # fmt: skip
+        self.attention.prepare(PagedAttentionMetadata(
+            slot_mapping=torch.tensor(slots, device=device),
+            query_lens=[s.num_new_tokens for s in out.scheduled],
+            seq_lens=[s.end for s in out.scheduled],
+            block_tables=block_tables,
+        ))  # fmt: skip
+        mask = torch.tensor(vision_mask, device=device) if any(vision_mask) else None
+        hidden = self.model(embeds, torch.tensor(positions, device=device), mask, self.attention)
+
+        sampling = [s for s in out.scheduled if s.needs_sample]
+        if not sampling:
+            return RunnerOutput()
+        last_rows, row = [], 0
+        for s in out.scheduled:
+            row += s.num_new_tokens
+            if s.needs_sample:
+                last_rows.append(row - 1)
+        logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=device)])  # [B_sample, V] fp32
+        tokens = self.sampler(logits, [s.seq for s in sampling])
+        return RunnerOutput(sampled={s.seq.request_id: t for s, t in zip(sampling, tokens, strict=True)})
+
+    def _encode_missing_images(self, out: SchedulerOutput) -> None:
+        """One batched vision-tower call for the images this step needs that are not cached."""
+        needed: dict[str, torch.Tensor] = {}
+        used: set[str] = set()
+        for s in out.scheduled:
+            prompt = s.seq.prompt
+            if not prompt.image_slots or s.start > prompt.image_slots[-1] or s.end <= prompt.image_slots[0]:
+                continue
+            used.add(prompt.image_hash)
+            if prompt.image_hash in self.encoder_cache:
+                self.encoder_cache.move_to_end(prompt.image_hash)
+            else:
+                needed[prompt.image_hash] = prompt.pixels
+        if not needed:
+            return
+        pixels = torch.stack(list(needed.values())).to(self.model.device)
+        features = self.model.encode_images(pixels)  # [N, num_image_tokens, hidden]
+        self.num_images_encoded += len(needed)
+        for image_hash, feats in zip(needed, features, strict=True):
+            self.encoder_cache[image_hash] = feats
+        # NOTE: images this step uses were just moved to the LRU end: eviction never reaches them.
+        while len(self.encoder_cache) > max(self.config.encoder_cache_size, len(used)):
+            self.encoder_cache.popitem(last=False)

@@ -1,0 +1,110 @@
+"""Batched sampling on the device, for every parameter of SamplingParams.
+
+Order, as vLLM: logprobs from the raw logits; then repetition / frequency / presence penalties;
+min_tokens (stop tokens masked); greedy rows take the argmax; the rest are divided by their
+temperature, filtered by min_p, top_k and top_p, and sampled with the exponential race
+(argmax of p / q with q ~ Exp(1)), whose noise for a seeded request comes from that request's
+own generator, so its tokens do not depend on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model.batch import SampledToken, SequenceData
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: tuple[int, ...]):
+        self.eos_token_ids = eos_token_ids
+        self.generators: dict[str, torch.Generator] = {}  # seeded requests' own generators
+
+    def forget(self, request_id: str) -> None:
+        self.generators.pop(request_id, None)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[SequenceData]) -> list[SampledToken]:
+        """logits: [B, vocab] fp32, one row per sequence that samples this step."""
+        num_rows, vocab = logits.shape
+        device = logits.device
+        params = [s.params for s in seqs]
+        logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
+        logits = logits.clone()
+        self._apply_penalties(logits, seqs)
+        self._mask_stop_tokens(logits, seqs)
+
+        temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
+        scaled = logits / temperature[:, None]
+        probs = self._filtered_probs(scaled, params)
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, p in enumerate(params) if p.seed is None]
+        if unseeded:
+            noise[unseeded] = torch.empty(len(unseeded), vocab, device=device).exponential_()
+        for i, seq in enumerate(seqs):
+            if seq.params.seed is not None:
+                noise[i] = torch.empty(vocab, device=device).exponential_(generator=self._generator(seq, device))
+        sampled = (probs / noise).argmax(dim=-1)
+        greedy = torch.tensor([p.is_greedy for p in params], device=device)
+        tokens = torch.where(greedy, logits.argmax(dim=-1), sampled).tolist()
+
+        out = []
+        for i, (token, p) in enumerate(zip(tokens, params, strict=True)):
+            result = SampledToken(token_id=token)
+            if p.logprobs is not None:
+                result.logprob = float(logprobs[i, token])
+                if p.logprobs:
+                    top = logprobs[i].topk(p.logprobs)
+                    result.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+            out.append(result)
+        return out
+
+    def _generator(self, seq: SequenceData, device: torch.device) -> torch.Generator:
+        gen = self.generators.get(seq.request_id)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(seq.params.seed)
+            self.generators[seq.request_id] = gen
+        return gen
+
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, seqs: list[SequenceData]) -> None:
+        vocab = logits.shape[1]
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(seq.prompt.input_ids + seq.output_token_ids, device=logits.device)
+                seen = seen[seen < vocab].unique()
+                row = logits[i, seen]
+                logits[i, seen] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+            if (p.frequency_penalty or p.presence_penalty) and seq.output_token_ids:
+                out_ids = torch.tensor(seq.output_token_ids, device=logits.device)
+                counts = torch.bincount(out_ids, minlength=vocab)[:vocab].to(logits.dtype)
+                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+    def _mask_stop_tokens(self, logits: torch.Tensor, seqs: list[SequenceData]) -> None:
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if len(seq.output_token_ids) < p.min_tokens:
+                stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
+                stop_ids = [t for t in stop_ids if t < logits.shape[1]]
+                logits[i, stop_ids] = float("-inf")
+
+    @staticmethod
+    def _filtered_probs(scaled: torch.Tensor, params) -> torch.Tensor:  # [B, V] -> [B, V] probabilities
+        probs = torch.softmax(scaled, dim=-1)
+        min_p = torch.tensor([p.min_p for p in params], device=scaled.device)
+        if (min_p > 0).any():
+            probs = torch.where(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0, probs)
+        top_k = [p.effective_top_k for p in params]
+        top_p = [p.top_p for p in params]
+        if any(top_k) or any(tp < 1.0 for tp in top_p):
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            ranks = torch.arange(probs.shape[1], device=probs.device)[None, :]
+            k = torch.tensor([k or probs.shape[1] for k in top_k], device=probs.device)[:, None]
+            sorted_probs = torch.where(ranks < k, sorted_probs, 0.0)
+            # top_p over what top_k kept: the smallest prefix whose mass reaches top_p (>= 1 token)
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            total = sorted_probs.sum(dim=-1, keepdim=True)
+            keep = mass_before < torch.tensor(top_p, device=probs.device)[:, None] * total
+            sorted_probs = torch.where(keep, sorted_probs, 0.0)
+            probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
+        return probs

@@ -1,0 +1,69 @@
+"""Incremental detokenization and stop strings.
+
+Text is decoded from a sliding window of tokens (prefix_offset..end) and only the part past the
+window's already-emitted prefix is new, so sentencepiece's leading-space rule and byte-level BPE
+merges come out as a full decode would. A chunk whose last character is U+FFFD is held back:
+with byte fallback a multi-byte character spans several tokens and must never be emitted half.
+
+Stop strings may span token boundaries: the text is searched where a stop string could have
+completed, the match and everything after it are cut, and while the request runs the last
+len(longest stop) - 1 characters are held back so that no prefix of a stop string is streamed
+and then retracted.
+"""
+
+from __future__ import annotations
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.hold_back = max((len(s) for s in stop), default=1) - 1
+        self.token_ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""  # decoded so far (stop string cut once found)
+        self.num_emitted = 0  # characters of self.text already handed out
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token_ids: list[int]) -> None:
+        """Append tokens; sets self.stopped if a stop string completed."""
+        if self.stopped:
+            return
+        self.token_ids += token_ids
+        prefix = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.token_ids[self.prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            new = full[len(prefix) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+            self._append(new)
+
+    def _append(self, new: str) -> None:
+        old_len = len(self.text)
+        self.text += new
+        for stop in self.stop:
+            at = self.text.find(stop, max(0, old_len - len(stop) + 1))
+            if at != -1:
+                self.text = self.text[:at]
+                self.stopped = True
+        # NOTE: two stops found in one chunk: the loop keeps the earliest cut, as text only shrinks
+
+    def flush(self) -> None:
+        """At the end: whatever the window still holds (a trailing partial character included)."""
+        if self.stopped or self.read_offset == len(self.token_ids):
+            return
+        prefix = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.token_ids[self.prefix_offset :])
+        self.read_offset = len(self.token_ids)
+        if len(full) > len(prefix):
+            self._append(full[len(prefix) :])
+
+    def take_delta(self, finished: bool) -> str:
+        """Text not yet handed out; while running, the stop-string hold-back stays behind."""
+        end = len(self.text) if finished or self.stopped else max(self.num_emitted, len(self.text) - self.hold_back)
+        delta = self.text[self.num_emitted : end]
+        self.num_emitted = end
+        return delta

@@ -1,0 +1,171 @@
+"""The offline engine: requests in, one `step()` at a time, outputs out.
+
+A step is three visible calls: `scheduler.schedule()` -> `runner.execute()` ->
+`scheduler.update()`, then detokenization and stop strings. `generate()` loops steps until every
+request is done; the HTTP server drives `step()` from its own loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from model.batch import SampledToken, SequenceData
+from model.cogvlm import CogVLMForCausalLM
+from model.paged_attention import PagedKVCache
+from model.processor import Processor, PromptInputs
+from model.runner import ModelRunner, RunnerConfig
+from model.sampling_params import ParamError, SamplingParams
+from server.detokenizer import IncrementalDetokenizer
+from server.kv_blocks import KVCacheManager
+from server.request import Request
+from server.scheduler import Scheduler, SchedulerConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 256  # running requests at most
+    max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
+    max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings
+    block_size: int = 16  # tokens per KV block
+    kv_cache_gb: float = 1.0  # CPU: KV pool size
+    gpu_memory_fraction: float = 0.8  # CUDA: share of the free memory after loading that the KV pool takes
+    num_kv_blocks: int | None = None  # overrides both budgets (tests: a tiny pool forces preemption)
+    enable_prefix_caching: bool = True
+    encoder_cache_size: int = 64  # images whose vision features are kept
+
+
+@dataclass
+class RequestOutput:
+    """Progress of one completion (request_id, index) in one step."""
+
+    request_id: str  # the id the caller gave
+    index: int  # which of the n completions
+    new_token_ids: list[int]
+    new_text: str
+    text: str  # everything so far
+    token_ids: list[int]  # everything so far
+    num_prompt_tokens: int
+    finished: bool = False
+    finish_reason: str | None = None
+    new_logprobs: list[SampledToken] = field(default_factory=list)
+
+
+@dataclass
+class _Tracked:
+    request_id: str
+    index: int
+    detokenizer: IncrementalDetokenizer
+
+
+class Engine:
+    def __init__(self, model: CogVLMForCausalLM, processor: Processor, config: EngineConfig = EngineConfig()):
+        cfg = model.config
+        self.model = model
+        self.processor = processor
+        self.config = config
+        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        num_blocks = self._num_blocks(model, config)
+        self.runner = ModelRunner(model, RunnerConfig(num_blocks, config.block_size, config.encoder_cache_size))
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv
+        )
+        self.tracked: dict[str, _Tracked] = {}  # internal id -> caller's id, index, detokenizer
+        logger.info("KV pool: %d blocks of %d tokens", num_blocks, config.block_size)
+
+    def _num_blocks(self, model: CogVLMForCausalLM, config: EngineConfig) -> int:
+        cfg = model.config
+        if config.num_kv_blocks is not None:
+            return config.num_kv_blocks
+        per_block = PagedKVCache.bytes_per_block(cfg.num_layers, config.block_size, cfg.num_kv_heads, cfg.head_dim,
+                                                 model.dtype)  # fmt: skip
+        if model.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(model.device)
+            budget = free * config.gpu_memory_fraction
+        else:
+            budget = config.kv_cache_gb * 2**30
+        # never more than every running sequence at full length could use
+        most = config.max_num_seqs * -(-self.max_model_len // config.block_size)
+        return max(1, min(int(budget // per_block), most))
+
+    def add_request(self, request_id: str, prompt: PromptInputs, params: SamplingParams) -> None:
+        """Queue a request; n > 1 becomes n sequences sharing the prompt (and, once computed, its blocks)."""
+        if prompt.num_tokens >= self.max_model_len:
+            raise ParamError(
+                f"prompt of {prompt.num_tokens} tokens (image slots included) leaves no room for output "
+                f"within max_model_len {self.max_model_len}"
+            )
+        if any(f"{request_id}#{i}" in self.tracked for i in range(params.n)):
+            raise ParamError(f"request id {request_id!r} is already in use")
+        room = self.max_model_len - prompt.num_tokens
+        max_tokens = min(params.max_tokens or room, room)
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= set(self.model.config.eos_token_ids)
+        for index in range(params.n):
+            internal_id = f"{request_id}#{index}"
+            child = params
+            if params.n > 1 and params.seed is not None:
+                child = SamplingParams(**{**params.__dict__, "seed": params.seed + index})
+            seq = SequenceData(internal_id, prompt, child)
+            self.scheduler.add(Request(seq, max_tokens, frozenset(stop_ids)))
+            self.tracked[internal_id] = _Tracked(request_id, index, IncrementalDetokenizer(self.processor.tokenizer,
+                                                                                             params.stop))  # fmt: skip
+
+    def abort(self, request_id: str) -> None:
+        for internal_id in [i for i, t in self.tracked.items() if t.request_id == request_id]:
+            self.scheduler.finish(internal_id, "abort")
+            del self.tracked[internal_id]
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        result = self.runner.execute(out)
+        events = self.scheduler.update(out, result)
+        outputs = []
+        for event in events:
+            request = event.request
+            tracked = self.tracked[request.request_id]
+            detok = tracked.detokenizer
+            finish_reason = event.finish_reason
+            token_id = event.token.token_id
+            if not (finish_reason == "stop" and token_id in request.stop_token_ids):
+                detok.add([token_id])  # the stop token itself is not text
+            if detok.stopped and finish_reason is None:
+                finish_reason = "stop"
+                self.scheduler.finish(request.request_id, "stop")
+            finished = finish_reason is not None
+            if finished:
+                detok.flush()
+                del self.tracked[request.request_id]
+            outputs.append(RequestOutput(
+                request_id=tracked.request_id, index=tracked.index, new_token_ids=[token_id],
+                new_text=detok.take_delta(finished), text=detok.text, token_ids=list(request.output_token_ids),
+                num_prompt_tokens=request.seq.num_prompt_tokens, finished=finished, finish_reason=finish_reason,
+                new_logprobs=[event.token] if request.seq.params.logprobs is not None else [],
+            ))  # fmt: skip
+        return outputs
+
+    def generate(self, requests: list[tuple[PromptInputs, SamplingParams]]) -> list[list[RequestOutput]]:
+        """Run to completion. Returns, per request in order, its n final outputs (index order)
+        with the complete text, token ids and logprobs."""
+        for i, (prompt, params) in enumerate(requests):
+            self.add_request(f"generate-{i}", prompt, params)
+        finals: dict[tuple[str, int], RequestOutput] = {}
+        logprobs: dict[tuple[str, int], list[SampledToken]] = {}
+        while self.has_unfinished:
+            for output in self.step():
+                key = (output.request_id, output.index)
+                logprobs.setdefault(key, []).extend(output.new_logprobs)
+                if output.finished:
+                    output.new_logprobs = logprobs.pop(key)
+                    finals[key] = output
+        return [[finals[(f"generate-{i}", j)] for j in range(params.n)] for i, (_, params) in enumerate(requests)]
