@@ -7,6 +7,7 @@ import logging
 import sys
 
 from server.config import DEFAULT_MODEL, GenerateConfig, ModelConfig
+from server.engine import EngineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -16,8 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    gen = commands.add_parser("generate", help="generate once with the reference path")
+    gen = commands.add_parser("generate", help="generate once through the engine")
     add_model_args(gen)
+    add_engine_args(gen)
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one user question (with --image for an image)")
     source.add_argument("--messages", help="JSON file with an OpenAI-style messages array")
@@ -45,6 +47,31 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-image-pixels", type=int, default=ModelConfig.max_image_pixels)
 
 
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="running requests at most")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                        help="tokens per step; long prompts are split into chunks of at most this")  # fmt: skip
+    parser.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
+    parser.add_argument("--kv-cache-gb", type=float, default=d.kv_cache_gb, help="KV pool size on CPU")
+    parser.add_argument("--gpu-memory-fraction", type=float, default=d.gpu_memory_fraction,
+                        help="share of free GPU memory (after loading) for the KV pool")  # fmt: skip
+    parser.add_argument("--no-prefix-caching", action="store_true", help="disable KV reuse across requests")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.kv_cache_gb <= 0 or not 0 < args.gpu_memory_fraction <= 1:
+        raise ValueError("--kv-cache-gb must be > 0 and --gpu-memory-fraction in (0, 1]")
+    return EngineConfig(
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, block_size=args.block_size, kv_cache_gb=args.kv_cache_gb,
+        gpu_memory_fraction=args.gpu_memory_fraction, enable_prefix_caching=not args.no_prefix_caching,
+    )  # fmt: skip
+
+
 def model_config(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig(
         model=args.model,
@@ -61,6 +88,7 @@ def generate_config(args: argparse.Namespace) -> GenerateConfig:
         raise ValueError("--image goes with --prompt; with --messages put the image in a message")
     return GenerateConfig(
         model=model_config(args),
+        engine=engine_config(args),
         image=args.image,
         prompt=args.prompt,
         messages=args.messages,

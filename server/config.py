@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from model.processor import DEFAULT_MAX_IMAGE_PIXELS
+from server.engine import EngineConfig
 
 DEFAULT_MODEL = "checkpoints/tiny-cogvlm"  # written by `cogserve init-tiny` (make serve does it)
 
@@ -22,6 +23,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class GenerateConfig:
     model: ModelConfig = ModelConfig()
+    engine: EngineConfig = EngineConfig()
     image: str | None = None  # image file for --prompt
     prompt: str | None = None  # one user question
     messages: str | None = None  # JSON file with an OpenAI-style messages array

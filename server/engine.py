@@ -32,7 +32,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
     max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings
     block_size: int = 16  # tokens per KV block
-    kv_cache_gb: float = 1.0  # CPU: KV pool size
+    kv_cache_gb: float = 0.25  # CPU: KV pool size (the pool is zeroed at start: keep it to what CPU serving uses)
     gpu_memory_fraction: float = 0.8  # CUDA: share of the free memory after loading that the KV pool takes
     num_kv_blocks: int | None = None  # overrides both budgets (tests: a tiny pool forces preemption)
     enable_prefix_caching: bool = True

@@ -8,11 +8,12 @@ from pathlib import Path
 import torch
 
 from model.config import CogVLMConfig
-from model.generation import GenerationParams, generate_reference
 from model.processor import Conversation, Processor, load_tokenizer
+from model.sampling_params import SamplingParams
 from model.weights import load_model, resolve_dtype
 from server.config import GenerateConfig, ModelConfig
 from server.conversation import local_image_loader, messages_to_conversation
+from server.engine import Engine
 
 
 def resolve_device(name: str) -> torch.device:
@@ -43,27 +44,26 @@ def read_conversation(gc: GenerateConfig) -> Conversation:
 
 
 def run_generate(gc: GenerateConfig) -> int:
+    """Through the engine (the reference path stays in model/generation.py as the tests' oracle)."""
     conversation = read_conversation(gc)
     model, processor = load_everything(gc.model)
     inputs = processor.build(conversation, gc.template)
-    params = GenerationParams(
-        max_tokens=gc.max_tokens, temperature=gc.temperature, seed=gc.seed, top_logprobs=gc.top_logprobs
-    )
-    result = generate_reference(model, inputs, params, gc.model.max_model_len)
-    text_ids = result.output_token_ids
-    if result.finish_reason == "stop":
-        text_ids = text_ids[:-1]  # the stop token is not part of the text
-    text = processor.decode(text_ids)
+    params = SamplingParams(
+        temperature=gc.temperature, seed=gc.seed, max_tokens=gc.max_tokens,
+        logprobs=gc.top_logprobs if gc.top_logprobs else None,
+    )  # fmt: skip
+    engine = Engine(model, processor, gc.engine)
+    (output,) = engine.generate([(inputs, params)])[0]
     if not gc.json:
-        print(text)
+        print(output.text)
         return 0
     out = {
         "prompt_token_ids": inputs.input_ids,
-        "output_token_ids": result.output_token_ids,
-        "text": text,
-        "finish_reason": result.finish_reason,
+        "output_token_ids": output.token_ids,
+        "text": output.text,
+        "finish_reason": output.finish_reason,
     }
     if gc.top_logprobs:
-        out["top_logprobs"] = [[[tid, lp] for tid, lp in step] for step in result.top_logprobs]
+        out["top_logprobs"] = [[[tid, lp] for tid, lp in token.top_logprobs] for token in output.new_logprobs]
     print(json.dumps(out))
     return 0

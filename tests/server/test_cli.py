@@ -123,3 +123,17 @@ def test_console_script_init_tiny_and_generate(tmp_path):
         text=True,
     )
     assert json.loads(done.stdout)["finish_reason"] in ("stop", "length")
+
+
+def test_generate_goes_through_the_engine_and_matches_the_reference(capsys, tiny_checkpoint, image_file):
+    from model.generation import GenerationParams, generate_reference
+    from model.processor import open_image
+    from model.weights import load_model
+
+    out = run_json(capsys, "--model", str(tiny_checkpoint), "--prompt", "Describe the picture.", "--image",
+                   str(image_file), "--max-tokens", "6", "--max-num-batched-tokens", "7")  # fmt: skip
+    cfg = CogVLMConfig.from_checkpoint(tiny_checkpoint)
+    processor = Processor(load_tokenizer(tiny_checkpoint), cfg)
+    inputs = processor.build(Conversation(query="Describe the picture.", image=open_image(image_file)))
+    want = generate_reference(load_model(tiny_checkpoint), inputs, GenerationParams(max_tokens=6))
+    assert out["output_token_ids"] == want.output_token_ids

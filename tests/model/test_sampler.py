@@ -1,0 +1,99 @@
+import math
+
+import pytest
+import torch
+
+from model.batch import SequenceData
+from model.processor import PromptInputs
+from model.sampler import Sampler
+from model.sampling_params import ParamError, SamplingParams
+
+
+def seq(request_id="r", prompt_ids=(1, 2), output_ids=(), **params):
+    prompt = PromptInputs(list(prompt_ids), [0] * len(prompt_ids), list(range(len(prompt_ids))))
+    return SequenceData(request_id, prompt, SamplingParams(**params), list(output_ids))
+
+
+def sample(logits, *seqs, eos=(0,)):
+    return Sampler(eos)(logits, list(seqs))
+
+
+def test_greedy_and_degenerate_filters_pick_the_argmax():
+    logits = torch.randn(5, 50)
+    best = logits.argmax(-1).tolist()
+    seqs = [seq(temperature=0.0), seq(top_k=1), seq(top_p=1e-6), seq(min_p=1.0), seq(temperature=0.0, top_k=3)]
+    assert [t.token_id for t in sample(logits, *seqs)] == best
+
+
+def test_top_k_and_top_p_only_ever_pick_allowed_tokens():
+    logits = torch.tensor([[3.0, 2.9, 2.8, -5.0, -5.0, -5.0]])
+    for i in range(60):
+        (k2,) = sample(logits, seq(f"a{i}", top_k=2, temperature=2.0))
+        assert k2.token_id in (0, 1)
+        probs = torch.softmax(logits[0], -1)
+        (p,) = sample(logits, seq(f"b{i}", top_p=float(probs[0] + probs[1] / 2), temperature=1.0))
+        assert p.token_id in (0, 1)  # the smallest prefix reaching top_p holds two tokens
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    counts = torch.zeros(3)
+    for i in range(2000):
+        (t,) = sample(logits, seq(f"s{i}"))
+        counts[t.token_id] += 1
+    assert torch.allclose(counts / 2000, torch.tensor([0.7, 0.2, 0.1]), atol=0.04)
+
+
+def test_penalties_follow_the_openai_and_vllm_formulas():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    s = seq(prompt_ids=(0,), output_ids=(2, 2, 3), repetition_penalty=2.0, frequency_penalty=0.5,
+            presence_penalty=0.25)  # fmt: skip
+    out = logits.clone()
+    Sampler._apply_penalties(out, [s])
+    # token 0 (prompt): 2 / 2; token 1 unseen; token 2: 1 / 2 - 2 * 0.5 - 0.25; token 3: 0.5 / 2 - 0.5 - 0.25
+    torch.testing.assert_close(out, torch.tensor([[1.0, -2.0, -0.75, -0.5]]))
+    negative = torch.tensor([[-1.0, 0.0]])
+    Sampler._apply_penalties(negative, [seq(prompt_ids=(0,), repetition_penalty=2.0)])
+    assert negative[0, 0] == -2.0  # negative logits are multiplied
+
+
+def test_min_tokens_masks_eos_and_stop_ids():
+    logits = torch.tensor([[5.0, 0.0, 4.0, 1.0]])  # eos 0 best, stop id 2 next
+    (t,) = sample(logits, seq(temperature=0.0, min_tokens=2, stop_token_ids=(2,)), eos=(0,))
+    assert t.token_id == 3
+    (t,) = sample(logits, seq(output_ids=(7, 7), temperature=0.0, min_tokens=2, stop_token_ids=(2,)), eos=(0,))
+    assert t.token_id == 0
+
+
+def test_logprobs_are_the_raw_model_distribution():
+    logits = torch.randn(1, 30)
+    (t,) = sample(logits, seq(temperature=0.0, logprobs=5, repetition_penalty=1.5))
+    raw = torch.log_softmax(logits[0], -1)
+    assert t.logprob == pytest.approx(float(raw[t.token_id]))
+    assert [i for i, _ in t.top_logprobs] == raw.topk(5).indices.tolist()
+    assert all(math.isclose(lp, float(raw[i]), rel_tol=1e-6) for i, lp in t.top_logprobs)
+
+
+def test_seeded_rows_do_not_depend_on_their_neighbours():
+    logits = torch.randn(4, 100)
+    sampler_a, sampler_b = Sampler((0,)), Sampler((0,))
+    alone = [sampler_a(logits[2:3], [seq("x", seed=5, temperature=1.3)])[0].token_id for _ in range(10)]
+    crowd = []
+    for _ in range(10):
+        rows = [seq("o1"), seq("o2"), seq("x", seed=5, temperature=1.3), seq("o3", seed=9)]
+        crowd.append(sampler_b(logits, rows)[2].token_id)
+    assert alone == crowd and len(set(alone)) > 1
+
+
+@pytest.mark.parametrize(
+    "bad, name",
+    [({"temperature": -1}, "temperature"), ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"),
+     ({"min_p": 2}, "min_p"), ({"presence_penalty": 3}, "presence_penalty"),
+     ({"frequency_penalty": -3}, "frequency_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
+     ({"max_tokens": 0}, "max_tokens"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+     ({"logprobs": 21}, "logprobs"), ({"n": 0}, "n"), ({"stop": ("",)}, "stop"),
+     ({"stop_token_ids": (-1,)}, "stop_token_ids")],
+)  # fmt: skip
+def test_every_parameter_is_validated_with_its_name(bad, name):
+    with pytest.raises(ParamError, match=f"^{name} must be"):
+        SamplingParams(**bad)

@@ -1,0 +1,62 @@
+import random
+
+import pytest
+
+from model.processor import load_tokenizer
+from server.detokenizer import IncrementalDetokenizer
+
+TEXTS = ["a red circle and a blue square", "Grüße, 日本語 😀 text!", "  two  spaces\nnew line", "[[120,340,560,780]]"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint):
+    return load_tokenizer(tiny_checkpoint)
+
+
+def stream(tokenizer, ids, stop=()):
+    detok = IncrementalDetokenizer(tokenizer, stop)
+    deltas = []
+    for token in ids:
+        detok.add([token])
+        deltas.append(detok.take_delta(finished=False))
+        if detok.stopped:
+            break
+    detok.flush()
+    deltas.append(detok.take_delta(finished=True))
+    return deltas, detok
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_streamed_text_equals_a_full_decode(tokenizer, text):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    deltas, _ = stream(tokenizer, ids)
+    assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert not any("\ufffd" in d for d in deltas)  # no half characters (byte fallback, byte-level BPE)
+
+
+def test_random_texts_stream_exactly(tokenizer):
+    """Random valid text (spaces, accents, CJK, emoji: multi-token characters under byte
+    fallback): the stream equals the full decode. (Invalid byte soups may differ, as in vLLM.)"""
+    rng = random.Random(0)
+    alphabet = list("ab cde  ,.!?\n") + ["é", "ß", "日", "本", "😀", "🚀", "Ω", "red", " circle", "[[1"]
+    for _ in range(40):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 30)))
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        deltas, _ = stream(tokenizer, ids)
+        assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True)
+        assert not any("\ufffd" in d for d in deltas)
+
+
+def test_stop_string_across_token_boundaries_is_cut_and_never_streamed(tokenizer):
+    text = "a red circle and a blue square"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    deltas, detok = stream(tokenizer, ids, stop=("circle and",))
+    assert detok.stopped
+    assert "".join(deltas) == "a red "
+    assert not any("circ" in d for d in deltas)
+
+
+def test_hold_back_releases_text_that_turned_out_not_to_be_a_stop(tokenizer):
+    ids = tokenizer.encode("a red circle", add_special_tokens=False)
+    deltas, detok = stream(tokenizer, ids, stop=("red square",))
+    assert not detok.stopped and "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,147 @@
+"""The engine's greedy tokens equal the reference path's, whatever the batching does."""
+
+import pytest
+
+from model.processor import Conversation
+from model.sampling_params import ParamError, SamplingParams
+from tests.server.engine_helpers import greedy, make_setup
+
+MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoint):
+    return make_setup(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def prompts_and_reference(setup):
+    prompts = setup.prompts(16)
+    return prompts, [setup.reference(p, MAX_TOKENS) for p in prompts]
+
+
+def run(engine, prompts, **params):
+    outputs = engine.generate([(p, greedy(MAX_TOKENS, **params)) for p in prompts])
+    return [o[0].token_ids for o in outputs]
+
+
+@pytest.mark.parametrize("budget", [1, 5, 7, 16, 33, 2048])
+def test_chunked_prefill_at_every_offset_matches_reference(setup, prompts_and_reference, budget):
+    prompts, reference = prompts_and_reference
+    engine = setup.engine(max_num_batched_tokens=budget)
+    chunk_ends = set()
+    execute = engine.runner.execute
+
+    def recording(out):
+        assert out.num_tokens <= budget
+        for s in out.scheduled:
+            slots = s.seq.prompt.image_slots
+            if slots and slots[0] <= s.end - 1 <= slots[-1]:
+                chunk_ends.add(s.end - slots[0])  # offset of the chunk's last token inside the image
+        return execute(out)
+
+    engine.runner.execute = recording
+    assert run(engine, prompts) == reference
+    num_image = setup.model.config.num_image_tokens
+    if budget == 1:  # every token is a chunk end: every offset inside the image span was hit
+        assert chunk_ends == set(range(1, num_image + 1))
+    elif budget < num_image:
+        assert len(chunk_ends) > 1
+
+
+def test_preemption_keeps_tokens_and_frees_everything(setup, prompts_and_reference):
+    prompts, reference = prompts_and_reference
+    engine = setup.engine(num_kv_blocks=14, max_num_batched_tokens=64)  # ~2 image requests fit at once
+    assert run(engine, prompts) == reference
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.kv.num_free_blocks == 14
+
+
+def test_prefix_cache_hits_give_the_same_tokens(setup):
+    image_prompts = [p for p in setup.prompts(6) if p.pixels is not None]
+    same = image_prompts[0]
+    other_question = setup.processor.build(Conversation(query="Something else entirely?", image=setup.images[0]))
+    engine = setup.engine()
+    first = run(engine, [same])
+    assert engine.kv.num_prefix_hits == 0
+    again = run(engine, [same])
+    hits_after_same = engine.kv.num_prefix_hits
+    assert hits_after_same >= (same.num_tokens - 1) // 16 * 16 - 16  # all but the last block or two
+    different = run(engine, [other_question])
+    assert engine.kv.num_prefix_hits > hits_after_same  # BOS + the image's blocks are shared
+    assert first == again == [setup.reference(same, MAX_TOKENS)]
+    assert different == [setup.reference(other_question, MAX_TOKENS)]
+    assert engine.runner.num_images_encoded == 1  # the encoder cache served the rest
+
+
+def test_different_images_never_share_blocks(setup):
+    a = setup.processor.build(Conversation(query="Hi", image=setup.images[0]))
+    b = setup.processor.build(Conversation(query="Hi", image=setup.images[1]))
+    engine = setup.engine()
+    run(engine, [a])
+    assert run(engine, [b]) == [setup.reference(b, MAX_TOKENS)]
+    assert engine.kv.num_prefix_hits == 0  # the first block already holds image slots
+
+
+def test_aborts_mid_generation(setup, prompts_and_reference):
+    prompts, reference = prompts_and_reference
+    engine = setup.engine(max_num_batched_tokens=40)
+    for i, prompt in enumerate(prompts[:8]):
+        engine.add_request(f"r{i}", prompt, greedy(MAX_TOKENS))
+    finished = {}
+    for step in range(200):
+        if step == 3:
+            for rid in ("r1", "r4", "r6"):
+                engine.abort(rid)
+        for out in engine.step():
+            assert out.request_id not in ("r1", "r4", "r6") or step < 3
+            if out.finished:
+                finished[out.request_id] = out.token_ids
+        if not engine.has_unfinished:
+            break
+    assert set(finished) == {"r0", "r2", "r3", "r5", "r7"}
+    for rid, tokens in finished.items():
+        assert tokens == reference[int(rid[1:])]
+    assert engine.kv.num_free_blocks == len(engine.kv.pool.blocks)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(setup):
+    prompts = setup.prompts(8)
+    seeded = SamplingParams(temperature=1.5, top_p=0.9, seed=1234, max_tokens=8, ignore_eos=True)
+
+    def alone():
+        return setup.engine().generate([(prompts[0], seeded)])[0][0].token_ids
+
+    def crowded():
+        others = [(p, SamplingParams(temperature=1.0, max_tokens=5, ignore_eos=True)) for p in prompts[1:]]
+        return setup.engine(max_num_batched_tokens=50).generate([*others, (prompts[0], seeded)])[-1][0].token_ids
+
+    first = alone()
+    assert first == alone() == crowded()
+    different_seed = SamplingParams(**{**seeded.__dict__, "seed": 99})
+    assert setup.engine().generate([(prompts[0], different_seed)])[0][0].token_ids != first
+
+
+def test_n_completions_and_stop_strings(setup, prompts_and_reference):
+    prompts, reference = prompts_and_reference
+    engine = setup.engine()
+    outputs = engine.generate([(prompts[1], SamplingParams(temperature=1.0, n=3, seed=7, max_tokens=4))])[0]
+    assert [o.index for o in outputs] == [0, 1, 2] and all(o.finished for o in outputs)
+    full_text = setup.processor.decode(reference[1])
+    stop = full_text[2:4]
+    if stop.strip():
+        out = engine.generate([(prompts[1], greedy(MAX_TOKENS, stop=(stop,)))])[0][0]
+        assert out.finish_reason == "stop" and out.text == full_text[: full_text.find(stop)]
+
+
+def test_request_validation(setup):
+    engine = setup.engine(max_model_len=50)
+    long_prompt = setup.prompts(1)[0]
+    with pytest.raises(ParamError, match="max_model_len 50"):
+        engine.add_request("x", long_prompt, greedy(4))
+    with pytest.raises(ParamError, match="top_p"):
+        SamplingParams(top_p=0)
+    short = setup.prompts(2)[1]
+    engine.add_request("dup", short, greedy(4))
+    with pytest.raises(ParamError, match="already in use"):
+        engine.add_request("dup", short, greedy(4))
