@@ -15,8 +15,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model.attention import expand_kv_heads
-
 
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -50,37 +48,47 @@ class TorchPagedAttention:
         self.meta: PagedAttentionMetadata | None = None
 
     def prepare(self, meta: PagedAttentionMetadata) -> None:
-        """Once per step: the padding index and mask every layer reuses."""
+        """Once per step, for every layer: where each sequence's keys are, and the additive mask."""
         self.meta = meta
-        device = meta.slot_mapping.device
+        device, block_size = meta.slot_mapping.device, self.cache.block_size
         num_seqs, max_q, max_s = len(meta.query_lens), max(meta.query_lens), max(meta.seq_lens)
-        q_lens = torch.tensor(meta.query_lens, device=device)
-        s_lens = torch.tensor(meta.seq_lens, device=device)
-        rows = torch.arange(max_q, device=device)
-        valid = rows[None, :] < q_lens[:, None]  # [B, Q]
-        self.query_index = valid.flatten().nonzero().flatten()  # flat [T] -> padded [B * Q]
-        query_pos = (s_lens - q_lens)[:, None] + rows[None, :]  # absolute position of each query
-        keys = torch.arange(max_s, device=device)
-        mask = keys[None, None, :] <= query_pos[:, :, None]  # [B, Q, S], causal; implies key < seq_len
-        mask[:, :, 0] |= ~valid  # padded queries see one key, so their (discarded) rows are not NaN
-        self.mask = mask[:, None]  # [B, 1, Q, S]
         self.shape = (num_seqs, max_q, max_s)
+        keys = torch.arange(max_s, device=device)
+        # [B, S]: row of the flattened cache that holds key s of sequence b
+        self.key_rows = (meta.block_tables[:, keys // block_size] * block_size + keys % block_size).flatten()
+        s_lens = torch.tensor(meta.seq_lens, device=device)
+        if max_q == 1:  # decode-only step: no query padding, keys below seq_len
+            mask = (keys[None, :] < s_lens[:, None])[:, None, None]  # [B, 1, 1, S]
+            self.query_index = None
+        else:
+            q_lens = torch.tensor(meta.query_lens, device=device)
+            rows = torch.arange(max_q, device=device)
+            valid = rows[None, :] < q_lens[:, None]  # [B, Q]
+            self.query_index = valid.flatten().nonzero().flatten()  # flat [T] -> padded [B * Q]
+            query_pos = (s_lens - q_lens)[:, None] + rows[None, :]  # absolute position of each query
+            mask = keys[None, None, :] <= query_pos[:, :, None]  # [B, Q, S], causal; implies key < seq_len
+            mask[:, :, 0] |= ~valid  # padded queries see one key, so their (discarded) rows are not NaN
+            mask = mask[:, None]  # [B, 1, Q, S]
+        dtype = self.cache.k[0].dtype
+        self.bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        meta, cache = self.meta, self.cache
         num_seqs, max_q, max_s = self.shape
-        k_cache, v_cache = cache.k[layer_idx], cache.v[layer_idx]
         num_kv, head_dim = k.shape[1], k.shape[2]
-        k_cache.view(-1, num_kv, head_dim)[meta.slot_mapping] = k
-        v_cache.view(-1, num_kv, head_dim)[meta.slot_mapping] = v
-        keys = k_cache[meta.block_tables].reshape(num_seqs, -1, num_kv, head_dim)[:, :max_s]  # [B, S, KV, D]
-        values = v_cache[meta.block_tables].reshape(num_seqs, -1, num_kv, head_dim)[:, :max_s]
+        k_flat = self.cache.k[layer_idx].view(-1, num_kv, head_dim)  # [blocks * block_size, KV, D]
+        v_flat = self.cache.v[layer_idx].view(-1, num_kv, head_dim)
+        k_flat.index_copy_(0, self.meta.slot_mapping, k)
+        v_flat.index_copy_(0, self.meta.slot_mapping, v)
+        # index_select over the flat rows: ~2x faster than advanced indexing on CPU
+        keys = k_flat.index_select(0, self.key_rows).view(num_seqs, max_s, num_kv, head_dim).transpose(1, 2)
+        values = v_flat.index_select(0, self.key_rows).view(num_seqs, max_s, num_kv, head_dim).transpose(1, 2)
         num_heads = q.shape[1]
-        q_pad = q.new_zeros(num_seqs * max_q, num_heads, head_dim)
-        q_pad[self.query_index] = q
+        q_pad = q
+        if self.query_index is not None:
+            q_pad = q.new_zeros(num_seqs * max_q, num_heads, head_dim)
+            q_pad[self.query_index] = q
         q_pad = q_pad.reshape(num_seqs, max_q, num_heads, head_dim).transpose(1, 2)  # [B, H, Q, D]
-        keys = expand_kv_heads(keys.flatten(0, 1), num_heads).reshape(num_seqs, max_s, num_heads, head_dim)
-        values = expand_kv_heads(values.flatten(0, 1), num_heads).reshape(num_seqs, max_s, num_heads, head_dim)
-        out = F.scaled_dot_product_attention(q_pad, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=self.mask)
+        # enable_gqa: query head h reads kv head h // (H / KV), as expand_kv_heads does
+        out = F.scaled_dot_product_attention(q_pad, keys, values, attn_mask=self.bias, enable_gqa=num_kv != num_heads)
         out = out.transpose(1, 2).reshape(num_seqs * max_q, num_heads * head_dim)  # [B * Q, H * D]
-        return out[self.query_index]  # [T, H * D]
+        return out if self.query_index is None else out[self.query_index]  # [T, H * D]

@@ -24,7 +24,6 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[SequenceData]) -> list[SampledToken]:
         """logits: [B, vocab] fp32, one row per sequence that samples this step."""
-        num_rows, vocab = logits.shape
         device = logits.device
         params = [s.params for s in seqs]
         logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
@@ -32,19 +31,11 @@ class Sampler:
         self._apply_penalties(logits, seqs)
         self._mask_stop_tokens(logits, seqs)
 
-        temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
-        scaled = logits / temperature[:, None]
-        probs = self._filtered_probs(scaled, params)
-        noise = torch.empty_like(probs)
-        unseeded = [i for i, p in enumerate(params) if p.seed is None]
-        if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), vocab, device=device).exponential_()
-        for i, seq in enumerate(seqs):
-            if seq.params.seed is not None:
-                noise[i] = torch.empty(vocab, device=device).exponential_(generator=self._generator(seq, device))
-        sampled = (probs / noise).argmax(dim=-1)
-        greedy = torch.tensor([p.is_greedy for p in params], device=device)
-        tokens = torch.where(greedy, logits.argmax(dim=-1), sampled).tolist()
+        greedy = [p.is_greedy for p in params]
+        tokens = logits.argmax(dim=-1)
+        if not all(greedy):
+            tokens = torch.where(torch.tensor(greedy, device=device), tokens, self._sample(logits, seqs))
+        tokens = tokens.tolist()
 
         out = []
         for i, (token, p) in enumerate(zip(tokens, params, strict=True)):
@@ -56,6 +47,22 @@ class Sampler:
                     result.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
             out.append(result)
         return out
+
+    def _sample(self, logits: torch.Tensor, seqs: list[SequenceData]) -> torch.Tensor:  # [B] token ids
+        params = [s.params for s in seqs]
+        vocab = logits.shape[1]
+        temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
+        probs = self._filtered_probs(logits / temperature[:, None], params)
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, p in enumerate(params) if p.seed is None]
+        if unseeded:
+            noise[unseeded] = torch.empty(len(unseeded), vocab, device=logits.device).exponential_()
+        for i, seq in enumerate(seqs):
+            if seq.params.seed is not None:
+                noise[i] = torch.empty(vocab, device=logits.device).exponential_(
+                    generator=self._generator(seq, logits.device)
+                )
+        return (probs / noise).argmax(dim=-1)
 
     def _generator(self, seq: SequenceData, device: torch.device) -> torch.Generator:
         gen = self.generators.get(seq.request_id)

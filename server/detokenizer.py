@@ -9,6 +9,9 @@ Stop strings may span token boundaries: the text is searched where a stop string
 completed, the match and everything after it are cut, and while the request runs the last
 len(longest stop) - 1 characters are held back so that no prefix of a stop string is streamed
 and then retracted.
+
+NOTE: tokenizers' DecodeStream would do the windowing in Rust, but it raises on a byte sequence
+that is not valid UTF-8 ("Invalid prefix encountered"), which a sampled model does produce.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from __future__ import annotations
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
+        # NOTE: the Rust decoder directly: transformers' decode() wrapper costs 4x the decode
+        # itself, twice per token per request (measured: 14 of 17 ms over 1024 tokens).
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.clean_up = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
         self.stop = stop
         self.hold_back = max((len(s) for s in stop), default=1) - 1
         self.token_ids: list[int] = []
@@ -27,7 +34,10 @@ class IncrementalDetokenizer:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        if self.backend is None:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = self.backend.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.clean_up_tokenization(text) if self.clean_up else text
 
     def add(self, token_ids: list[int]) -> None:
         """Append tokens; sets self.stopped if a stop string completed."""
