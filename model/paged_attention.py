@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.paged_attention import paged_attention
+
 
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -38,6 +40,44 @@ class PagedAttentionMetadata:
     query_lens: list[int]  # [B] new tokens per sequence, in batch order
     seq_lens: list[int]  # [B] tokens in the cache per sequence after this step
     block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
+
+
+class TritonPagedAttention:
+    """GPU backend: K/V written in place, then one kernel launch per layer reads the blocks
+    through the block table (kernels/paged_attention.py); nothing is gathered or padded."""
+
+    def __init__(self, cache: PagedKVCache):
+        self.cache = cache
+
+    def prepare(self, meta: PagedAttentionMetadata) -> None:
+        device = meta.slot_mapping.device
+        self.slot_mapping = meta.slot_mapping
+        self.block_tables = meta.block_tables.to(torch.int32)
+        self.seq_lens = torch.tensor(meta.seq_lens, dtype=torch.int32, device=device)
+        starts = [0]
+        for n in meta.query_lens:
+            starts.append(starts[-1] + n)
+        self.query_start_loc = torch.tensor(starts, dtype=torch.int32, device=device)
+        self.max_query_len = max(meta.query_lens)
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        num_kv, head_dim = k.shape[1], k.shape[2]
+        k_cache.view(-1, num_kv, head_dim).index_copy_(0, self.slot_mapping, k)
+        v_cache.view(-1, num_kv, head_dim).index_copy_(0, self.slot_mapping, v)
+        return paged_attention(q.contiguous(), k_cache, v_cache, self.block_tables, self.seq_lens,
+                               self.query_start_loc, self.max_query_len)  # fmt: skip
+
+
+def make_attention_backend(name: str, cache: PagedKVCache, device: torch.device):
+    """'auto': the Triton kernels on CUDA, the torch reference on CPU."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchPagedAttention(cache)
+    if name == "triton":
+        return TritonPagedAttention(cache)
+    raise ValueError(f"attention backend must be auto, torch or triton, got {name!r}")
 
 
 class TorchPagedAttention:

@@ -17,7 +17,7 @@ import torch
 
 from model.batch import RunnerOutput, SchedulerOutput
 from model.cogvlm import CogVLMForCausalLM
-from model.paged_attention import PagedAttentionMetadata, PagedKVCache, TorchPagedAttention
+from model.paged_attention import PagedAttentionMetadata, PagedKVCache, make_attention_backend
 from model.processor import VISION_TOKEN_TYPE
 from model.sampler import Sampler
 
@@ -27,6 +27,7 @@ class RunnerConfig:
     num_blocks: int  # KV blocks in the pool (from the memory budget)
     block_size: int = 16  # tokens per KV block
     encoder_cache_size: int = 64  # images whose features are kept (LRU)
+    attention_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | torch | triton
 
 
 class ModelRunner:
@@ -36,7 +37,7 @@ class ModelRunner:
         self.config = config
         self.kv_cache = PagedKVCache(cfg.num_layers, config.num_blocks, config.block_size, cfg.num_kv_heads,
                                      cfg.head_dim, model.dtype, model.device)  # fmt: skip
-        self.attention = TorchPagedAttention(self.kv_cache)
+        self.attention = make_attention_backend(config.attention_backend, self.kv_cache, model.device)
         self.sampler = Sampler(cfg.eos_token_ids)
         self.encoder_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # image hash -> [N_img, hidden]
         self.num_images_encoded = 0  # for tests and metrics: vision tower runs, one per image

@@ -37,6 +37,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides both budgets (tests: a tiny pool forces preemption)
     enable_prefix_caching: bool = True
     encoder_cache_size: int = 64  # images whose vision features are kept
+    attention_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | torch | triton
 
 
 @dataclass
@@ -70,7 +71,8 @@ class Engine:
         self.config = config
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         num_blocks = self._num_blocks(model, config)
-        self.runner = ModelRunner(model, RunnerConfig(num_blocks, config.block_size, config.encoder_cache_size))
+        runner_config = RunnerConfig(num_blocks, config.block_size, config.encoder_cache_size, config.attention_backend)
+        self.runner = ModelRunner(model, runner_config)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv

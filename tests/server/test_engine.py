@@ -145,3 +145,27 @@ def test_request_validation(setup):
     engine.add_request("dup", short, greedy(4))
     with pytest.raises(ParamError, match="already in use"):
         engine.add_request("dup", short, greedy(4))
+
+
+def test_triton_attention_backend_gives_the_same_tokens(setup, prompts_and_reference):
+    """Our paged-attention kernel (interpreter on CPU) inside the engine, chunked prefill included."""
+    prompts, reference = prompts_and_reference
+    engine = setup.engine(attention_backend="triton", max_num_batched_tokens=48)
+    picked = [0, 1, 3]  # an image request and two text-only ones
+    assert run(engine, [prompts[i] for i in picked]) == [reference[i] for i in picked]
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_matches_the_cpu_reference(tiny_checkpoint, prompts_and_reference):
+    """fp32 on CUDA: Triton expert and paged-attention kernels, compiled, chunked prefill."""
+    import torch
+
+    from model.weights import load_model
+    from server.engine import Engine, EngineConfig
+    from tests.server.engine_helpers import make_setup
+
+    prompts, reference = prompts_and_reference
+    cpu = make_setup(tiny_checkpoint)
+    engine = Engine(load_model(tiny_checkpoint, torch.float32, "cuda"), cpu.processor,
+                    EngineConfig(num_kv_blocks=512, max_num_batched_tokens=40))  # fmt: skip
+    assert run(engine, prompts) == reference

@@ -1,0 +1,131 @@
+"""Paged attention over a block-table KV cache, for decode and for prefill chunks over a cached prefix.
+
+One kernel serves both: each program takes BLOCK_Q queries of one sequence and one query head,
+walks that sequence's KV blocks through its block table (only up to the last key its queries
+may see) with an online softmax, and writes the context rows in place. Queries of a sequence
+are its newest q_len tokens, at absolute positions seq_len - q_len .. seq_len - 1.
+
+    out[t, h] = softmax(q[t, h] . K[seq(t), kv(h)]^T * scale, causal) @ V[seq(t), kv(h)]
+
+with kv(h) = h // (num_heads / num_kv_heads) (GQA) and the cache laid out as
+[num_blocks, block_size, num_kv_heads, head_dim].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+# fmt: off
+@triton.jit
+def _paged_attention_kernel(
+    # pointers
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
+    # sizes
+    scale, num_q_heads_per_kv,
+    # strides
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_bt,
+    # constexpr
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # fmt: on
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_tile = tl.program_id(2)
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    kv_head = head // num_q_heads_per_kv
+    context = seq_len - q_len  # keys already cached before this step's queries
+
+    rows = q_tile * BLOCK_Q + tl.arange(0, BLOCK_Q)  # [BQ] query index within the sequence
+    row_valid = rows < q_len
+    dims = tl.arange(0, HEAD_DIM)
+    q_rows = (q_start + rows).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + dims[None, :],
+                mask=row_valid[:, None], other=0.0)  # [BQ, D]
+    query_pos = context + rows  # [BQ] absolute positions
+
+    m_i = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_Q, HEAD_DIM), dtype=tl.float32)
+    last_key = tl.minimum(context + (q_tile + 1) * BLOCK_Q, seq_len)  # causal: no query here sees past it
+    offs = tl.arange(0, BLOCK_SIZE)
+    for block in range(0, tl.cdiv(last_key, BLOCK_SIZE)):
+        physical = tl.load(block_tables_ptr + seq * stride_bt + block).to(tl.int64)
+        kv_offs = physical * stride_kb + offs[:, None] * stride_ks + kv_head * stride_kh + dims[None, :]
+        k = tl.load(k_cache_ptr + kv_offs)  # [BS, D]
+        v = tl.load(v_cache_ptr + kv_offs)  # [BS, D]
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BQ, BS] (fp32 accumulate)
+        key_pos = block * BLOCK_SIZE + offs
+        allowed = (key_pos[None, :] <= query_pos[:, None]) & row_valid[:, None]
+        scores = tl.where(allowed, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, num_heads, head_dim]: every sequence's new tokens, flat
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], this step's K already written
+    v_cache: torch.Tensor,  # same
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    seq_lens: torch.Tensor,  # [B] int32: tokens in the cache per sequence, this step's included
+    query_start_loc: torch.Tensor,  # [B + 1] int32: cumulative new-token counts
+    max_query_len: int,  # host-side, from the scheduler: sizes the grid without a sync
+) -> torch.Tensor:  # [T, num_heads * head_dim]
+    num_tokens, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    if head_dim & (head_dim - 1) or block_size & (block_size - 1) or block_size < 16:
+        raise ValueError(f"head_dim ({head_dim}) and block_size ({block_size}, >= 16) must be powers of two")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} kv heads")
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache need the same strides and contiguous head_dim; q too")
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    num_seqs = block_tables.shape[0]
+    block_q = 16 if max_query_len <= 16 else 64  # decode: small tiles; prefill chunks: bigger
+    grid = (num_seqs, num_heads, triton.cdiv(max_query_len, block_q))
+    _paged_attention_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
+        head_dim**-0.5, num_heads // num_kv_heads,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_Q=block_q,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32: the oracle runs in it
+    )  # fmt: skip
+    return out.reshape(num_tokens, num_heads * head_dim)
+
+
+def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len=None):
+    """One sequence at a time: gather its blocks, causal SDPA for its newest q_len queries."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    out = []
+    for seq in range(block_tables.shape[0]):
+        start, end = int(query_start_loc[seq]), int(query_start_loc[seq + 1])
+        seq_len, q_len = int(seq_lens[seq]), end - start
+        blocks = block_tables[seq, : triton.cdiv(seq_len, block_size)].long()
+        keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]  # [S, KV, D]
+        values = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        group = num_heads // num_kv_heads
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)  # [S, H, D]
+        query_pos = seq_len - q_len + torch.arange(q_len, device=q.device)
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]  # [q_len, S]
+        ctx = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), keys.transpose(0, 1),
+                                             values.transpose(0, 1), attn_mask=mask)  # [H, q_len, D]
+        out.append(ctx.transpose(0, 1).reshape(q_len, num_heads * head_dim))
+    return torch.cat(out)
