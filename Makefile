@@ -36,6 +36,8 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 bench: $(STAMP)
+	$(BIN)/python benchmarks/offline_throughput.py
+	$(BIN)/python benchmarks/scheduler_overhead.py
 	$(BIN)/python benchmarks/load_weights.py
 
 clean:
