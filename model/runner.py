@@ -10,6 +10,7 @@ or a second request with the same image never runs the vision tower again.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -41,6 +42,8 @@ class ModelRunner:
         self.sampler = Sampler(cfg.eos_token_ids)
         self.encoder_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # image hash -> [N_img, hidden]
         self.num_images_encoded = 0  # for tests and metrics: vision tower runs, one per image
+        self.num_encoder_cache_hits = 0  # images a step needed that were already encoded
+        self.encode_seconds: list[float] = []  # one per vision-tower call; drained by the metrics
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
@@ -109,12 +112,17 @@ class ModelRunner:
             used.add(prompt.image_hash)
             if prompt.image_hash in self.encoder_cache:
                 self.encoder_cache.move_to_end(prompt.image_hash)
+                self.num_encoder_cache_hits += 1
             else:
                 needed[prompt.image_hash] = prompt.pixels
         if not needed:
             return
+        start = time.perf_counter()
         pixels = torch.stack(list(needed.values())).to(self.model.device)
         features = self.model.encode_images(pixels)  # [N, num_image_tokens, hidden]
+        if features.is_cuda:
+            torch.cuda.synchronize()  # NOTE: only to time the tower; one sync per step that encodes
+        self.encode_seconds.append(time.perf_counter() - start)
         self.num_images_encoded += len(needed)
         for image_hash, feats in zip(needed, features, strict=True):
             self.encoder_cache[image_hash] = feats

@@ -6,8 +6,9 @@ import argparse
 import logging
 import sys
 
-from server.config import DEFAULT_MODEL, GenerateConfig, ModelConfig
+from server.config import DEFAULT_MODEL, GenerateConfig, ModelConfig, ServeConfig, ServerConfig
 from server.engine import EngineConfig
+from server.media import MediaConfig
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-logprobs", type=int, default=0, help="K best [token_id, logprob] per token (<= 20)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
 
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    add_model_args(serve)
+    add_engine_args(serve)
+    add_server_args(serve)
+
     tiny = commands.add_parser("init-tiny", help="write a random-weight tiny checkpoint for tests")
     tiny.add_argument("out_dir")
     tiny.add_argument("--generation", type=int, choices=[1, 2], default=1)
@@ -45,6 +51,52 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-image-pixels", type=int, default=ModelConfig.max_image_pixels)
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    d, m = ServerConfig(), MediaConfig()
+    parser.add_argument("--host", default=d.host)
+    parser.add_argument("--port", type=int, default=d.port)
+    parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: folder name)")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* and /tokenize")
+    parser.add_argument("--allowed-origins", nargs="*", default=[], help="CORS origins, e.g. https://app.example")
+    parser.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests)
+    parser.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes)
+    parser.add_argument("--max-n", type=int, default=d.max_n, help="completions per request at most")
+    parser.add_argument("--request-timeout", type=float, default=d.request_timeout_s, help="seconds per request")
+    parser.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout_s,
+                        help="seconds in-flight requests get after SIGTERM")  # fmt: skip
+    parser.add_argument("--image-fetch-timeout", type=float, default=m.fetch_timeout_s)
+    parser.add_argument("--image-connect-timeout", type=float, default=m.connect_timeout_s)
+    parser.add_argument("--max-image-bytes", type=int, default=m.max_image_bytes)
+    parser.add_argument("--max-image-redirects", type=int, default=m.max_redirects)
+    parser.add_argument("--allow-private-image-urls", action="store_true",
+                        help="on-prem: allow image URLs on private, loopback and link-local addresses")  # fmt: skip
+    parser.add_argument(
+        "--allowed-image-hosts", nargs="*", default=[], help="image hosts allowed whatever they resolve to"
+    )
+    parser.add_argument("--local-image-dir", default=None, help="allow image file paths under this folder")
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    positive = {"port": args.port, "max_queued_requests": args.max_queued_requests, "max_n": args.max_n,
+                "max_request_bytes": args.max_request_bytes, "max_image_bytes": args.max_image_bytes}  # fmt: skip
+    for name, value in positive.items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    server = ServerConfig(
+        host=args.host, port=args.port, served_model_name=args.served_model_name, api_key=args.api_key,
+        allowed_origins=tuple(args.allowed_origins), max_queued_requests=args.max_queued_requests,
+        max_request_bytes=args.max_request_bytes, max_n=args.max_n, request_timeout_s=args.request_timeout,
+        shutdown_timeout_s=args.shutdown_timeout,
+    )  # fmt: skip
+    media = MediaConfig(
+        fetch_timeout_s=args.image_fetch_timeout, connect_timeout_s=args.image_connect_timeout,
+        max_image_bytes=args.max_image_bytes, max_redirects=args.max_image_redirects,
+        allow_private_networks=args.allow_private_image_urls, allowed_hosts=tuple(args.allowed_image_hosts),
+        local_image_dir=args.local_image_dir, max_image_pixels=args.max_image_pixels,
+    )  # fmt: skip
+    return ServeConfig(model=model_config(args), engine=engine_config(args), server=server, media=media)
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -116,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             from server.generate_command import run_generate
 
             return run_generate(generate_config(args))
+        if args.command == "serve":
+            from server.serve_command import run_serve
+
+            return run_serve(serve_config(args))
         if args.command == "init-tiny":
             from model.tiny_checkpoint import write_tiny_checkpoint
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from model.processor import DEFAULT_MAX_IMAGE_PIXELS
 from server.engine import EngineConfig
+from server.media import MediaConfig
 
 DEFAULT_MODEL = "checkpoints/tiny-cogvlm"  # written by `cogserve init-tiny` (make serve does it)
 
@@ -33,3 +34,25 @@ class GenerateConfig:
     seed: int | None = None
     top_logprobs: int = 0
     json: bool = False  # print one JSON object instead of the text
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None  # the name clients send as "model"; default: the folder's name
+    api_key: str | None = None  # when set, /v1/* and /tokenize need "Authorization: Bearer <key>"
+    allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers
+    max_queued_requests: int = 512  # beyond this many waiting requests: 503 with Retry-After
+    max_request_bytes: int = 32 * 2**20  # request bodies (data: URIs included); larger: 413
+    max_n: int = 16  # completions per request
+    request_timeout_s: float = 600.0  # per request, queueing included
+    shutdown_timeout_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: ModelConfig = ModelConfig()
+    engine: EngineConfig = EngineConfig()
+    server: ServerConfig = ServerConfig()
+    media: MediaConfig = MediaConfig()

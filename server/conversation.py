@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image
@@ -21,6 +22,12 @@ ImageLoader = Callable[[str], Image.Image]
 
 
 def messages_to_conversation(messages: list[dict], load_image: ImageLoader) -> Conversation:
+    conversation, image_url = parse_messages(messages)
+    return replace(conversation, image=load_image(image_url)) if image_url else conversation
+
+
+def parse_messages(messages: list[dict]) -> tuple[Conversation, str | None]:
+    """The conversation without its image, and the image's URL (None for a text-only chat)."""
     if not isinstance(messages, list) or not messages:
         raise PromptError("messages must be a non-empty list")
     system: list[str] = []
@@ -50,8 +57,8 @@ def messages_to_conversation(messages: list[dict], load_image: ImageLoader) -> C
             question = None
     if question is not None:  # a user turn with no answer before the last one
         history.append((question, ""))
-    image = load_image(image_urls[0]) if image_urls else None
-    return Conversation(query="\n".join(turns[-1][1]), history=tuple(history), image=image, system="\n".join(system))
+    conversation = Conversation(query="\n".join(turns[-1][1]), history=tuple(history), system="\n".join(system))
+    return conversation, (image_urls[0] if image_urls else None)
 
 
 def _message_texts(content, where: str, image_urls: list[str]) -> list[str]:

@@ -54,6 +54,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None
     new_logprobs: list[SampledToken] = field(default_factory=list)
+    queue_time_s: float | None = None  # set on a completion's first output: arrival to first scheduled
 
 
 @dataclass
@@ -153,6 +154,8 @@ class Engine:
                 new_text=detok.take_delta(finished), text=detok.text, token_ids=list(request.output_token_ids),
                 num_prompt_tokens=request.seq.num_prompt_tokens, finished=finished, finish_reason=finish_reason,
                 new_logprobs=[event.token] if request.seq.params.logprobs is not None else [],
+                queue_time_s=(request.first_scheduled_time - request.arrival_time
+                              if len(request.output_token_ids) == 1 and request.first_scheduled_time else None),
             ))  # fmt: skip
         return outputs
 

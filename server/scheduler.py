@@ -11,6 +11,7 @@ The scheduler never touches tensors.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -82,6 +83,8 @@ class Scheduler:
             if not self.kv.allocate(request.seq, num_cached + num_new, hits):
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_cached
             self.running.append(request)

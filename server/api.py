@@ -1,0 +1,179 @@
+"""The FastAPI app: OpenAI-compatible routes, API key, body cap, request ids, errors, metrics."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+
+from model.processor import Processor, PromptError
+from server.async_engine import AsyncEngine
+from server.chat import ChatHandler
+from server.config import ServeConfig
+from server.conversation import parse_messages
+from server.errors import APIError, bad_request, unavailable
+from server.media import ImageFetcher
+from server.metrics import Metrics
+from server.protocol import ChatCompletionRequest, TokenizeRequest
+
+logger = logging.getLogger(__name__)
+VERSION = "0.1.0"
+PROTECTED_PREFIXES = ("/v1/", "/tokenize")
+
+
+@dataclass
+class AppState:
+    """What the routes share. `engine` and `processor` arrive once the model has loaded."""
+
+    config: ServeConfig
+    served_model_name: str
+    metrics: Metrics
+    fetcher: ImageFetcher
+    engine: AsyncEngine | None = None
+    processor: Processor | None = None
+    max_model_len: int = 0
+    draining: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.engine.dead is None
+
+    def check_accepting(self) -> None:
+        if self.draining:
+            raise unavailable("the server is shutting down", retry_after_s=5)
+        if not self.ready:
+            raise unavailable("the model is still loading" if self.engine is None else "the engine stopped")
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over the cap, whether or not Content-Length says so."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        too_large = APIError(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await too_large.response()(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await too_large.response()(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def build_app(state: AppState) -> FastAPI:
+    server = state.config.server
+    app = FastAPI(title="cogserve", version=VERSION, description="OpenAI-compatible server for CogVLM")
+    app.state.cogserve = state
+    chat = ChatHandler(state)
+
+    @app.middleware("http")
+    async def request_id_and_key(request: Request, call_next):
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = request_id
+        if server.api_key and request.url.path.startswith(PROTECTED_PREFIXES):
+            supplied = request.headers.get("authorization", "")
+            if not hmac.compare_digest(supplied.encode(), f"Bearer {server.api_key}".encode()):
+                response = APIError(401, "invalid or missing API key", code="invalid_api_key").response()
+                response.headers["X-Request-Id"] = request_id
+                return response
+        try:
+            response = await call_next(request)
+        except Exception:  # noqa: BLE001 -- the one place a real fault becomes a logged 500
+            logger.exception("request %s failed", request_id)
+            response = APIError(500, f"internal error (request id {request_id})", code="internal_error").response()
+        response.headers["X-Request-Id"] = request_id
+        return response
+
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, err: APIError):
+        return err.response()
+
+    @app.exception_handler(_BodyTooLarge)
+    async def body_too_large(_request: Request, _err: _BodyTooLarge):
+        return APIError(
+            413, f"request body exceeds {server.max_request_bytes} bytes", code="request_too_large"
+        ).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            return bad_request("request body is not valid JSON", None, "invalid_json").response()
+        message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
+        return bad_request(message, ".".join(loc) or None).response()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await chat(body, request)
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": state.served_model_name, "object": "model", "created": state.created, "owned_by": "cogserve",
+                "max_model_len": state.max_model_len}  # fmt: skip
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health():
+        if state.draining or not state.ready:
+            reason = "draining" if state.draining else "loading" if state.engine is None else "engine stopped"
+            return JSONResponse({"status": reason}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/version")
+    async def version():
+        return {"version": VERSION}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        """Prompt tokens as the model will see them, image slots included; no image is fetched."""
+        state.check_accepting()
+        if body.model is not None and body.model != state.served_model_name:
+            raise APIError(404, f"The model `{body.model}` does not exist.", "model", "model_not_found")
+        try:
+            conversation, image_url = parse_messages([m.model_dump(exclude_none=True) for m in body.messages])
+        except PromptError as err:
+            raise bad_request(str(err), "messages") from err
+        if image_url:  # slots depend only on the image being there: a blank stand-in
+            size = state.processor.cfg.vision.image_size
+            conversation = replace(conversation, image=Image.new("RGB", (size, size)))
+        prompt = state.processor.build(conversation, body.template)
+        return {"count": prompt.num_tokens, "max_model_len": state.max_model_len, "tokens": prompt.input_ids}
+
+    if server.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(server.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"])  # fmt: skip
+    app.add_middleware(BodyLimit, max_bytes=server.max_request_bytes)
+    return app

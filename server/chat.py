@@ -1,0 +1,207 @@
+"""POST /v1/chat/completions: request -> conversation -> prompt -> engine stream -> OpenAI shapes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from model.processor import PromptError, PromptInputs
+from model.sampling_params import MAX_LOGPROBS, ParamError, SamplingParams
+from server import openai_format as fmt
+from server.async_engine import EngineDeadError
+from server.conversation import parse_messages
+from server.errors import APIError, bad_request, unavailable
+from server.protocol import ChatCompletionRequest
+
+
+def sampling_params(body: ChatCompletionRequest, max_n: int) -> SamplingParams:
+    if not 1 <= body.n <= max_n:
+        raise bad_request(f"n must be between 1 and {max_n}, got {body.n}", "n")
+    if body.top_logprobs is not None:
+        if not 0 <= body.top_logprobs <= MAX_LOGPROBS:
+            raise bad_request(f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {body.top_logprobs}",
+                              "top_logprobs")  # fmt: skip
+        if not body.logprobs:
+            raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    try:
+        return SamplingParams(
+            n=body.n,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k or 0,
+            min_p=body.min_p or 0.0,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            seed=body.seed,
+            max_tokens=max_tokens,
+            min_tokens=body.min_tokens,
+            stop=stop,
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        )
+    except ParamError as err:
+        name = str(err).split()[0]
+        raise bad_request(str(err), "max_completion_tokens" if body.max_completion_tokens and name == "max_tokens"
+                          else name) from err  # fmt: skip
+
+
+def refuse_unsupported(body: ChatCompletionRequest) -> None:
+    if body.tools or body.functions or body.tool_choice not in (None, "none"):
+        raise bad_request("tool and function calling are not supported by CogVLM", "tools", "unsupported")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise bad_request("only response_format {'type': 'text'} is supported", "response_format", "unsupported")
+
+
+class ChatHandler:
+    """Per-server state a chat completion needs; one instance per app."""
+
+    def __init__(self, state):
+        self.state = state
+
+    async def build_prompt(self, body: ChatCompletionRequest) -> PromptInputs:
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        try:
+            conversation, image_url = parse_messages(messages)
+        except PromptError as err:
+            raise bad_request(str(err), "messages") from err
+        if image_url:
+            conversation = replace(conversation, image=await self.state.fetcher.load(image_url))
+            for seconds in self.state.fetcher.fetch_seconds:
+                self.state.metrics.image_fetch.observe(seconds)
+            self.state.fetcher.fetch_seconds.clear()
+        # preprocessing (resize, normalise) and tokenisation: off the event loop
+        return await asyncio.to_thread(self.state.processor.build, conversation, body.template)
+
+    def check_context(self, prompt: PromptInputs, params: SamplingParams) -> None:
+        limit = self.state.max_model_len
+        if prompt.num_tokens >= limit or (params.max_tokens and prompt.num_tokens + params.max_tokens > limit):
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt.num_tokens + (params.max_tokens or 0)} tokens ({prompt.num_tokens} in the messages, image "
+                f"slots included, {params.max_tokens or 0} in the completion). Please reduce the length of the "
+                "messages or the completion.",
+                "messages",
+                "context_length_exceeded",
+            )
+
+    async def __call__(self, body: ChatCompletionRequest, request: Request):
+        state = self.state
+        arrival = time.monotonic()
+        state.check_accepting()
+        if body.model != state.served_model_name:
+            raise APIError(404, f"The model `{body.model}` does not exist.", "model", "model_not_found")
+        refuse_unsupported(body)
+        params = sampling_params(body, state.config.server.max_n)
+        prompt = await self.build_prompt(body)
+        self.check_context(prompt, params)
+        if state.engine.num_waiting >= state.config.server.max_queued_requests:
+            raise unavailable(f"the queue is full ({state.config.server.max_queued_requests} waiting); retry")
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        state.metrics.prompt_tokens.inc(prompt.num_tokens)
+        outputs = state.engine.generate(request_id, prompt, params)
+        context = _Context(request_id, int(time.time()), body, prompt.num_tokens, arrival, state)
+        if body.stream:
+            return StreamingResponse(context.stream(outputs), media_type="text/event-stream")
+        return await context.collect(outputs, request)
+
+
+class _Context:
+    def __init__(self, request_id, created, body: ChatCompletionRequest, num_prompt_tokens, arrival, state):
+        self.request_id, self.created, self.body = request_id, created, body
+        self.model = state.served_model_name
+        self.num_prompt_tokens = num_prompt_tokens
+        self.arrival = arrival
+        self.state = state
+        self.metrics = state.metrics
+        self.logprobs = fmt.LogprobFormatter(state.processor.tokenizer, body.return_tokens_as_token_ids)
+        self.last_token_time: float | None = None
+
+    def _observe(self, output) -> None:
+        now = time.monotonic()
+        m = self.metrics
+        if self.last_token_time is None:
+            m.time_to_first_token.observe(now - self.arrival)
+        else:
+            m.inter_token_latency.observe(now - self.last_token_time)
+        self.last_token_time = now
+        if output.queue_time_s is not None:
+            m.request_queue_time.observe(output.queue_time_s)
+        m.generation_tokens.inc(len(output.new_token_ids))
+        if output.finished:
+            m.e2e_request_latency.observe(now - self.arrival)
+            m.finished(output.finish_reason)
+
+    async def _timed(self, outputs: AsyncIterator) -> AsyncIterator:
+        async with asyncio.timeout(self.state.config.server.request_timeout_s):
+            async for output in outputs:
+                yield output
+
+    async def collect(self, outputs: AsyncIterator, request: Request) -> JSONResponse:
+        n = self.body.n
+        finals, logprobs = [None] * n, [[] for _ in range(n)]
+        try:
+            async for output in self._timed(outputs):
+                self._observe(output)
+                logprobs[output.index] += output.new_logprobs
+                if output.finished:
+                    finals[output.index] = output
+        except TimeoutError as err:
+            raise APIError(408, f"request timed out after {self.state.config.server.request_timeout_s} s",
+                           code="timeout") from err  # fmt: skip
+        except EngineDeadError as err:
+            raise APIError(500, str(err), code="engine_dead") from err
+        except ValueError as err:
+            raise bad_request(str(err)) from err
+        finally:
+            await outputs.aclose()
+        want_logprobs = self.body.logprobs
+        choices = [
+            fmt.choice(i, out.text, out.finish_reason, self.logprobs.content(logprobs[i]) if want_logprobs else None)
+            for i, out in enumerate(finals)
+        ]
+        completion_tokens = sum(len(out.token_ids) for out in finals)
+        body = fmt.completion(self.request_id, self.created, self.model, choices,
+                              fmt.usage(self.num_prompt_tokens, completion_tokens))  # fmt: skip
+        return JSONResponse(body)
+
+    async def stream(self, outputs: AsyncIterator) -> AsyncIterator[str]:
+        rid, created, model = self.request_id, self.created, self.model
+        with_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        completion_tokens = 0
+        try:
+            for i in range(self.body.n):
+                yield fmt.chunk(rid, created, model, [fmt.delta_choice(i, {"role": "assistant", "content": ""})],
+                                with_usage)  # fmt: skip
+            async for output in self._timed(outputs):
+                self._observe(output)
+                completion_tokens += len(output.new_token_ids)
+                logprobs = None
+                if self.body.logprobs and output.new_logprobs:
+                    logprobs = self.logprobs.content(output.new_logprobs)
+                if output.new_text or logprobs:
+                    choice = fmt.delta_choice(output.index, {"content": output.new_text}, None, logprobs)
+                    yield fmt.chunk(rid, created, model, [choice], with_usage)
+                if output.finished:
+                    choice = fmt.delta_choice(output.index, {}, output.finish_reason)
+                    yield fmt.chunk(rid, created, model, [choice], with_usage)
+            if with_usage:
+                yield fmt.usage_chunk(rid, created, model, fmt.usage(self.num_prompt_tokens, completion_tokens))
+        except (TimeoutError, EngineDeadError, ValueError) as err:
+            status = 408 if isinstance(err, TimeoutError) else 500 if isinstance(err, EngineDeadError) else 400
+            timeout_s = self.state.config.server.request_timeout_s
+            message = f"request timed out after {timeout_s} s" if status == 408 else str(err)
+            yield f"data: {json.dumps(APIError(status, message).body())}\n\n"
+        finally:
+            await outputs.aclose()
+        yield fmt.DONE

@@ -1,0 +1,68 @@
+"""OpenAI response shapes: chat.completion, chat.completion.chunk, logprobs, usage. Plain dicts."""
+
+from __future__ import annotations
+
+import json
+
+from model.batch import SampledToken
+
+
+class LogprobFormatter:
+    def __init__(self, tokenizer, as_token_ids: bool):
+        self.tokenizer = tokenizer
+        self.as_token_ids = as_token_ids
+        self.cache: dict[int, str] = {}
+
+    def token(self, token_id: int) -> str:
+        if self.as_token_ids:
+            return f"token_id:{token_id}"
+        text = self.cache.get(token_id)
+        if text is None:
+            text = self.cache[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def entry(self, token_id: int, logprob: float) -> dict:
+        text = self.token(token_id)
+        return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8"))}
+
+    def content(self, tokens: list[SampledToken]) -> dict:
+        return {"content": [
+            {**self.entry(t.token_id, t.logprob), "top_logprobs": [self.entry(i, lp) for i, lp in t.top_logprobs or []]}
+            for t in tokens
+        ]}  # fmt: skip
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+
+def completion(request_id: str, created: int, model: str, choices: list[dict], usage_: dict) -> dict:
+    return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": choices, "usage": usage_}  # fmt: skip
+
+
+def choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": finish_reason}  # fmt: skip
+
+
+def chunk(request_id: str, created: int, model: str, choices: list[dict], with_usage: bool) -> str:
+    body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": choices}  # fmt: skip
+    if with_usage:
+        body["usage"] = None
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def delta_choice(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def usage_chunk(request_id: str, created: int, model: str, usage_: dict) -> str:
+    body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [], "usage": usage_}  # fmt: skip
+    return f"data: {json.dumps(body)}\n\n"
+
+
+DONE = "data: [DONE]\n\n"

@@ -1,0 +1,89 @@
+"""`cogserve serve`: load in the background (/health 503 until ready), serve, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+
+from server.api import AppState, build_app
+from server.async_engine import AsyncEngine
+from server.config import ServeConfig
+from server.engine import Engine
+from server.generate_command import load_everything
+from server.media import ImageFetcher
+from server.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+def make_state(config: ServeConfig) -> AppState:
+    name = config.server.served_model_name or Path(config.model.model).name
+    return AppState(config=config, served_model_name=name, metrics=Metrics(name), fetcher=ImageFetcher(config.media))
+
+
+def load_engine(state: AppState) -> None:
+    """The slow part (35 GB for CogVLM-17B); the server answers /health with 503 meanwhile."""
+    start = time.perf_counter()
+    model, processor = load_everything(state.config.model)
+    engine = Engine(model, processor, state.config.engine)
+    async_engine = AsyncEngine(engine, state.metrics)
+    async_engine.start()
+    state.processor, state.max_model_len = processor, engine.max_model_len
+    state.engine = async_engine  # last: this makes the server ready
+    logger.info("model loaded in %.1f s; serving %s", time.perf_counter() - start, state.served_model_name)
+
+
+class DrainingServer(uvicorn.Server):
+    """SIGTERM / SIGINT: /health and new requests get 503, in-flight requests finish (up to the
+    shutdown timeout), then the server exits with status 0."""
+
+    def __init__(self, config: uvicorn.Config, state: AppState):
+        super().__init__(config)
+        self.state = state
+
+    def install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.drain()))
+
+    async def drain(self) -> None:
+        if self.state.draining:
+            self.should_exit = True  # a second signal: stop now
+            return
+        self.state.draining = True
+        deadline = time.monotonic() + self.state.config.server.shutdown_timeout_s
+        engine = self.state.engine
+        logger.info("draining: %d requests in flight", engine.num_in_flight if engine else 0)
+        while engine is not None and engine.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.should_exit = True
+
+
+def run_serve(config: ServeConfig) -> int:
+    state = make_state(config)
+    app = build_app(state)
+    server = DrainingServer(uvicorn.Config(app, host=config.server.host, port=config.server.port,
+                                           log_level="info", timeout_graceful_shutdown=5), state)  # fmt: skip
+    failed = threading.Event()
+
+    def load() -> None:
+        try:
+            load_engine(state)
+        except Exception:  # noqa: BLE001 -- logged with its traceback; the server then exits 1
+            logger.exception("loading the model failed")
+            failed.set()
+            server.should_exit = True
+
+    threading.Thread(target=load, name="cogserve-loader", daemon=True).start()
+    server.run()
+    if state.engine is not None:
+        state.engine.stop()
+    return 1 if failed.is_set() else 0
