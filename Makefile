@@ -22,8 +22,12 @@ test: $(STAMP)
 $(MODEL)/config.json: | $(STAMP)
 	$(BIN)/cogserve init-tiny $(MODEL) --generation 1
 
-# Until the HTTP server lands, `serve` runs the demo generation on the embedded model.
-serve generate: $(STAMP) $(MODEL)/config.json
+# The OpenAI-compatible server on the embedded model: http://127.0.0.1:8000/v1/chat/completions
+serve: $(STAMP) $(MODEL)/config.json
+	$(BIN)/cogserve serve --model $(MODEL) --served-model-name cogvlm-tiny --host 127.0.0.1 --port 8000
+
+# One generation on the embedded model, no server.
+generate: $(STAMP) $(MODEL)/config.json
 	$(BIN)/cogserve generate --model $(MODEL) --image tests/assets/shapes.png \
 		--prompt "What is in the image?" --max-tokens 16
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import threading
 import time
 from pathlib import Path
@@ -47,18 +46,20 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.state = state
 
-    def install_signal_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.drain()))
+    async def serve(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
 
-    async def drain(self) -> None:
+    def handle_exit(self, sig: int, frame) -> None:
+        # NOTE: not uvicorn's handler: that one stops at once and re-raises the signal after
+        # shutdown, which would end the process with the signal's status instead of 0.
         if self.state.draining:
             self.should_exit = True  # a second signal: stop now
             return
         self.state.draining = True
+        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.drain()))
+
+    async def drain(self) -> None:
         deadline = time.monotonic() + self.state.config.server.shutdown_timeout_s
         engine = self.state.engine
         logger.info("draining: %d requests in flight", engine.num_in_flight if engine else 0)

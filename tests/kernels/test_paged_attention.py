@@ -19,8 +19,14 @@ def make_batch(seq_lens, query_lens, num_heads, num_kv_heads, head_dim, dtype, b
     tables = order[: len(seq_lens) * max_blocks].reshape(len(seq_lens), max_blocks).to(torch.int32)
     starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
     q = torch.randn(sum(query_lens), num_heads, head_dim, generator=generator).to(DEVICE, dtype)
-    args = (q, k_cache, v_cache, tables.to(DEVICE), torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
-            starts.to(DEVICE))  # fmt: skip
+    args = (
+        q,
+        k_cache,
+        v_cache,
+        tables.to(DEVICE),
+        torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        starts.to(DEVICE),
+    )
     return args, max(query_lens)
 
 

@@ -46,8 +46,7 @@ def test_sampling_follows_the_distribution():
 
 def test_penalties_follow_the_openai_and_vllm_formulas():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
-    s = seq(prompt_ids=(0,), output_ids=(2, 2, 3), repetition_penalty=2.0, frequency_penalty=0.5,
-            presence_penalty=0.25)  # fmt: skip
+    s = seq(prompt_ids=(0,), output_ids=(2, 2, 3), repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
     out = logits.clone()
     Sampler._apply_penalties(out, [s])
     # token 0 (prompt): 2 / 2; token 1 unseen; token 2: 1 / 2 - 2 * 0.5 - 0.25; token 3: 0.5 / 2 - 0.5 - 0.25
@@ -87,13 +86,22 @@ def test_seeded_rows_do_not_depend_on_their_neighbours():
 
 @pytest.mark.parametrize(
     "bad, name",
-    [({"temperature": -1}, "temperature"), ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"),
-     ({"min_p": 2}, "min_p"), ({"presence_penalty": 3}, "presence_penalty"),
-     ({"frequency_penalty": -3}, "frequency_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
-     ({"max_tokens": 0}, "max_tokens"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
-     ({"logprobs": 21}, "logprobs"), ({"n": 0}, "n"), ({"stop": ("",)}, "stop"),
-     ({"stop_token_ids": (-1,)}, "stop_token_ids")],
-)  # fmt: skip
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 2}, "min_p"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"n": 0}, "n"),
+        ({"stop": ("",)}, "stop"),
+        ({"stop_token_ids": (-1,)}, "stop_token_ids"),
+    ],
+)
 def test_every_parameter_is_validated_with_its_name(bad, name):
     with pytest.raises(ParamError, match=f"^{name} must be"):
         SamplingParams(**bad)

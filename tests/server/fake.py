@@ -8,8 +8,15 @@ from model.sampling_params import SamplingParams
 from server.request import Request
 
 
-def make_request(request_id: str, num_prompt: int, max_tokens: int = 4, image_at: int | None = None,
-                 image_len: int = 0, image_hash: str = "img", first_token: int = 5) -> Request:  # fmt: skip
+def make_request(
+    request_id: str,
+    num_prompt: int,
+    max_tokens: int = 4,
+    image_at: int | None = None,
+    image_len: int = 0,
+    image_hash: str = "img",
+    first_token: int = 5,
+) -> Request:
     types = [0] * num_prompt
     slots = []
     if image_at is not None:

@@ -130,8 +130,19 @@ def test_generate_goes_through_the_engine_and_matches_the_reference(capsys, tiny
     from model.processor import open_image
     from model.weights import load_model
 
-    out = run_json(capsys, "--model", str(tiny_checkpoint), "--prompt", "Describe the picture.", "--image",
-                   str(image_file), "--max-tokens", "6", "--max-num-batched-tokens", "7")  # fmt: skip
+    out = run_json(
+        capsys,
+        "--model",
+        str(tiny_checkpoint),
+        "--prompt",
+        "Describe the picture.",
+        "--image",
+        str(image_file),
+        "--max-tokens",
+        "6",
+        "--max-num-batched-tokens",
+        "7",
+    )
     cfg = CogVLMConfig.from_checkpoint(tiny_checkpoint)
     processor = Processor(load_tokenizer(tiny_checkpoint), cfg)
     inputs = processor.build(Conversation(query="Describe the picture.", image=open_image(image_file)))

@@ -166,6 +166,9 @@ def test_engine_on_cuda_matches_the_cpu_reference(tiny_checkpoint, prompts_and_r
 
     prompts, reference = prompts_and_reference
     cpu = make_setup(tiny_checkpoint)
-    engine = Engine(load_model(tiny_checkpoint, torch.float32, "cuda"), cpu.processor,
-                    EngineConfig(num_kv_blocks=512, max_num_batched_tokens=40))  # fmt: skip
+    engine = Engine(
+        load_model(tiny_checkpoint, torch.float32, "cuda"),
+        cpu.processor,
+        EngineConfig(num_kv_blocks=512, max_num_batched_tokens=40),
+    )
     assert run(engine, prompts) == reference

@@ -101,8 +101,11 @@ def test_image_content_is_part_of_the_block_key():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["add", "abort", "step", "step"]), st.integers(1, 40), st.integers(0, 9)),
-                max_size=60))  # fmt: skip
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["add", "abort", "step", "step"]), st.integers(1, 40), st.integers(0, 9)), max_size=60
+    )
+)
 def test_random_workloads_never_leak_or_double_free_blocks(ops):
     scheduler, runner = make(num_blocks=16, budget=24, max_seqs=5)
     pool = scheduler.kv.pool

@@ -1,0 +1,317 @@
+"""The HTTP API through the official `openai` client and raw HTTP, against a real server on
+loopback over the tiny model."""
+
+import base64
+
+import httpx
+import openai
+import pytest
+import torch
+
+from model.config import CogVLMConfig
+from model.generation import GenerationParams, generate_reference
+from model.processor import Conversation, Processor, load_tokenizer, open_image
+from model.weights import load_model
+from server.async_engine import AsyncEngine
+from server.config import ServeConfig, ServerConfig
+from server.engine import Engine, EngineConfig
+from tests.server.live_server import MODEL_NAME, ImageHost, png_bytes, serve, with_media
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoints):
+    folder = tiny_checkpoints[1]
+    processor = Processor(load_tokenizer(folder), CogVLMConfig.from_checkpoint(folder))
+    model = load_model(folder, torch.float32)
+    engine = AsyncEngine(Engine(model, processor, EngineConfig(num_kv_blocks=512)))
+    engine.start()
+    yield model, processor, engine
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    host = ImageHost()
+    yield host
+    host.close()
+
+
+@pytest.fixture(scope="module")
+def open_server(loaded):
+    """Private addresses allowed (the image host is on loopback), 1 s image timeout, 1 MiB bodies."""
+    _, processor, engine = loaded
+    config = with_media(
+        ServeConfig(server=ServerConfig(max_request_bytes=2**20)), allow_private_networks=True, fetch_timeout_s=1.0
+    )
+    with serve(config, engine, processor) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def strict_server(loaded):
+    _, processor, engine = loaded
+    with serve(ServeConfig(), engine, processor) as live:
+        yield live
+
+
+@pytest.fixture
+def client(open_server):
+    return openai.OpenAI(base_url=f"{open_server.url}/v1", api_key="unused", max_retries=0)
+
+
+def data_uri(data: bytes, mime="image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def image_message(url: str, text="What is in the image?"):
+    return {
+        "role": "user",
+        "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url, "detail": "auto"}}],
+    }
+
+
+def reference_text(model, processor, conversation, max_tokens):
+    inputs = processor.build(conversation)
+    tokens = generate_reference(model, inputs, GenerationParams(max_tokens=max_tokens)).output_token_ids
+    if tokens and tokens[-1] in model.config.eos_token_ids:
+        tokens = tokens[:-1]
+    return processor.decode(tokens), inputs.num_tokens
+
+
+def test_non_streaming_text_chat(client):
+    response = client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0
+    )
+    assert response.object == "chat.completion" and response.id.startswith("chatcmpl-")
+    assert response.choices[0].message.role == "assistant"
+    assert response.choices[0].finish_reason in ("stop", "length")
+    assert response.usage.completion_tokens <= 5
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+
+def test_history_system_and_image_match_the_reference(client, loaded):
+    """Greedy through the server equals the reference path for the same conversation."""
+    model, processor, _ = loaded
+    png = png_bytes((10, 120, 220))
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        image_message(data_uri(png), "What colour?"),
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "And the shape?"},
+    ]
+    response = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6, temperature=0)
+    conversation = Conversation(
+        query="And the shape?", history=(("What colour?", "Blue."),), image=open_image(png), system="Answer briefly."
+    )
+    text, num_prompt = reference_text(model, processor, conversation, 6)
+    assert response.choices[0].message.content == text
+    assert response.usage.prompt_tokens == num_prompt  # image slots counted
+
+
+@pytest.mark.parametrize("fmt, mime", [("PNG", "image/png"), ("JPEG", "image/jpeg")])
+def test_data_uri_formats(client, fmt, mime):
+    uri = data_uri(png_bytes(fmt=fmt), mime)
+    response = client.chat.completions.create(model=MODEL_NAME, messages=[image_message(uri)], max_tokens=2)
+    assert response.usage.prompt_tokens > 66
+
+
+def test_http_image_url_from_a_local_server(client, image_host, loaded):
+    model, processor, _ = loaded
+    response = client.chat.completions.create(
+        model=MODEL_NAME, messages=[image_message(f"{image_host.url}/red.png")], max_tokens=4, temperature=0
+    )
+    conversation = Conversation(query="What is in the image?", image=open_image(png_bytes()))
+    assert response.choices[0].message.content == reference_text(model, processor, conversation, 4)[0]
+
+
+def test_streaming_with_usage_and_done(client, open_server):
+    stream = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=5,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+    assert any(c.choices and c.choices[0].finish_reason in ("stop", "length") for c in chunks)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    whole = client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0
+    )
+    assert streamed == whole.choices[0].message.content
+    raw = httpx.post(
+        f"{open_server.url}/v1/chat/completions",
+        json={"model": MODEL_NAME, "stream": True, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]},
+    )
+    assert raw.text.endswith("data: [DONE]\n\n") and raw.headers["content-type"].startswith("text/event-stream")
+
+
+def test_logprobs_n_and_stop(client):
+    response = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=3,
+        n=2,
+        seed=1,
+    )
+    assert [c.index for c in response.choices] == [0, 1]
+    for choice in response.choices:
+        for entry in choice.logprobs.content:
+            assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+    greedy = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=8,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    text = greedy.choices[0].message.content
+    if len(text) > 3 and text[1:3].strip():
+        stopped = client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=8,
+            temperature=0,
+            stop=[text[1:3]],
+        )
+        assert stopped.choices[0].message.content == text[: text.find(text[1:3])]
+        assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_tokens_as_token_ids(open_server):
+    body = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 2,
+        "logprobs": True,
+        "return_tokens_as_token_ids": True,
+    }
+    content = httpx.post(f"{open_server.url}/v1/chat/completions", json=body).json()["choices"][0]["logprobs"]
+    assert all(entry["token"].startswith("token_id:") for entry in content["content"])
+
+
+def post(server, body, **kw):
+    return httpx.post(f"{server.url}/v1/chat/completions", timeout=30, **kw, **({"json": body} if body else {}))
+
+
+def assert_error(response, status, param=None, code=None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    if code is not None:
+        assert error["code"] == code, error
+
+
+def chat(**extra):
+    return {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **extra}
+
+
+@pytest.mark.parametrize(
+    "body, status, param, code",
+    [
+        (chat(temperature="hot"), 400, "temperature", None),
+        (chat(model="gpt-4"), 404, "model", "model_not_found"),
+        (chat(top_logprobs=21, logprobs=True), 400, "top_logprobs", None),
+        (chat(max_tokens=-1), 400, "max_tokens", None),
+        (chat(n=1000), 400, "n", None),
+        (chat(tools=[{"type": "function"}]), 400, "tools", "unsupported"),
+        (chat(response_format={"type": "json_object"}), 400, "response_format", "unsupported"),
+        (chat(messages=[{"role": "assistant", "content": "x"}]), 400, "messages", None),
+        (chat(messages=[]), 400, "messages", None),
+        (chat(max_tokens=5000), 400, "messages", "context_length_exceeded"),
+        (chat(messages=[image_message(data_uri(b"not an image at all"))]), 400, None, "invalid_image"),
+        (
+            chat(messages=[image_message(data_uri(png_bytes())), image_message(data_uri(png_bytes()))]),
+            400,
+            "messages",
+            None,
+        ),
+    ],
+)
+def test_bad_requests_get_openai_errors_and_the_server_stays_healthy(open_server, body, status, param, code):
+    assert_error(post(open_server, body), status, param, code)
+    assert httpx.get(f"{open_server.url}/health").status_code == 200
+
+
+def test_context_overflow_message_states_the_numbers(open_server):
+    message = post(open_server, chat(max_tokens=5000)).json()["error"]["message"]
+    assert "2048" in message and "5000" in message
+
+
+def test_malformed_json_and_oversized_body(open_server):
+    malformed = post(open_server, None, content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(malformed, 400, code="invalid_json")
+    huge = chat(messages=[image_message(data_uri(b"x" * (2**20)))])
+    assert_error(post(open_server, huge), 413, code="request_too_large")
+    assert httpx.get(f"{open_server.url}/health").status_code == 200
+
+
+def test_slow_image_server_times_out(open_server, image_host):
+    response = post(open_server, chat(messages=[image_message(f"{image_host.url}/slow.png")]))
+    assert_error(response, 400, code="image_fetch_timeout")
+
+
+def test_private_address_refused_by_default(strict_server, image_host):
+    response = post(strict_server, chat(messages=[image_message(f"{image_host.url}/red.png")]))
+    assert_error(response, 400, code="image_url_forbidden")
+    metadata = post(strict_server, chat(messages=[image_message("http://169.254.169.254/latest/meta-data")]))
+    assert_error(metadata, 400, code="image_url_forbidden")
+
+
+def test_models_version_tokenize_metrics_and_request_id(open_server):
+    models = httpx.get(f"{open_server.url}/v1/models").json()
+    assert models["data"][0]["id"] == MODEL_NAME and models["data"][0]["max_model_len"] == 2048
+    assert httpx.get(f"{open_server.url}/version").json()["version"]
+    counted = httpx.post(f"{open_server.url}/tokenize", json={"messages": [image_message("https://x.example/a.png")]})
+    assert counted.json()["count"] == 1 + 66 + len(counted.json()["tokens"]) - 67
+    response = httpx.get(f"{open_server.url}/health", headers={"X-Request-Id": "abc123"})
+    assert response.headers["x-request-id"] == "abc123"
+    metrics = httpx.get(f"{open_server.url}/metrics").text
+    for name in (
+        "cogserve:num_requests_running",
+        "cogserve:prompt_tokens_total",
+        "cogserve:time_to_first_token_seconds",
+        "cogserve:kv_cache_usage_perc",
+        "cogserve:request_success_total",
+    ):
+        assert name in metrics
+    assert httpx.get(f"{open_server.url}/docs").status_code == 200
+
+
+def test_api_key_queue_limit_and_draining(loaded):
+    _, processor, engine = loaded
+    config = ServeConfig(server=ServerConfig(api_key="sekrit", max_queued_requests=0))
+    with serve(config, engine, processor) as live:
+        assert_error(post(live, chat()), 401, code="invalid_api_key")
+        full = post(live, chat(), headers={"Authorization": "Bearer sekrit"})
+        assert_error(full, 503)
+        assert full.headers["retry-after"]
+        assert httpx.get(f"{live.url}/health").status_code == 200  # health needs no key
+        live.state.draining = True
+        assert httpx.get(f"{live.url}/health").status_code == 503
+        assert_error(post(live, chat(), headers={"Authorization": "Bearer sekrit"}), 503)
+
+
+def test_disconnect_mid_stream_frees_every_block(open_server, loaded):
+    _, _, engine = loaded
+    kv = engine.engine.kv
+    body = chat(max_tokens=1500, ignore_eos=True, stream=True)
+    with httpx.stream("POST", f"{open_server.url}/v1/chat/completions", json=body, timeout=30) as response:
+        for line in response.iter_lines():
+            if '"content"' in line and '"role"' not in line:
+                break  # a token arrived: the request is running; now hang up
+    for _ in range(200):
+        if kv.num_free_blocks == len(kv.pool.blocks) and not engine.engine.scheduler.requests:
+            break
+        import time
+
+        time.sleep(0.02)
+    assert kv.num_free_blocks == len(kv.pool.blocks)
+    assert not engine.engine.scheduler.requests
