@@ -42,6 +42,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/offline_throughput.py
 	$(BIN)/python benchmarks/scheduler_overhead.py
+	$(BIN)/python benchmarks/api_overhead.py
 	$(BIN)/python benchmarks/load_weights.py
 
 clean:
