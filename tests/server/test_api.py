@@ -2,6 +2,7 @@
 loopback over the tiny model."""
 
 import base64
+import time
 
 import httpx
 import openai
@@ -310,8 +311,30 @@ def test_disconnect_mid_stream_frees_every_block(open_server, loaded):
     for _ in range(200):
         if kv.num_free_blocks == len(kv.pool.blocks) and not engine.engine.scheduler.requests:
             break
-        import time
-
         time.sleep(0.02)
     assert kv.num_free_blocks == len(kv.pool.blocks)
     assert not engine.engine.scheduler.requests
+
+
+def test_request_timeout_and_cors(loaded):
+    _, processor, engine = loaded
+    config = ServeConfig(server=ServerConfig(request_timeout_s=0.3, allowed_origins=("https://app.example",)))
+    with serve(config, engine, processor) as live:
+        slow = post(live, chat(max_tokens=1900, ignore_eos=True))
+        assert_error(slow, 408, code="timeout")
+        preflight = httpx.options(
+            f"{live.url}/v1/chat/completions",
+            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+        other = httpx.options(
+            f"{live.url}/v1/chat/completions",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert "access-control-allow-origin" not in other.headers
+    kv = engine.engine.kv
+    for _ in range(100):  # the timed-out request was aborted: its blocks come back
+        if kv.num_free_blocks == len(kv.pool.blocks):
+            break
+        time.sleep(0.02)
+    assert kv.num_free_blocks == len(kv.pool.blocks)
