@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -98,48 +99,21 @@ def write_byte_level_tokenizer(out: Path) -> tuple[int, dict[str, int]]:
 
 
 def tiny_config(generation: int, vocab_size: int, special_ids: dict[str, int] | None = None) -> CogVLMConfig:
+    # 32 px / 4 px patches = 64 patches -> 66 image tokens
+    vision = VisionConfig(image_size=32, patch_size=4, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    base = CogVLMConfig(generation=1, vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
+                        num_heads=4, num_kv_heads=4, vision=vision)  # fmt: skip
     if generation == 1:
-        # 32 px / 4 px patches = 64 patches -> 66 image tokens
-        vision = VisionConfig(
-            image_size=32, patch_size=4, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64
-        )
-        return CogVLMConfig(
-            generation=1,
-            vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=4,
-            vision=vision,
-        )
+        return base
     # 64 px / 4 px = 256 patches, 2x2 conv -> 64 -> 66 image tokens; GQA 4 q heads over 2 kv heads
     ids = special_ids or {}
-    vision = VisionConfig(
-        image_size=64,
-        patch_size=4,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=64,
-        has_conv=True,
-    )
-    return CogVLMConfig(
-        generation=2,
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=160,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        rope_theta=500000.0,
-        max_position_embeddings=8192,
+    return replace(
+        base, generation=2, intermediate_size=160, num_kv_heads=2, rope_theta=500000.0, max_position_embeddings=8192,
         bos_token_id=ids.get(LLAMA3_SPECIALS[0], 0),
         eos_token_ids=(ids.get(LLAMA3_SPECIALS[1], 1), ids.get(LLAMA3_SPECIALS[2], 2)),
-        pad_token_id=ids.get(LLAMA3_SPECIALS[3], 3),
-        vision_qkv_bias=True,
-        vision=vision,
-    )
+        pad_token_id=ids.get(LLAMA3_SPECIALS[3], 3), vision_qkv_bias=True,
+        vision=replace(vision, image_size=64, has_conv=True),
+    )  # fmt: skip
 
 
 def random_state_dict(cfg: CogVLMConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -194,7 +168,7 @@ def write_tiny_checkpoint(
     else:
         cfg = tiny_config(2, *write_byte_level_tokenizer(out))
     dtype_name = str(dtype).removeprefix("torch.")
-    cfg = CogVLMConfig(**{**cfg.__dict__, "torch_dtype": dtype_name})
+    cfg = replace(cfg, torch_dtype=dtype_name)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     state = {k: v.to(dtype) for k, v in random_state_dict(cfg, seed).items()}
     if num_shards > 1:
