@@ -28,10 +28,14 @@ class SequenceData:
         return self.prompt.num_tokens + len(self.output_token_ids)
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        prompt = self.prompt.input_ids
-        if end <= len(prompt):
+        """Tokens start..end-1 of prompt + output, without concatenating the two (a decode step
+        asks for one token of a sequence that may be thousands long)."""
+        prompt, n = self.prompt.input_ids, len(self.prompt.input_ids)
+        if end <= n:
             return prompt[start:end]
-        return (prompt + self.output_token_ids)[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n : end - n]
+        return prompt[start:] + self.output_token_ids[: end - n]
 
     def positions(self, start: int, end: int) -> list[int]:
         """Prompt positions, then generated tokens continue from the last prompt position + 1."""
