@@ -103,6 +103,7 @@ def build_app(state: AppState) -> FastAPI:
             if not hmac.compare_digest(supplied.encode(), f"Bearer {server.api_key}".encode()):
                 response = APIError(401, "invalid or missing API key", code="invalid_api_key").response()
                 response.headers["X-Request-Id"] = request_id
+                state.metrics.responded(401)
                 return response
         try:
             response = await call_next(request)
@@ -110,6 +111,7 @@ def build_app(state: AppState) -> FastAPI:
             logger.exception("request %s failed", request_id)
             response = APIError(500, f"internal error (request id {request_id})", code="internal_error").response()
         response.headers["X-Request-Id"] = request_id
+        state.metrics.responded(response.status_code)
         return response
 
     @app.exception_handler(APIError)

@@ -36,6 +36,9 @@ class Metrics:
         self.request_success = Counter(
             "cogserve:request_success", "Finished requests", ["model_name", "finished_reason"], registry=registry
         )
+        self.http_responses = Counter(
+            "cogserve:http_responses", "HTTP responses by status code", ["model_name", "status"], registry=registry
+        )
         self.model_name = model_name
         self.time_to_first_token = histogram("time_to_first_token_seconds", "Arrival to first token")
         self.inter_token_latency = histogram("inter_token_latency_seconds", "Between streamed tokens", TOKEN_BUCKETS)
@@ -46,6 +49,9 @@ class Metrics:
 
     def finished(self, reason: str) -> None:
         self.request_success.labels(self.model_name, reason).inc()
+
+    def responded(self, status: int) -> None:
+        self.http_responses.labels(self.model_name, str(status)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
