@@ -156,7 +156,8 @@ def test_triton_attention_backend_gives_the_same_tokens(setup, prompts_and_refer
 
 
 @pytest.mark.gpu
-def test_engine_on_cuda_matches_the_cpu_reference(tiny_checkpoint, prompts_and_reference):
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_engine_on_cuda_matches_the_cpu_reference(tiny_checkpoint, prompts_and_reference, backend):
     """fp32 on CUDA: Triton expert and paged-attention kernels, compiled, chunked prefill."""
     import torch
 
