@@ -170,6 +170,6 @@ def test_engine_on_cuda_matches_the_cpu_reference(tiny_checkpoint, prompts_and_r
     engine = Engine(
         load_model(tiny_checkpoint, torch.float32, "cuda"),
         cpu.processor,
-        EngineConfig(num_kv_blocks=512, max_num_batched_tokens=40),
+        EngineConfig(num_kv_blocks=512, max_num_batched_tokens=40, attention_backend=backend),
     )
     assert run(engine, prompts) == reference
