@@ -37,14 +37,17 @@ def tokenizer_corpus() -> list[str]:
     return lines
 
 
-def write_sentencepiece_tokenizer(out: Path) -> int:
+def write_sentencepiece_tokenizer(out: Path, corpus: list[str] | None = None, vocab_size: int = TOKENIZER_VOCAB_SIZE,
+                                  split_digits: bool = False) -> int:  # fmt: skip
+    """Vicuna's format: a sentencepiece BPE with byte fallback, <unk>/<s>/</s> = 0/1/2."""
     import sentencepiece as spm
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(tokenizer_corpus()),
+        sentence_iterator=iter(corpus or tokenizer_corpus()),
         model_writer=model,
-        vocab_size=TOKENIZER_VOCAB_SIZE,
+        vocab_size=vocab_size,
+        split_digits=split_digits,
         model_type="bpe",
         byte_fallback=True,
         character_coverage=1.0,
