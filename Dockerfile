@@ -49,7 +49,7 @@ HEALTHCHECK --interval=15s --timeout=3s --start-period=600s --retries=3 \
 ENTRYPOINT ["cogserve", "serve"]
 CMD ["--model", "/models/cogvlm", "--host", "0.0.0.0", "--port", "8000"]
 
-# ---- CPU: CPU torch, the embedded tiny model
+# ---- CPU: CPU torch, the embedded model (trained tiny CogVLM, a few MB)
 FROM ${CPU_IMAGE} AS cpu
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv \
@@ -60,12 +60,13 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY model ./model
 COPY kernels ./kernels
+COPY models/cogvlm-tiny-shapes /opt/cogvlm-tiny-shapes
 # hadolint ignore=DL3013
-RUN pip install . && cogserve init-tiny /opt/tiny-cogvlm --generation 1
+RUN pip install .
 USER 10001
 WORKDIR /home/cogserve
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health').status != 200)"]
 ENTRYPOINT ["cogserve", "serve"]
-CMD ["--model", "/opt/tiny-cogvlm", "--served-model-name", "cogvlm-tiny", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["--model", "/opt/cogvlm-tiny-shapes", "--served-model-name", "cogvlm-tiny", "--host", "0.0.0.0", "--port", "8000"]

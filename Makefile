@@ -3,9 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-MODEL ?= checkpoints/tiny-cogvlm
+MODEL ?= models/cogvlm-tiny-shapes
 
-.PHONY: install test serve generate lint format bench gpu-check clean
+.PHONY: install test serve generate lint format bench train evaluate clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -19,17 +19,14 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-$(MODEL)/config.json: | $(STAMP)
-	$(BIN)/cogserve init-tiny $(MODEL) --generation 1
-
 # The OpenAI-compatible server on the embedded model: http://127.0.0.1:8000/v1/chat/completions
-serve: $(STAMP) $(MODEL)/config.json
+serve: $(STAMP)
 	$(BIN)/cogserve serve --model $(MODEL) --served-model-name cogvlm-tiny --host 127.0.0.1 --port 8000
 
 # One generation on the embedded model, no server.
-generate: $(STAMP) $(MODEL)/config.json
-	$(BIN)/cogserve generate --model $(MODEL) --image tests/assets/shapes.png \
-		--prompt "What is in the image?" --max-tokens 16
+generate: $(STAMP)
+	$(BIN)/cogserve generate --model $(MODEL) --image docs/example-shapes.png --template vqa \
+		--prompt "What color is the circle?" --max-tokens 16
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -44,6 +41,14 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/scheduler_overhead.py
 	$(BIN)/python benchmarks/api_overhead.py
 	$(BIN)/python benchmarks/load_weights.py
+
+# Retrain the embedded model (about 17 minutes on 2 CPU cores) and evaluate it through the server.
+train: $(STAMP)
+	$(BIN)/pip install -q -e ".[train]"
+	$(BIN)/python -m training.train --out $(MODEL)
+
+evaluate: $(STAMP)
+	$(BIN)/python -m training.evaluate --model $(MODEL) --per-task 100 --json $(MODEL)/eval.json
 
 clean:
 	rm -rf $(VENV) checkpoints

@@ -32,7 +32,9 @@ class AsyncEngine:
         self.metrics = metrics
         self.commands: queue.Queue = queue.Queue()
         self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self.num_pending = 0  # added but not yet picked up by the engine thread
+        # NOTE: two counters, each written by one thread only (a shared += could lose updates)
+        self.num_added = 0  # by the event loop
+        self.num_taken = 0  # by the engine thread
         self.dead: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cogserve-engine", daemon=True)
@@ -50,7 +52,7 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
-        return self.engine.scheduler.num_waiting + self.num_pending
+        return self.engine.scheduler.num_waiting + self.num_added - self.num_taken
 
     @property
     def num_in_flight(self) -> int:
@@ -64,7 +66,7 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine stopped: {self.dead}")
         stream: asyncio.Queue = asyncio.Queue()
         self.streams[request_id] = (asyncio.get_running_loop(), stream)
-        self.num_pending += 1
+        self.num_added += 1
         self.commands.put(("add", request_id, prompt, params))
         num_finished = 0
         try:
@@ -107,7 +109,7 @@ class AsyncEngine:
         while True:
             if command[0] == "add":
                 _, request_id, prompt, params = command
-                self.num_pending -= 1
+                self.num_taken += 1
                 try:
                     self.engine.add_request(request_id, prompt, params)
                 except ValueError as err:

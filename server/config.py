@@ -8,7 +8,7 @@ from model.processor import DEFAULT_MAX_IMAGE_PIXELS
 from server.engine import EngineConfig
 from server.media import MediaConfig
 
-DEFAULT_MODEL = "checkpoints/tiny-cogvlm"  # written by `cogserve init-tiny` (make serve does it)
+DEFAULT_MODEL = "models/cogvlm-tiny-shapes"  # the embedded default: trained on synthetic shapes (issue 7)
 
 
 @dataclass(frozen=True)
