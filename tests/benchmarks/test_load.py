@@ -9,28 +9,20 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from model.config import CogVLMConfig
-from model.processor import Processor, load_tokenizer
-from model.weights import load_model
-from server.async_engine import AsyncEngine
 from server.config import ServeConfig
-from server.engine import Engine, EngineConfig
-from tests.server.live_server import MODEL_NAME, serve
+from tests.server.live_server import MODEL_NAME, running_engine, serve
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def live(tiny_checkpoints):
-    folder = tiny_checkpoints[1]
-    processor = Processor(load_tokenizer(folder), CogVLMConfig.from_checkpoint(folder))
-    engine = AsyncEngine(Engine(load_model(folder, torch.float32), processor, EngineConfig(num_kv_blocks=512)))
-    engine.start()
-    with serve(ServeConfig(), engine, processor) as server:
+    with (
+        running_engine(tiny_checkpoints[1]) as (_, processor, engine),
+        serve(ServeConfig(), engine, processor) as server,
+    ):
         yield server
-    engine.stop()
 
 
 def test_headless_locust_run_has_no_failures(live, tmp_path):

@@ -112,28 +112,18 @@ def dashboard_metric_names() -> set[str]:
 
 def test_dashboard_references_only_metrics_the_server_exports(tiny_checkpoints):
     import httpx
-    import torch
 
-    from model.config import CogVLMConfig
-    from model.processor import Processor, load_tokenizer
-    from model.weights import load_model
-    from server.async_engine import AsyncEngine
     from server.config import ServeConfig
-    from server.engine import Engine, EngineConfig
-    from tests.server.live_server import MODEL_NAME, serve
+    from tests.server.live_server import MODEL_NAME, running_engine, serve
 
-    folder = tiny_checkpoints[1]
-    processor = Processor(load_tokenizer(folder), CogVLMConfig.from_checkpoint(folder))
-    engine = AsyncEngine(Engine(load_model(folder, torch.float32), processor, EngineConfig(num_kv_blocks=128)))
-    engine.start()
-    try:
-        with serve(ServeConfig(), engine, processor) as live:
-            body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
-            httpx.post(f"{live.url}/v1/chat/completions", json=body)
-            httpx.post(f"{live.url}/v1/chat/completions", json={**body, "model": "nope"})  # a 404 for the errors panel
-            exposition = httpx.get(f"{live.url}/metrics").text
-    finally:
-        engine.stop()
+    with (
+        running_engine(tiny_checkpoints[1], num_kv_blocks=128) as (_, processor, engine),
+        serve(ServeConfig(), engine, processor) as live,
+    ):
+        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        httpx.post(f"{live.url}/v1/chat/completions", json=body)
+        httpx.post(f"{live.url}/v1/chat/completions", json={**body, "model": "nope"})  # a 404 for the errors panel
+        exposition = httpx.get(f"{live.url}/metrics").text
     exported = set(re.findall(r"^(cogserve:[a-z_]+)", exposition, re.M))
     missing = dashboard_metric_names() - exported
     assert not missing, f"the dashboard queries metrics the server does not export: {sorted(missing)}"

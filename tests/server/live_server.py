@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
 import threading
@@ -19,6 +20,26 @@ from server.media import ImageFetcher
 from server.metrics import Metrics
 
 MODEL_NAME = "cogvlm-tiny"
+
+
+@contextlib.contextmanager
+def running_engine(folder, num_kv_blocks: int = 512):
+    """(model, processor, AsyncEngine) over a checkpoint in fp32, its thread stopped on exit."""
+    import torch
+
+    from model.config import CogVLMConfig
+    from model.processor import Processor, load_tokenizer
+    from model.weights import load_model
+    from server.engine import Engine, EngineConfig
+
+    processor = Processor(load_tokenizer(folder), CogVLMConfig.from_checkpoint(folder))
+    model = load_model(folder, torch.float32)
+    engine = AsyncEngine(Engine(model, processor, EngineConfig(num_kv_blocks=num_kv_blocks)))
+    engine.start()
+    try:
+        yield model, processor, engine
+    finally:
+        engine.stop()
 
 
 def free_port() -> int:

@@ -7,27 +7,17 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
-from model.config import CogVLMConfig
 from model.generation import GenerationParams, generate_reference
-from model.processor import Conversation, Processor, load_tokenizer, open_image
-from model.weights import load_model
-from server.async_engine import AsyncEngine
+from model.processor import Conversation, open_image
 from server.config import ServeConfig, ServerConfig
-from server.engine import Engine, EngineConfig
-from tests.server.live_server import MODEL_NAME, ImageHost, png_bytes, serve, with_media
+from tests.server.live_server import MODEL_NAME, ImageHost, png_bytes, running_engine, serve, with_media
 
 
 @pytest.fixture(scope="module")
 def loaded(tiny_checkpoints):
-    folder = tiny_checkpoints[1]
-    processor = Processor(load_tokenizer(folder), CogVLMConfig.from_checkpoint(folder))
-    model = load_model(folder, torch.float32)
-    engine = AsyncEngine(Engine(model, processor, EngineConfig(num_kv_blocks=512)))
-    engine.start()
-    yield model, processor, engine
-    engine.stop()
+    with running_engine(tiny_checkpoints[1]) as loaded:
+        yield loaded
 
 
 @pytest.fixture(scope="module")

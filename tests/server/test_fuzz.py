@@ -2,27 +2,17 @@
 
 import pytest
 import schemathesis
-import torch
 from hypothesis import HealthCheck, given, settings
 
-from model.config import CogVLMConfig
-from model.processor import Processor, load_tokenizer
-from model.weights import load_model
 from server.api import build_app
-from server.async_engine import AsyncEngine
 from server.config import ServeConfig
-from server.engine import Engine, EngineConfig
-from tests.server.live_server import make_state
+from tests.server.live_server import make_state, running_engine
 
 
 @pytest.fixture(scope="module")
 def app(tiny_checkpoints):
-    folder = tiny_checkpoints[1]
-    processor = Processor(load_tokenizer(folder), CogVLMConfig.from_checkpoint(folder))
-    engine = AsyncEngine(Engine(load_model(folder, torch.float32), processor, EngineConfig(num_kv_blocks=256)))
-    engine.start()
-    yield build_app(make_state(ServeConfig(), engine, processor))
-    engine.stop()
+    with running_engine(tiny_checkpoints[1], num_kv_blocks=256) as (_, processor, engine):
+        yield build_app(make_state(ServeConfig(), engine, processor))
 
 
 def test_no_input_gives_a_server_error(app):

@@ -7,16 +7,10 @@ from pathlib import Path
 
 import openai
 import pytest
-import torch
 from PIL import Image
 
-from model.config import CogVLMConfig
-from model.processor import Processor, load_tokenizer
-from model.weights import load_model
-from server.async_engine import AsyncEngine
 from server.config import DEFAULT_MODEL, ServeConfig
-from server.engine import Engine, EngineConfig
-from tests.server.live_server import MODEL_NAME, serve
+from tests.server.live_server import MODEL_NAME, running_engine, serve
 from training.evaluate import HELD_OUT_SEED, ask_server, is_correct
 from training.shapes_dataset import Sample, samples
 
@@ -26,12 +20,11 @@ MODEL_DIR = ROOT / DEFAULT_MODEL
 
 @pytest.fixture(scope="module")
 def client():
-    processor = Processor(load_tokenizer(MODEL_DIR), CogVLMConfig.from_checkpoint(MODEL_DIR))
-    engine = AsyncEngine(Engine(load_model(MODEL_DIR, torch.float32), processor, EngineConfig(num_kv_blocks=256)))
-    engine.start()
-    with serve(ServeConfig(), engine, processor) as live:
+    with (
+        running_engine(MODEL_DIR, num_kv_blocks=256) as (_, processor, engine),
+        serve(ServeConfig(), engine, processor) as live,
+    ):
         yield openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
-    engine.stop()
 
 
 def test_colour_and_count_questions_through_the_server(client):
