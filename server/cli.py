@@ -79,11 +79,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
-    positive = {"port": args.port, "max_queued_requests": args.max_queued_requests, "max_n": args.max_n,
-                "max_request_bytes": args.max_request_bytes, "max_image_bytes": args.max_image_bytes}  # fmt: skip
-    for name, value in positive.items():
-        if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least_one(args, "port", "max_queued_requests", "max_n", "max_request_bytes", "max_image_bytes")
     server = ServerConfig(
         host=args.host, port=args.port, served_model_name=args.served_model_name, api_key=args.api_key,
         allowed_origins=tuple(args.allowed_origins), max_queued_requests=args.max_queued_requests,
@@ -113,10 +109,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="auto: triton on CUDA, torch on CPU")  # fmt: skip
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+def require_at_least_one(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    require_at_least_one(args, "max_num_seqs", "max_num_batched_tokens", "block_size")
     if args.kv_cache_gb <= 0 or not 0 < args.gpu_memory_fraction <= 1:
         raise ValueError("--kv-cache-gb must be > 0 and --gpu-memory-fraction in (0, 1]")
     return EngineConfig(

@@ -162,16 +162,16 @@ def test_logprobs_n_and_stop(client):
         extra_body={"ignore_eos": True},
     )
     text = greedy.choices[0].message.content
-    if len(text) > 3 and text[1:3].strip():
-        stopped = client.chat.completions.create(
-            model=MODEL_NAME,
-            messages=[{"role": "user", "content": "Hi"}],
-            max_tokens=8,
-            temperature=0,
-            stop=[text[1:3]],
-        )
-        assert stopped.choices[0].message.content == text[: text.find(text[1:3])]
-        assert stopped.choices[0].finish_reason == "stop"
+    assert len(text) > 3 and text[1:3].strip(), f"greedy text {text!r} gives no usable stop string"
+    stopped = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=8,
+        temperature=0,
+        stop=[text[1:3]],
+    )
+    assert stopped.choices[0].message.content == text[: text.find(text[1:3])]
+    assert stopped.choices[0].finish_reason == "stop"
 
 
 def test_tokens_as_token_ids(open_server):

@@ -129,9 +129,9 @@ def test_n_completions_and_stop_strings(setup, prompts_and_reference):
     assert [o.index for o in outputs] == [0, 1, 2] and all(o.finished for o in outputs)
     full_text = setup.processor.decode(reference[1])
     stop = full_text[2:4]
-    if stop.strip():
-        out = engine.generate([(prompts[1], greedy(MAX_TOKENS, stop=(stop,)))])[0][0]
-        assert out.finish_reason == "stop" and out.text == full_text[: full_text.find(stop)]
+    assert stop.strip(), f"the reference text {full_text!r} gives no usable stop string"
+    out = engine.generate([(prompts[1], greedy(MAX_TOKENS, stop=(stop,)))])[0][0]
+    assert out.finish_reason == "stop" and out.text == full_text[: full_text.find(stop)]
 
 
 def test_request_validation(setup):
