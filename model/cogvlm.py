@@ -27,9 +27,23 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = VisionExpertMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, hidden, cos_sin, routing, attention: AttentionBackend) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, routing, attention)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden), routing)
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [T, hidden]: the previous layer's MLP output (layer 0: the embeddings)
+        residual: torch.Tensor | None,  # [T, hidden]: the sum before it; None in layer 0
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        routing,
+        attention: AttentionBackend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (this MLP's output, the sum before it)
+        # NOTE: each residual add is fused into the next norm (one kernel on CUDA instead of
+        # nine); the sums are the eager `hidden = hidden + sublayer(norm(hidden))`, same rounding.
+        if residual is None:
+            normed, residual = self.input_layernorm(hidden), hidden
+        else:
+            normed, residual = self.input_layernorm(hidden, residual)
+        attn = self.self_attn(normed, cos_sin, routing, attention)
+        normed, residual = self.post_attention_layernorm(attn, residual)
+        return self.mlp(normed, routing), residual
 
 
 class CogVLMModel(nn.Module):
@@ -81,10 +95,10 @@ class CogVLMForCausalLM(nn.Module):
         cfg = self.config
         cos_sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, inputs_embeds.dtype)
         routing = routing_for(vision_mask)
-        hidden = inputs_embeds
+        hidden, residual = inputs_embeds, None
         for layer in self.model.layers:
-            hidden = layer(hidden, cos_sin, routing, attention)
-        return self.model.norm(hidden)
+            hidden, residual = layer(hidden, residual, cos_sin, routing, attention)
+        return self.model.norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32
         return self.lm_head(hidden).float()

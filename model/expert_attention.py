@@ -4,8 +4,10 @@ import torch
 from torch import nn
 
 from kernels.expert_linear import ExpertRouting
+from kernels.rotary import rotary_embedding_
 from model.attention import AttentionBackend
 from model.config import CogVLMConfig
+from model.dispatch import use_triton
 from model.experts import routed_linear
 from model.rotary import apply_rotary
 
@@ -35,8 +37,12 @@ class VisionExpertAttention(nn.Module):
         qkv = routed_linear(hidden, routing, self.language_expert_query_key_value, self.vision_expert_query_key_value)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)  # [Q | K | V], head-major
-        q = apply_rotary(q.reshape(-1, self.num_heads, self.head_dim), *cos_sin)  # [T, H, D]
-        k = apply_rotary(k.reshape(-1, self.num_kv_heads, self.head_dim), *cos_sin)  # [T, KV, D]
-        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D], strided views of qkv
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, KV, D]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if use_triton(qkv):
+            rotary_embedding_(q, k, *cos_sin)  # in place in qkv: one launch instead of ~16
+        else:
+            q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
         ctx = attention.attend(self.layer_idx, q, k, v)  # [T, H * D]
         return routed_linear(ctx, routing, self.language_expert_dense, self.vision_expert_dense)

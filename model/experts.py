@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.activation import silu_and_mul
 from kernels.expert_linear import (
     ExpertRouting,
     expert_gated_up,
@@ -20,18 +21,12 @@ from kernels.expert_linear import (
     expert_linear_ref,
     route_by_expert,
 )
-
-# Tests flip this to run the Triton kernels under the interpreter on CPU.
-FORCE_TRITON = False
+from model.dispatch import use_triton
 
 
 def routing_for(vision_mask: torch.Tensor | None) -> ExpertRouting | None:
     """Once per forward: the same routing serves the 6 projections of every layer."""
     return None if vision_mask is None else route_by_expert(vision_mask)
-
-
-def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda or FORCE_TRITON
 
 
 def routed_linear(
@@ -43,7 +38,7 @@ def routed_linear(
     if routing is None:
         return F.linear(x, language.weight, language.bias)
     args = (x, routing.vision_mask, language.weight, vision.weight, language.bias, vision.bias)
-    return expert_linear(*args, routing=routing) if _use_triton(x) else expert_linear_ref(*args)
+    return expert_linear(*args, routing=routing) if use_triton(x) else expert_linear_ref(*args)
 
 
 def routed_gated_mlp(
@@ -53,7 +48,8 @@ def routed_gated_mlp(
     vision: nn.Module,
 ) -> torch.Tensor:  # [T, hidden]: down(silu(gate(x)) * up(x)) by each row's expert
     if routing is None:
-        h = F.silu(F.linear(x, language.gate_proj.weight)) * F.linear(x, language.up_proj.weight)
+        gate, up = F.linear(x, language.gate_proj.weight), F.linear(x, language.up_proj.weight)
+        h = silu_and_mul(gate, up) if use_triton(x) else F.silu(gate) * up  # [T, inter]
         return F.linear(h, language.down_proj.weight)
     weights = (
         language.gate_proj.weight,
@@ -61,7 +57,7 @@ def routed_gated_mlp(
         vision.gate_proj.weight,
         vision.up_proj.weight,
     )
-    if _use_triton(x):
+    if use_triton(x):
         h = expert_gated_up(x, routing.vision_mask, *weights, routing=routing)  # [T, inter], written once
     else:
         h = expert_gated_up_ref(x, routing.vision_mask, *weights)

@@ -21,11 +21,14 @@ from kernels.paged_attention import paged_attention
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):  # fmt: skip
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        # NOTE: one block more than the pool hands out: the scratch block, where the padding rows
+        # of a CUDA-graph decode batch write their K/V and which only they read.
+        shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.scratch_block = num_blocks
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype) -> int:
@@ -51,21 +54,36 @@ class TritonPagedAttention:
 
     def prepare(self, meta: PagedAttentionMetadata) -> None:
         device = meta.slot_mapping.device
-        self.slot_mapping = meta.slot_mapping
-        self.block_tables = meta.block_tables.to(torch.int32)
-        self.seq_lens = torch.tensor(meta.seq_lens, dtype=torch.int32, device=device)
         starts = [0]
         for n in meta.query_lens:
             starts.append(starts[-1] + n)
-        self.query_start_loc = torch.tensor(starts, dtype=torch.int32, device=device)
-        self.max_query_len = max(meta.query_lens)
+        self.bind(
+            slot_mapping=meta.slot_mapping,
+            block_tables=meta.block_tables.to(torch.int32),
+            seq_lens=torch.tensor(meta.seq_lens, dtype=torch.int32, device=device),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            max_query_len=max(meta.query_lens),
+        )
+
+    def bind(
+        self,
+        slot_mapping: torch.Tensor,  # [T] int64
+        block_tables: torch.Tensor,  # [B, max_blocks] int32
+        seq_lens: torch.Tensor,  # [B] int32
+        query_start_loc: torch.Tensor,  # [B + 1] int32
+        max_query_len: int,
+    ) -> None:
+        """What every layer's attend() reads. prepare() binds fresh tensors each step; decode
+        graphs bind their static buffers once and refill them in place before each replay."""
+        self.slot_mapping, self.block_tables, self.seq_lens = slot_mapping, block_tables, seq_lens
+        self.query_start_loc, self.max_query_len = query_start_loc, max_query_len
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
         num_kv, head_dim = k.shape[1], k.shape[2]
         k_cache.view(-1, num_kv, head_dim).index_copy_(0, self.slot_mapping, k)
         v_cache.view(-1, num_kv, head_dim).index_copy_(0, self.slot_mapping, v)
-        return paged_attention(q.contiguous(), k_cache, v_cache, self.block_tables, self.seq_lens,
+        return paged_attention(q, k_cache, v_cache, self.block_tables, self.seq_lens,
                                self.query_start_loc, self.max_query_len)  # fmt: skip
 
 

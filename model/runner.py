@@ -18,6 +18,7 @@ import torch
 
 from model.batch import RunnerOutput, SchedulerOutput
 from model.cogvlm import CogVLMForCausalLM
+from model.decode_graphs import DecodeGraphs
 from model.paged_attention import PagedAttentionMetadata, PagedKVCache, make_attention_backend
 from model.processor import VISION_TOKEN_TYPE
 from model.sampler import Sampler
@@ -44,6 +45,13 @@ class ModelRunner:
         self.num_images_encoded = 0  # for tests and metrics: vision tower runs, one per image
         self.num_encoder_cache_hits = 0  # images a step needed that were already encoded
         self.encode_seconds: list[float] = []  # one per vision-tower call; drained by the metrics
+        self.decode_graphs: DecodeGraphs | None = None  # see enable_decode_graphs
+
+    def enable_decode_graphs(self, max_batch: int, max_model_len: int, capture: bool = True) -> None:
+        """Pure decode steps of up to max_batch sequences replay CUDA graphs (model/decode_graphs.py).
+        They read the cache through the Triton attention kernel, whatever the eager backend is."""
+        max_blocks = -(-max_model_len // self.config.block_size)
+        self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, max_batch, max_blocks, capture)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
@@ -73,31 +81,41 @@ class ModelRunner:
                     image_rows += range(row0 + lo - start, row0 + hi - start)
                     image_features.append(self.encoder_cache[prompt.image_hash][lo - first : hi - first])
 
-        ids = torch.tensor(input_ids, device=device)
-        features = torch.cat(image_features) if image_features else None
-        rows = torch.tensor(image_rows, device=device) if image_rows else None
-        embeds = self.model.embed(ids, features, rows)
-        max_blocks = max(len(s.block_ids) for s in out.scheduled)
-        block_tables = torch.tensor([s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in out.scheduled],
-                                    device=device)  # fmt: skip
-        self.attention.prepare(PagedAttentionMetadata(
-            slot_mapping=torch.tensor(slots, device=device),
-            query_lens=[s.num_new_tokens for s in out.scheduled],
-            seq_lens=[s.end for s in out.scheduled],
-            block_tables=block_tables,
-        ))  # fmt: skip
-        mask = torch.tensor(vision_mask, device=device) if any(vision_mask) else None
-        hidden = self.model(embeds, torch.tensor(positions, device=device), mask, self.attention)
-
         sampling = [s for s in out.scheduled if s.needs_sample]
-        if not sampling:
-            return RunnerOutput()
         last_rows, row = [], 0
         for s in out.scheduled:
             row += s.num_new_tokens
             if s.needs_sample:
                 last_rows.append(row - 1)
-        logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=device)])  # [B_sample, V] fp32
+        max_blocks = max(len(s.block_ids) for s in out.scheduled)
+        graphs = self.decode_graphs
+        if (graphs is not None and len(input_ids) == len(out.scheduled) and not image_rows and not any(vision_mask)
+                and graphs.fits(len(input_ids), max_blocks)):  # fmt: skip
+            # one text token per sequence: replay (logits for every row; the sampled ones kept)
+            logits = graphs.run(input_ids, positions, slots, [s.block_ids for s in out.scheduled],
+                                [s.end for s in out.scheduled])  # fmt: skip
+            if not sampling:
+                return RunnerOutput()
+            if len(sampling) < len(out.scheduled):
+                logits = logits[torch.tensor(last_rows, device=device)]
+        else:
+            ids = torch.tensor(input_ids, device=device)
+            features = torch.cat(image_features) if image_features else None
+            rows = torch.tensor(image_rows, device=device) if image_rows else None
+            embeds = self.model.embed(ids, features, rows)
+            block_tables = torch.tensor([s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in out.scheduled],
+                                        device=device)  # fmt: skip
+            self.attention.prepare(PagedAttentionMetadata(
+                slot_mapping=torch.tensor(slots, device=device),
+                query_lens=[s.num_new_tokens for s in out.scheduled],
+                seq_lens=[s.end for s in out.scheduled],
+                block_tables=block_tables,
+            ))  # fmt: skip
+            mask = torch.tensor(vision_mask, device=device) if any(vision_mask) else None
+            hidden = self.model(embeds, torch.tensor(positions, device=device), mask, self.attention)
+            if not sampling:
+                return RunnerOutput()
+            logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=device)])  # [B_sample, V] fp32
         tokens = self.sampler(logits, [s.seq for s in sampling])
         return RunnerOutput(sampled={s.seq.request_id: t for s, t in zip(sampling, tokens, strict=True)})
 

@@ -107,6 +107,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefix-caching", action="store_true", help="disable KV reuse across requests")
     parser.add_argument("--attention-backend", default=d.attention_backend, choices=["auto", "torch", "triton"],
                         help="auto: triton on CUDA, torch on CPU")  # fmt: skip
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="no CUDA graphs: decode steps run eagerly (slower; for debugging)")  # fmt: skip
 
 
 def require_at_least_one(args: argparse.Namespace, *names: str) -> None:
@@ -123,7 +125,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, block_size=args.block_size, kv_cache_gb=args.kv_cache_gb,
         gpu_memory_fraction=args.gpu_memory_fraction, enable_prefix_caching=not args.no_prefix_caching,
-        attention_backend=args.attention_backend,
+        attention_backend=args.attention_backend, cuda_graphs=not args.enforce_eager,
     )  # fmt: skip
 
 

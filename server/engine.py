@@ -38,6 +38,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     encoder_cache_size: int = 64  # images whose vision features are kept
     attention_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | torch | triton
+    cuda_graphs: bool = True  # CUDA: decode steps replay CUDA graphs (model/decode_graphs.py)
 
 
 @dataclass
@@ -74,6 +75,8 @@ class Engine:
         num_blocks = self._num_blocks(model, config)
         runner_config = RunnerConfig(num_blocks, config.block_size, config.encoder_cache_size, config.attention_backend)
         self.runner = ModelRunner(model, runner_config)
+        if config.cuda_graphs and model.device.type == "cuda":
+            self.runner.enable_decode_graphs(config.max_num_seqs, self.max_model_len)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv

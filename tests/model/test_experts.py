@@ -2,7 +2,10 @@ import pytest
 import torch
 from PIL import Image
 
+import model.dispatch as dispatch
+import model.expert_attention as expert_attention
 import model.experts as experts
+import model.rms_norm as rms_norm_module
 from model.config import CogVLMConfig
 from model.generation import GenerationParams, generate_reference
 from model.processor import Conversation, Processor, load_tokenizer
@@ -11,19 +14,22 @@ from model.weights import load_model
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter variant; the CUDA one is below")
 def test_model_with_triton_kernels_gives_the_same_tokens(monkeypatch, tiny_checkpoint):
-    """The six projections wired to the routed kernels (interpreter on CPU) change no token."""
+    """The six projections wired to the routed kernels, the fused norms, rotary and silu*up
+    (interpreter on CPU) change no token."""
     model = load_model(tiny_checkpoint, torch.float32)
     processor = Processor(load_tokenizer(tiny_checkpoint), CogVLMConfig.from_checkpoint(tiny_checkpoint))
     image = Image.fromarray((torch.rand(20, 30, 3) * 255).byte().numpy())
     inputs = processor.build(Conversation(query="What is it?", image=image))
     params = GenerationParams(max_tokens=4, stop_token_ids=(), top_logprobs=3)
     want = generate_reference(model, inputs, params)
-    monkeypatch.setattr(experts, "FORCE_TRITON", True)
+    monkeypatch.setattr(dispatch, "FORCE_TRITON", True)
     calls = []
-    original = experts.expert_linear
-    monkeypatch.setattr(experts, "expert_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for module, name in [(experts, "expert_linear"), (experts, "silu_and_mul"), (rms_norm_module, "rms_norm"),
+                         (expert_attention, "rotary_embedding_")]:  # fmt: skip
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     got = generate_reference(model, inputs, params)
-    assert calls, "the Triton path was not taken"
+    assert set(calls) == {"expert_linear", "silu_and_mul", "rms_norm", "rotary_embedding_"}
     assert got.output_token_ids == want.output_token_ids
     for got_top, want_top in zip(got.top_logprobs, want.top_logprobs, strict=True):
         assert [t for t, _ in got_top] == [t for t, _ in want_top]

@@ -1,7 +1,9 @@
 """The engine's greedy tokens equal the reference path's, whatever the batching does."""
 
 import pytest
+import torch
 
+from model.decode_graphs import capture_sizes
 from model.processor import Conversation
 from model.sampling_params import ParamError, SamplingParams
 from tests.server.engine_helpers import greedy, make_setup
@@ -147,6 +149,7 @@ def test_request_validation(setup):
         engine.add_request("dup", short, greedy(4))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter variant; the CUDA one is below")
 def test_triton_attention_backend_gives_the_same_tokens(setup, prompts_and_reference):
     """Our paged-attention kernel (interpreter on CPU) inside the engine, chunked prefill included."""
     prompts, reference = prompts_and_reference
@@ -155,12 +158,38 @@ def test_triton_attention_backend_gives_the_same_tokens(setup, prompts_and_refer
     assert run(engine, [prompts[i] for i in picked]) == [reference[i] for i in picked]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_engine_on_cuda_matches_the_cpu_reference(tiny_checkpoint, prompts_and_reference, backend):
-    """fp32 on CUDA: Triton expert and paged-attention kernels, compiled, chunked prefill."""
-    import torch
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter variant; the CUDA one is below")
+def test_decode_graph_path_gives_the_same_tokens(setup, prompts_and_reference):
+    """What the CUDA graphs record, run uncaptured on CPU: padded static buffers, the scratch
+    block for padding rows, Triton attention (interpreter). 5 requests over graphs of at most 4
+    rows: batches of 3 pad to 4, a batch of 5 falls back to the eager path."""
+    prompts, reference = prompts_and_reference
+    engine = setup.engine(max_num_batched_tokens=64)
+    engine.runner.enable_decode_graphs(max_batch=4, max_model_len=engine.max_model_len, capture=False)
+    graphs = engine.runner.decode_graphs
+    batches, original = [], graphs.run
+    graphs.run = lambda *args: batches.append(len(args[0])) or original(*args)
+    picked = [0, 1, 3, 5, 6]
+    lengths = [6, 5, 4, 3, 2]  # requests finish one by one: decode batches shrink
+    outputs = engine.generate([(prompts[i], greedy(n)) for i, n in zip(picked, lengths, strict=True)])
+    assert [o[0].token_ids for o in outputs] == [reference[i][:n] for i, n in zip(picked, lengths, strict=True)]
+    assert graphs.sizes == [1, 2, 4] and 3 in batches  # a batch of 3 ran padded to 4
+    scratch = engine.runner.kv_cache.scratch_block
+    assert engine.kv.num_free_blocks == len(engine.kv.pool.blocks) == scratch  # the pool never hands it out
 
+
+def test_decode_graph_sizes():
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(5) == [1, 2, 4, 5]
+    assert capture_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend, cuda_graphs", [("triton", True), ("triton", False), ("torch", True)])
+def test_engine_on_cuda_matches_the_cpu_reference(tiny_checkpoint, prompts_and_reference, backend, cuda_graphs):
+    """fp32 on CUDA: Triton expert and paged-attention kernels, compiled, chunked prefill, decode
+    steps replayed from CUDA graphs (or eager)."""
     from model.weights import load_model
     from server.engine import Engine, EngineConfig
     from tests.server.engine_helpers import make_setup
@@ -170,6 +199,9 @@ def test_engine_on_cuda_matches_the_cpu_reference(tiny_checkpoint, prompts_and_r
     engine = Engine(
         load_model(tiny_checkpoint, torch.float32, "cuda"),
         cpu.processor,
-        EngineConfig(num_kv_blocks=512, max_num_batched_tokens=40, attention_backend=backend),
-    )
+        EngineConfig(num_kv_blocks=512, max_num_batched_tokens=40, attention_backend=backend, max_num_seqs=12,
+                     cuda_graphs=cuda_graphs),
+    )  # fmt: skip
     assert run(engine, prompts) == reference
+    graphs = engine.runner.decode_graphs
+    assert (graphs is not None and len(graphs.graphs) == len(graphs.sizes) and graphs.num_runs > 0) == cuda_graphs

@@ -1,0 +1,78 @@
+"""The small fused kernels of the decode path (RMSNorm + residual, rotary, silu * up) against the
+eager torch they replace (interpreter on CPU, compiled on GPU). The error bound is the issue's:
+at most 2x plain torch's own error against fp32, at the same dtype."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.activation import silu_and_mul
+from kernels.rms_norm import rms_norm, rms_norm_ref
+from kernels.rotary import rotary_embedding_
+from model.rotary import apply_rotary, rotary_cos_sin
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def assert_within_twice_torch_error(got, want, exact):
+    torch_error = (want.float() - exact).abs().max().item()
+    error = (got.float() - exact).abs().max().item()
+    assert error <= 2 * torch_error + 1e-6, (error, torch_error)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_tokens, hidden", [(1, 64), (7, 200), (33, 4096)])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_rms_norm_matches_eager(dtype, num_tokens, hidden, with_residual):
+    x = (torch.randn(num_tokens, hidden) * 3).to(DEVICE, dtype)
+    weight = (1 + torch.randn(hidden) * 0.1).to(DEVICE, dtype)
+    residual = torch.randn(num_tokens, hidden).to(DEVICE, dtype) if with_residual else None
+    out, summed = rms_norm(x, weight, 1e-5, residual)
+    want, want_sum = rms_norm_ref(x, weight, 1e-5, residual)
+    exact, _ = rms_norm_ref(x.double(), weight.double(), 1e-5, None if residual is None else residual.double())
+    assert_within_twice_torch_error(out, want, exact.float())
+    if with_residual:
+        assert torch.equal(summed, want_sum)  # the residual stream is rounded exactly as eager's add
+    else:
+        assert summed is None
+
+
+def test_rms_norm_reads_strided_rows_and_refuses_bad_shapes():
+    x = torch.randn(5, 128, device=DEVICE)[:, :64]  # rows 128 apart
+    weight = torch.rand(64, device=DEVICE)
+    torch.testing.assert_close(rms_norm(x, weight, 1e-6)[0], rms_norm_ref(x, weight, 1e-6)[0])
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm(x, torch.rand(63, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="residual"):
+        rms_norm(x, weight, 1e-6, residual=torch.randn(5, 32, device=DEVICE))
+    assert rms_norm(x[:0], weight, 1e-6)[0].shape == (0, 64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_tokens, heads, head_dim", [(1, (4, 4), 32), (9, (8, 2), 64), (40, (4, 1), 128)])
+def test_rotary_in_place_on_qkv_views_matches_eager(dtype, num_tokens, heads, head_dim):
+    num_heads, num_kv_heads = heads
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim).to(DEVICE, dtype)
+    positions = torch.randint(0, 4000, (num_tokens,), device=DEVICE)
+    cos, sin = rotary_cos_sin(positions, head_dim, 10000.0, dtype)
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q, k = q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim)
+    want_q, want_k, v_before = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.clone()
+    exact_q, exact_k = (apply_rotary(t.double(), cos.double(), sin.double()).float() for t in (q, k))
+    rotary_embedding_(q, k, cos, sin)
+    assert_within_twice_torch_error(q, want_q, exact_q)
+    assert_within_twice_torch_error(k, want_k, exact_k)
+    assert torch.equal(v, v_before)  # v is not touched
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 200), (5, 11008), (64, 1000)])
+def test_silu_and_mul_matches_eager(dtype, shape):
+    gate = (torch.randn(shape) * 4).to(DEVICE, dtype)
+    up = torch.randn(shape).to(DEVICE, dtype)
+    want = F.silu(gate) * up
+    exact = F.silu(gate.double()) * up.double()
+    assert_within_twice_torch_error(silu_and_mul(gate, up), want, exact.float())
+    with pytest.raises(ValueError, match="contiguous"):
+        silu_and_mul(gate[:, ::2], up[:, ::2])
