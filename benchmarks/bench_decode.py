@@ -99,6 +99,10 @@ def main() -> None:
         for i in range(64):
             engine.add_request(f"b{i}", prompt, params)
         results[mode] = (batch1_ms, decode_step_ms(engine, args.steps))
+        graphs = engine.runner.decode_graphs
+        if graphs is not None:  # the GPU time of the step itself; the rest of a step is the host's
+            replay_ms = {b: triton.testing.do_bench(graphs.graphs[b].replay, warmup=5, rep=50, return_mode="median")
+                         for b in (1, 64)}  # fmt: skip
         del engine
         gc.collect()
         torch.cuda.empty_cache()
@@ -112,6 +116,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for mode, (one, many) in results.items():
         print(f"| {mode} | {one:.2f} | {one / floor_ms:.2f}x | {many:.2f} | {64 / many * 1e3:.0f} |")
+    print(f"graph replay alone (GPU time of a step): batch 1 {replay_ms[1]:.2f} ms ({replay_ms[1] / floor_ms:.2f}x "
+          f"the floor), batch 64 {replay_ms[64]:.2f} ms; the rest of a step is host work (scheduler, inputs, "
+          f"sampler, detokenizer)")  # fmt: skip
 
 
 if __name__ == "__main__":

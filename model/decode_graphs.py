@@ -24,6 +24,10 @@ import torch
 from model.cogvlm import CogVLMForCausalLM
 from model.paged_attention import PagedKVCache, TritonPagedAttention
 
+# Larger decode batches run eagerly: at 256 rows the GEMMs' own time hides the launches, and each
+# graph size costs a capture at start-up.
+MAX_GRAPH_BATCH = 256
+
 
 def capture_sizes(max_batch: int) -> list[int]:
     """1, 2, 4, then multiples of 8 (vLLM's spacing): padding wastes at most 7 rows of a batch

@@ -14,6 +14,7 @@ import torch
 
 from model.batch import SampledToken, SequenceData
 from model.cogvlm import CogVLMForCausalLM
+from model.decode_graphs import MAX_GRAPH_BATCH
 from model.paged_attention import PagedKVCache
 from model.processor import Processor, PromptInputs
 from model.runner import ModelRunner, RunnerConfig
@@ -76,7 +77,7 @@ class Engine:
         runner_config = RunnerConfig(num_blocks, config.block_size, config.encoder_cache_size, config.attention_backend)
         self.runner = ModelRunner(model, runner_config)
         if config.cuda_graphs and model.device.type == "cuda":
-            self.runner.enable_decode_graphs(config.max_num_seqs, self.max_model_len)
+            self.runner.enable_decode_graphs(min(config.max_num_seqs, MAX_GRAPH_BATCH), self.max_model_len)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv

@@ -37,6 +37,7 @@ class TrainConfig:
     lr: float = 3e-3
     warmup: int = 100
     weight_decay: float = 0.01
+    vision_lr_scale: float = 1.0  # the tower's and the adapter's learning rate, relative to lr (0: frozen)
     seed: int = 0
     threads: int = 2
     vocab_size: int = 512
@@ -195,10 +196,17 @@ def train(cfg: TrainConfig) -> Path:
     # keeps the pixels' information at the position embeddings' scale.
     model.model.vision.patch_embedding.proj.requires_grad_(False)
     model.train()
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim >= 2]
-    no_decay = [p for n, p in trainable if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.vision_lr_scale == 0:
+        model.model.vision.requires_grad_(False)
+    groups = []
+    for vision in (False, True):
+        params = [(n, p) for n, p in model.named_parameters()
+                  if p.requires_grad and n.startswith("model.vision.") == vision]  # fmt: skip
+        scale = cfg.vision_lr_scale if vision else 1.0
+        groups.append({"params": [p for n, p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay,
+                       "lr_scale": scale})  # fmt: skip
+        groups.append({"params": [p for n, p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale})
+    groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
     rng = random.Random(cfg.seed)
     losses: list[float] = []
@@ -211,7 +219,7 @@ def train(cfg: TrainConfig) -> Path:
             break
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         batch = []
         while len(batch) < cfg.batch_size:
             encoded = encode(processor, make_sample(rng))
@@ -243,9 +251,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--vision-lr-scale", type=float, default=defaults.vision_lr_scale)
     args = parser.parse_args()
     cfg = TrainConfig(out=args.out, steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
-                      seed=args.seed, threads=args.threads)  # fmt: skip
+                      seed=args.seed, threads=args.threads, vision_lr_scale=args.vision_lr_scale)  # fmt: skip
     print(f"checkpoint written to {train(cfg)}")
 
 
