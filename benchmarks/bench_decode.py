@@ -72,6 +72,22 @@ def decode_step_ms(engine: Engine, steps: int) -> float:
     return statistics.median(times)
 
 
+def kernel_times(replay, steps: int = 5, rows: int = 12) -> str:
+    """Where a replayed step's GPU time goes: per-kernel totals per step, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            replay()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    lines = [
+        f"  {e.device_time_total / steps / 1e3:7.3f} ms  {e.count // steps:5d}x  {e.key[:90]}" for e in events[:rows]
+    ]
+    return "\n".join(lines) or "  (the profiler saw no kernels inside the graph)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -103,6 +119,7 @@ def main() -> None:
         if graphs is not None:  # the GPU time of the step itself; the rest of a step is the host's
             replay_ms = {b: triton.testing.do_bench(graphs.graphs[b].replay, warmup=5, rep=50, return_mode="median")
                          for b in (1, 64)}  # fmt: skip
+            kernel_table = kernel_times(graphs.graphs[1].replay)
         del engine
         gc.collect()
         torch.cuda.empty_cache()
@@ -119,6 +136,8 @@ def main() -> None:
     print(f"graph replay alone (GPU time of a step): batch 1 {replay_ms[1]:.2f} ms ({replay_ms[1] / floor_ms:.2f}x "
           f"the floor), batch 64 {replay_ms[64]:.2f} ms; the rest of a step is host work (scheduler, inputs, "
           f"sampler, detokenizer)")  # fmt: skip
+    print("GPU time per batch-1 step by kernel (profiler over graph replays):")
+    print(kernel_table)
 
 
 if __name__ == "__main__":

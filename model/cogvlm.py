@@ -100,5 +100,10 @@ class CogVLMForCausalLM(nn.Module):
             hidden, residual = layer(hidden, residual, cos_sin, routing, attention)
         return self.model.norm(hidden, residual)[0]
 
+    def fuse_for_inference(self) -> None:
+        """Weight layouts for the fast paths (see VisionExpertMLP.fuse_language_gate_up)."""
+        for layer in self.model.layers:
+            layer.mlp.fuse_language_gate_up()
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32
         return self.lm_head(hidden).float()

@@ -46,10 +46,16 @@ def routed_gated_mlp(
     routing: ExpertRouting | None,
     language: nn.Module,  # has gate_proj, up_proj, down_proj
     vision: nn.Module,
+    language_gate_up: torch.Tensor | None = None,  # [2I, hidden]: language gate and up weights, fused
 ) -> torch.Tensor:  # [T, hidden]: down(silu(gate(x)) * up(x)) by each row's expert
     if routing is None:
-        gate, up = F.linear(x, language.gate_proj.weight), F.linear(x, language.up_proj.weight)
-        h = silu_and_mul(gate, up) if use_triton(x) else F.silu(gate) * up  # [T, inter]
+        if language_gate_up is not None and use_triton(x):  # one GEMM, one epilogue kernel
+            gate_up = F.linear(x, language_gate_up)  # [T, 2I]
+            inter = gate_up.shape[1] // 2
+            h = silu_and_mul(gate_up[:, :inter], gate_up[:, inter:])
+        else:
+            gate, up = F.linear(x, language.gate_proj.weight), F.linear(x, language.up_proj.weight)
+            h = silu_and_mul(gate, up) if use_triton(x) else F.silu(gate) * up  # [T, inter]
         return F.linear(h, language.down_proj.weight)
     weights = (
         language.gate_proj.weight,

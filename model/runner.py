@@ -37,6 +37,8 @@ class ModelRunner:
         cfg = model.config
         self.model = model
         self.config = config
+        if model.device.type == "cuda":
+            model.fuse_for_inference()
         self.kv_cache = PagedKVCache(cfg.num_layers, config.num_blocks, config.block_size, cfg.num_kv_heads,
                                      cfg.head_dim, model.dtype, model.device)  # fmt: skip
         self.attention = make_attention_backend(config.attention_backend, self.kv_cache, model.device)

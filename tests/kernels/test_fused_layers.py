@@ -74,5 +74,7 @@ def test_silu_and_mul_matches_eager(dtype, shape):
     want = F.silu(gate) * up
     exact = F.silu(gate.double()) * up.double()
     assert_within_twice_torch_error(silu_and_mul(gate, up), want, exact.float())
+    gate_up = torch.cat([gate, up], dim=1)  # the fused GEMM's output: halves with strided rows
+    assert torch.equal(silu_and_mul(gate_up[:, : shape[1]], gate_up[:, shape[1] :]), silu_and_mul(gate, up))
     with pytest.raises(ValueError, match="contiguous"):
         silu_and_mul(gate[:, ::2], up[:, ::2])

@@ -54,3 +54,23 @@ def test_model_on_cuda_matches_the_cpu_reference(tiny_checkpoint):
     want = generate_reference(load_model(tiny_checkpoint, torch.float32, "cpu"), inputs, params)
     got = generate_reference(load_model(tiny_checkpoint, torch.float32, "cuda"), inputs, params)
     assert got.output_token_ids == want.output_token_ids
+
+
+def test_fused_language_gate_up_keeps_names_values_and_outputs(monkeypatch, tiny_checkpoint):
+    """The dense path's one-GEMM gate_up (CUDA; interpreter here) gives what two GEMMs give."""
+    model = load_model(tiny_checkpoint, torch.float32)
+    mlp = model.model.layers[1].mlp
+    x = torch.randn(5, model.config.hidden_size)
+    monkeypatch.setattr(dispatch, "FORCE_TRITON", True)
+    want = mlp(x, None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.fuse_for_inference()
+    model.fuse_for_inference()  # idempotent
+    fused, gate = mlp.language_gate_up, mlp.language_mlp.gate_proj.weight
+    assert fused.shape == (2 * gate.shape[0], gate.shape[1]) and gate.data_ptr() == fused.data_ptr()
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    calls = []
+    monkeypatch.setattr(experts, "F", type("F", (), {"linear": lambda a, w: calls.append(w.shape) or a @ w.T}))
+    torch.testing.assert_close(mlp(x, None), want)
+    assert calls[0] == fused.shape  # one GEMM for gate and up
