@@ -100,6 +100,7 @@ def main() -> None:
     floor_ms = language_bytes / bandwidth * 1e3
     processor = Processor(DigitTokenizer(), model.config)
     prompt = processor.build(Conversation(query="Describe the weather in three long sentences please."))
+    long_prompt = processor.build(Conversation(query="7" * 1260))  # ~1.3k tokens of context
     params = SamplingParams(temperature=0.0, max_tokens=args.steps + 8, ignore_eos=True)
 
     results = {}
@@ -120,6 +121,12 @@ def main() -> None:
             replay_ms = {b: triton.testing.do_bench(graphs.graphs[b].replay, warmup=5, rep=50, return_mode="median")
                          for b in (1, 64)}  # fmt: skip
             kernel_table = kernel_times(graphs.graphs[1].replay)
+            for i in range(64):
+                engine.abort(f"b{i}")
+            # an image prompt's length (1227 patches + text): the attention kernel's share grows
+            engine.add_request("long", long_prompt, params)
+            long_ms = decode_step_ms(engine, args.steps)
+            engine.abort("long")
         del engine
         gc.collect()
         torch.cuda.empty_cache()
@@ -136,6 +143,8 @@ def main() -> None:
     print(f"graph replay alone (GPU time of a step): batch 1 {replay_ms[1]:.2f} ms ({replay_ms[1] / floor_ms:.2f}x "
           f"the floor), batch 64 {replay_ms[64]:.2f} ms; the rest of a step is host work (scheduler, inputs, "
           f"sampler, detokenizer)")  # fmt: skip
+    print(f"batch 1 at {long_prompt.num_tokens} tokens of context (cuda graphs): {long_ms:.2f} ms per step "
+          f"({long_ms / floor_ms:.2f}x the floor)")  # fmt: skip
     print("GPU time per batch-1 step by kernel (profiler over graph replays):")
     print(kernel_table)
 

@@ -58,10 +58,11 @@ def test_model_on_cuda_matches_the_cpu_reference(tiny_checkpoint):
 
 def test_fused_language_gate_up_keeps_names_values_and_outputs(monkeypatch, tiny_checkpoint):
     """The dense path's one-GEMM gate_up (CUDA; interpreter here) gives what two GEMMs give."""
-    model = load_model(tiny_checkpoint, torch.float32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(tiny_checkpoint, torch.float32, device)
     mlp = model.model.layers[1].mlp
-    x = torch.randn(5, model.config.hidden_size)
-    monkeypatch.setattr(dispatch, "FORCE_TRITON", True)
+    x = torch.randn(5, model.config.hidden_size, device=device)
+    monkeypatch.setattr(dispatch, "FORCE_TRITON", True)  # a no-op on CUDA, where Triton runs anyway
     want = mlp(x, None)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.fuse_for_inference()
