@@ -37,7 +37,6 @@ class TrainConfig:
     lr: float = 3e-3
     warmup: int = 100
     weight_decay: float = 0.01
-    vision_lr_scale: float = 1.0  # the tower's and the adapter's learning rate, relative to lr (0: frozen)
     seed: int = 0
     threads: int = 2
     vocab_size: int = 512
@@ -190,23 +189,10 @@ def train(cfg: TrainConfig) -> Path:
     processor = Processor(load_tokenizer(out), model_cfg)
     model = CogVLMForCausalLM(model_cfg)
     init_weights(model, cfg.seed)
-    # The patch projection keeps its random init: trained, its weights grew until patch content
-    # was ~100x the position embeddings and a linear probe could not find a patch's position
-    # (R^2 ~ 0), so grounding and left/right never left chance. A random 588 -> 128 projection
-    # keeps the pixels' information at the position embeddings' scale.
-    model.model.vision.patch_embedding.proj.requires_grad_(False)
     model.train()
-    if cfg.vision_lr_scale == 0:
-        model.model.vision.requires_grad_(False)
-    groups = []
-    for vision in (False, True):
-        params = [(n, p) for n, p in model.named_parameters()
-                  if p.requires_grad and n.startswith("model.vision.") == vision]  # fmt: skip
-        scale = cfg.vision_lr_scale if vision else 1.0
-        groups.append({"params": [p for n, p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay,
-                       "lr_scale": scale})  # fmt: skip
-        groups.append({"params": [p for n, p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale})
-    groups = [g for g in groups if g["params"]]
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
     rng = random.Random(cfg.seed)
     losses: list[float] = []
@@ -219,7 +205,7 @@ def train(cfg: TrainConfig) -> Path:
             break
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+            group["lr"] = lr
         batch = []
         while len(batch) < cfg.batch_size:
             encoded = encode(processor, make_sample(rng))
@@ -251,10 +237,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads)
-    parser.add_argument("--vision-lr-scale", type=float, default=defaults.vision_lr_scale)
     args = parser.parse_args()
     cfg = TrainConfig(out=args.out, steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
-                      seed=args.seed, threads=args.threads, vision_lr_scale=args.vision_lr_scale)  # fmt: skip
+                      seed=args.seed, threads=args.threads)  # fmt: skip
     print(f"checkpoint written to {train(cfg)}")
 
 
