@@ -75,3 +75,13 @@ def test_fused_language_gate_up_keeps_names_values_and_outputs(monkeypatch, tiny
     monkeypatch.setattr(experts, "F", type("F", (), {"linear": lambda a, w: calls.append(w.shape) or a @ w.T}))
     torch.testing.assert_close(mlp(x, None), want)
     assert calls[0] == fused.shape  # one GEMM for gate and up
+
+
+def test_autograd_takes_the_torch_path(monkeypatch):
+    """The kernels have no backward: with gradients wanted, dispatch picks torch (training)."""
+    monkeypatch.setattr(dispatch, "FORCE_TRITON", True)
+    x = torch.randn(3, 8, requires_grad=True)
+    assert not dispatch.use_triton(x)
+    with torch.no_grad():
+        assert dispatch.use_triton(x)
+    assert dispatch.use_triton(x.detach())
