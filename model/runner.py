@@ -91,15 +91,14 @@ class ModelRunner:
                 last_rows.append(row - 1)
         max_blocks = max(len(s.block_ids) for s in out.scheduled)
         graphs = self.decode_graphs
-        if (graphs is not None and len(input_ids) == len(out.scheduled) and not image_rows and not any(vision_mask)
-                and graphs.fits(len(input_ids), max_blocks)):  # fmt: skip
+        # NOTE: no image rows means no vision-expert row either (the mask is only ever true on image slots)
+        if graphs is not None and len(input_ids) == len(out.scheduled) and not image_rows \
+                and graphs.fits(len(input_ids), max_blocks):  # fmt: skip
             # one text token per sequence: replay (logits for every row; the sampled ones kept)
             logits = graphs.run(input_ids, positions, slots, [s.block_ids for s in out.scheduled],
                                 [s.end for s in out.scheduled])  # fmt: skip
-            if not sampling:
-                return RunnerOutput()
-            if len(sampling) < len(out.scheduled):
-                logits = logits[torch.tensor(last_rows, device=device)]
+            if len(last_rows) < len(out.scheduled):
+                logits = logits[torch.tensor(last_rows, dtype=torch.long, device=device)]
         else:
             ids = torch.tensor(input_ids, device=device)
             features = torch.cat(image_features) if image_features else None
@@ -115,9 +114,10 @@ class ModelRunner:
             ))  # fmt: skip
             mask = torch.tensor(vision_mask, device=device) if any(vision_mask) else None
             hidden = self.model(embeds, torch.tensor(positions, device=device), mask, self.attention)
-            if not sampling:
-                return RunnerOutput()
-            logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=device)])  # [B_sample, V] fp32
+            sample_rows = torch.tensor(last_rows, dtype=torch.long, device=device)  # may be empty
+            logits = self.model.compute_logits(hidden[sample_rows])  # [B_sample, V] fp32
+        if not sampling:
+            return RunnerOutput()
         tokens = self.sampler(logits, [s.seq for s in sampling])
         return RunnerOutput(sampled={s.seq.request_id: t for s, t in zip(sampling, tokens, strict=True)})
 

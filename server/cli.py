@@ -1,4 +1,4 @@
-"""`cogserve` command line: generate, init-tiny (and serve, once the HTTP server lands)."""
+"""`cogserve` command line: serve, generate, init-tiny."""
 
 from __future__ import annotations
 

@@ -50,8 +50,10 @@ class RequestOutput:
     index: int  # which of the n completions
     new_token_ids: list[int]
     new_text: str
-    text: str  # everything so far
-    token_ids: list[int]  # everything so far
+    # NOTE: the whole completion only on the finished output (empty before): copying it every
+    # token made each step O(output length) per request; streaming reads the deltas.
+    text: str
+    token_ids: list[int]
     num_prompt_tokens: int
     finished: bool = False
     finish_reason: str | None = None
@@ -155,7 +157,8 @@ class Engine:
                 del self.tracked[request.request_id]
             outputs.append(RequestOutput(
                 request_id=tracked.request_id, index=tracked.index, new_token_ids=[token_id],
-                new_text=detok.take_delta(finished), text=detok.text, token_ids=list(request.output_token_ids),
+                new_text=detok.take_delta(finished), text=detok.text if finished else "",
+                token_ids=list(request.output_token_ids) if finished else [],
                 num_prompt_tokens=request.seq.num_prompt_tokens, finished=finished, finish_reason=finish_reason,
                 new_logprobs=[event.token] if request.seq.params.logprobs is not None else [],
                 queue_time_s=(request.first_scheduled_time - request.arrival_time
