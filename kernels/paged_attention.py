@@ -5,6 +5,10 @@ walks that sequence's KV blocks through its block table (only up to the last key
 may see) with an online softmax, and writes the context rows in place. Queries of a sequence
 are its newest q_len tokens, at absolute positions seq_len - q_len .. seq_len - 1.
 
+A decode batch too small to fill the GPU (sequences x heads < 264 programs) instead splits each
+sequence's keys over several programs and merges their partial softmaxes in a second kernel
+(flash-decoding); the split count depends on the batch shape only, so CUDA graphs can hold it.
+
     out[t, h] = softmax(q[t, h] . K[seq(t), kv(h)]^T * scale, causal) @ V[seq(t), kv(h)]
 
 with kv(h) = h // (num_heads / num_kv_heads) (GQA) and the cache laid out as
@@ -85,6 +89,76 @@ def _paged_attention_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
+# fmt: off
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, part_acc_ptr, part_ml_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
+    scale, num_q_heads_per_kv,
+    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    # fmt: on
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    kv_head = head // num_q_heads_per_kv
+    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N  # keys, whole tiles
+    start = split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+    dims = tl.arange(0, HEAD_DIM)
+    q_row = tl.load(query_start_ptr + seq).to(tl.int64)
+    q = tl.load(q_ptr + q_row * stride_qt + head * stride_qh + dims).to(tl.float32)  # [D]
+    m_i = tl.full([], float("-inf"), tl.float32)
+    l_i = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
+    offs = tl.arange(0, BLOCK_N)
+    for tile in range(start, end, BLOCK_N):
+        key_pos = tile + offs  # [BN]
+        valid = key_pos < end
+        physical = tl.load(block_tables_ptr + seq * stride_bt + key_pos // BLOCK_SIZE, mask=valid,
+                           other=0).to(tl.int64)
+        kv_offs = (physical[:, None] * stride_kb + (key_pos % BLOCK_SIZE)[:, None] * stride_ks
+                   + kv_head * stride_kh + dims[None, :])
+        k = tl.load(k_cache_ptr + kv_offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BN, D]
+        v = tl.load(v_cache_ptr + kv_offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BN, D]
+        scores = tl.where(valid, tl.sum(q[None, :] * k, axis=1) * scale, float("-inf"))  # [BN]
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0))  # finite: every tile holds a valid key
+        p = tl.exp(scores - m_new)
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m_i = m_new
+    part = (seq * tl.num_programs(1) + head) * NUM_SPLITS + split
+    tl.store(part_acc_ptr + part * HEAD_DIM + dims, acc)
+    tl.store(part_ml_ptr + part * 2, m_i)  # -inf for a split past the last key
+    tl.store(part_ml_ptr + part * 2 + 1, l_i)
+
+
+@triton.jit
+def _decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, stride_ot, stride_oh, query_start_ptr,
+                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):  # fmt: skip
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    part = (seq * tl.num_programs(1) + head) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)  # [S]
+    dims = tl.arange(0, HEAD_DIM)
+    m = tl.load(part_ml_ptr + part * 2)  # [S]
+    l_split = tl.load(part_ml_ptr + part * 2 + 1)
+    weight = tl.exp(m - tl.max(m, axis=0))  # [S]; 0 for empty splits (m = -inf); split 0 always has keys
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :])  # [S, D]
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l_split * weight, axis=0)
+    q_row = tl.load(query_start_ptr + seq).to(tl.int64)
+    tl.store(out_ptr + q_row * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
+
+
+def decode_splits(num_seqs: int, num_heads: int) -> int:
+    """Key splits per (sequence, head) for a decode batch: enough programs to fill an H100/H200's
+    132 SMs twice. Measured on an H200 at batch 1 (32 heads, one program each walking 1,279 keys
+    serially), attention alone made a step 2.11x the HBM floor instead of 1.61x."""
+    programs = num_seqs * num_heads
+    return 1 if programs >= 264 else min(16, triton.next_power_of_2(-(-264 // programs)))
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, num_heads, head_dim]: every sequence's new tokens, flat
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], this step's K already written
@@ -104,6 +178,20 @@ def paged_attention(
         raise ValueError("k_cache and v_cache need the same strides and contiguous head_dim; q too")
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     num_seqs = block_tables.shape[0]
+    splits = decode_splits(num_seqs, num_heads) if max_query_len == 1 else 1
+    if splits > 1:  # decode with few programs: split each sequence's keys, then merge (flash-decoding)
+        part_acc = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(num_seqs, num_heads, splits, 2, dtype=torch.float32, device=q.device)
+        _decode_split_kernel[(num_seqs, num_heads, splits)](
+            q, k_cache, v_cache, part_acc, part_ml, block_tables, seq_lens, query_start_loc,
+            head_dim**-0.5, num_heads // num_kv_heads,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+            HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=max(64, block_size), NUM_SPLITS=splits,
+        )  # fmt: skip
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            part_acc, part_ml, out, out.stride(0), out.stride(1), query_start_loc, HEAD_DIM=head_dim, NUM_SPLITS=splits
+        )
+        return out.reshape(num_tokens, num_heads * head_dim)
     block_q = 16 if max_query_len <= 16 else 64  # decode: small tiles; prefill chunks: bigger
     grid = (num_seqs, num_heads, triton.cdiv(max_query_len, block_q))
     _paged_attention_kernel[grid](
@@ -115,6 +203,41 @@ def paged_attention(
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32: the oracle runs in it
     )  # fmt: skip
     return out.reshape(num_tokens, num_heads * head_dim)
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_kt, stride_vt, stride_slot,
+                     ROW: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + token)
+    cols = tl.arange(0, BLOCK)
+    valid = cols < ROW
+    tl.store(k_cache_ptr + slot * stride_slot + cols, tl.load(k_ptr + token * stride_kt + cols, mask=valid),
+             mask=valid)  # fmt: skip
+    tl.store(v_cache_ptr + slot * stride_slot + cols, tl.load(v_ptr + token * stride_vt + cols, mask=valid),
+             mask=valid)  # fmt: skip
+
+
+def write_kv_cache(
+    k: torch.Tensor,  # [T, num_kv_heads, head_dim]: heads and dims contiguous (rows may be strided)
+    v: torch.Tensor,  # same
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+    v_cache: torch.Tensor,  # same
+    slot_mapping: torch.Tensor,  # [T] int64: block * block_size + row
+) -> None:
+    """K and V of this step's tokens into their slots: one launch where two index_copy_ calls
+    took two (0.156 ms of a 4.96 ms CogVLM-17B decode step on an H200, 64 launches)."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    row = num_kv_heads * head_dim
+    for t in (k, v):
+        if t.shape != k.shape or t.stride(2) != 1 or t.stride(1) != head_dim:
+            raise ValueError(f"k and v must be [T, {num_kv_heads}, {head_dim}] with contiguous heads, got "
+                             f"{tuple(t.shape)} strides {t.stride()}")  # fmt: skip
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.shape[2:] != k.shape[1:]:
+        raise ValueError("k_cache and v_cache must be contiguous [num_blocks, block_size, num_kv_heads, head_dim]")
+    if num_tokens:
+        _write_kv_kernel[(num_tokens,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0), row,
+                                        ROW=row, BLOCK=triton.next_power_of_2(row))  # fmt: skip
 
 
 def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len=None):

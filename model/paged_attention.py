@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.paged_attention import paged_attention
+from kernels.paged_attention import paged_attention, write_kv_cache
 
 
 class PagedKVCache:
@@ -80,9 +80,7 @@ class TritonPagedAttention:
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        num_kv, head_dim = k.shape[1], k.shape[2]
-        k_cache.view(-1, num_kv, head_dim).index_copy_(0, self.slot_mapping, k)
-        v_cache.view(-1, num_kv, head_dim).index_copy_(0, self.slot_mapping, v)
+        write_kv_cache(k, v, k_cache, v_cache, self.slot_mapping)
         return paged_attention(q, k_cache, v_cache, self.block_tables, self.seq_lens,
                                self.query_start_loc, self.max_query_len)  # fmt: skip
 
