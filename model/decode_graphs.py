@@ -2,7 +2,7 @@
 
 Why: a decode step is launch-bound. Measured on an H200 (CogVLM-17B architecture, Triton
 attention, bf16): eager, 15.7 ms per step at batch 1 (41 ms before the small ops were fused),
-where reading the language weights takes 3.1 ms; replayed, 4.96 ms. A graph records the whole
+where reading the language weights takes 3.1 ms; replayed, 4.89 ms. A graph records the whole
 step (embedding, 32 layers, lm_head) once per batch size and replays it with one launch.
 
 A step takes this path when every scheduled sequence adds exactly one text token (the vision
