@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import httpx
-import openai
 import torch
 
 from model.config import CogVLMConfig
@@ -57,7 +56,7 @@ def png_data_uri(sample: Sample) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def ask_server(client: openai.OpenAI, model_name: str, sample: Sample) -> str:
+def ask_server(client, model_name: str, sample: Sample) -> str:
     content = [
         {"type": "text", "text": sample.question},
         {"type": "image_url", "image_url": {"url": png_data_uri(sample)}},
@@ -74,6 +73,14 @@ def ask_reference(model, processor: Processor, sample: Sample) -> str:
     if tokens and tokens[-1] in model.config.eos_token_ids:
         tokens = tokens[:-1]
     return processor.decode(tokens)
+
+
+def evaluate_reference(model_dir: str, per_task: int, device: str = "cpu") -> dict[str, float]:
+    """Scores of the checkpoint in model_dir on the held-out set through the reference path alone."""
+    items = held_out(per_task)
+    model = load_model(model_dir, torch.float32, device)
+    processor = Processor(load_tokenizer(model_dir), CogVLMConfig.from_checkpoint(model_dir))
+    return scores(items, [ask_reference(model, processor, s) for s in items])
 
 
 def start_server(model_dir: str, port: int) -> subprocess.Popen:
@@ -102,6 +109,8 @@ def main() -> None:
     items = held_out(args.per_task)
     server = start_server(args.model, args.port)
     try:
+        import openai  # not on the GPU machine, where evaluate_reference runs after training
+
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="unused", max_retries=0)
         served = [ask_server(client, "eval", s) for s in items]
     finally:

@@ -120,9 +120,12 @@ def vqa_pairs(shapes: tuple[Shape, ...]) -> list[tuple[str, str]]:
     return pairs
 
 
-def make_sample(rng: random.Random, task: str | None = None) -> Sample:
+TASK_WEIGHTS = (2, 4, 4)  # caption, vqa, grounding: how often training draws each
+
+
+def make_sample(rng: random.Random, task: str | None = None, weights: tuple[float, ...] = TASK_WEIGHTS) -> Sample:
     image, shapes = draw_scene(rng)
-    task = task or rng.choices(["caption", "vqa", "grounding"], weights=[2, 4, 4])[0]
+    task = task or rng.choices(["caption", "vqa", "grounding"], weights=weights)[0]
     if task == "caption":
         return Sample(image, shapes, task, "chat", "Describe the image.", caption(shapes))
     if task == "vqa":
