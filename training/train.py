@@ -25,7 +25,19 @@ from model.cogvlm import CogVLMForCausalLM
 from model.config import CogVLMConfig, VisionConfig
 from model.processor import Conversation, Processor, load_tokenizer, prompt_text, vision_expert_mask
 from model.tiny_checkpoint import write_sentencepiece_tokenizer
-from training.shapes_dataset import COLORS, IMAGE_SIZE, SHAPES, TASK_WEIGHTS, Sample, Shape, corpus, make_sample
+from training.shapes_dataset import (
+    COLORS,
+    IMAGE_SIZE,
+    SHAPES,
+    TASK_WEIGHTS,
+    Sample,
+    Shape,
+    box_text,
+    corpus,
+    make_sample,
+)
+
+PATCH_SIZE = 14  # 112 px images -> an 8 x 8 grid of patches
 
 
 @dataclass(frozen=True)
@@ -41,7 +53,7 @@ class TrainConfig:
     threads: int = 2
     vocab_size: int = 512
     aux_weight: float = 1.0  # per-patch supervision of the image features (0: off); see PatchHeads
-    focus_weight: float = 0.0  # attention supervision (0: off); see PaddedCausalAttention
+    aux_digits: bool = True  # ... including the box's digits as the grounding answer writes them
     task_weights: tuple[float, ...] = TASK_WEIGHTS  # caption, vqa, grounding
     hidden_size: int = 128  # the language model's width (the tower's stays 128)
     num_layers: int = 4
@@ -59,9 +71,6 @@ def model_config(vocab_size: int, hidden_size: int = 128, num_layers: int = 4) -
                         torch_dtype="bfloat16", vision=vision)  # fmt: skip
 
 
-PATCH_SIZE = 14
-
-
 @dataclass
 class Encoded:
     input_ids: list[int]
@@ -70,7 +79,6 @@ class Encoded:
     loss_from: int  # positions >= loss_from - 1 predict answer tokens
     pixels: torch.Tensor
     patches: PatchTargets
-    focus: torch.Tensor | None  # [P] bool: the patches of the objects the question names
 
 
 def encode(processor: Processor, sample: Sample) -> Encoded | None:
@@ -92,20 +100,7 @@ def encode(processor: Processor, sample: Sample) -> Encoded | None:
         loss_from=inputs.num_tokens,
         pixels=inputs.pixels,
         patches=patch_targets(sample.shapes),
-        focus=focus_patches(sample),
     )
-
-
-def focus_patches(sample: Sample, grid: int = IMAGE_SIZE // PATCH_SIZE) -> torch.Tensor | None:
-    """[P] bool, the patches (centre inside the box) of the shapes the question names; None for
-    captions and counts, which are about every shape."""
-    question = sample.question
-    named = [s for s in sample.shapes if s.name in question]  # grounding, left/right, above/below
-    if not named and sample.task == "vqa":  # "What color is the circle?", "What shape is the red one?"
-        named = [s for s in sample.shapes if f"the {s.kind}?" in question or f"the {s.color} one" in question]
-    if not named:
-        return None
-    return torch.stack([covered_patches(s, grid) for s in named]).any(0)
 
 
 def covered_patches(shape: Shape, grid: int) -> torch.Tensor:  # [P] bool, row-major
@@ -122,33 +117,40 @@ class PatchTargets:
     color: torch.Tensor  # [P] long, 0 = background, 1 + index into COLORS
     kind: torch.Tensor  # [P] long, 0 = background, 1 + index into SHAPES
     box: torch.Tensor  # [P, 4] float, the shape's box / IMAGE_SIZE (0 on background)
+    digits: torch.Tensor  # [P, 12] long: the 12 digits of the box as the answer writes it (-100 on background)
 
 
 def patch_targets(shapes: tuple[Shape, ...], grid: int = IMAGE_SIZE // PATCH_SIZE) -> PatchTargets:
     color = torch.zeros(grid * grid, dtype=torch.long)
     kind = torch.zeros(grid * grid, dtype=torch.long)
     box = torch.zeros(grid * grid, 4)
+    digits = torch.full((grid * grid, 12), -100, dtype=torch.long)
     for shape in shapes:
         inside = covered_patches(shape, grid)
         color[inside] = 1 + list(COLORS).index(shape.color)
         kind[inside] = 1 + SHAPES.index(shape.kind)
         box[inside] = torch.tensor(shape.box, dtype=torch.float) / IMAGE_SIZE
-    return PatchTargets(color, kind, box)
+        digits[inside] = torch.tensor([int(c) for c in box_text(shape.box) if c.isdigit()])
+    return PatchTargets(color, kind, box, digits)
 
 
 class PatchHeads(torch.nn.Module):
     """Training-only linear heads on the image features the language model reads (the adapter's
-    output, boi/eoi excluded): each patch's colour, shape and box. Without them the trained patch
-    projection and adapter wash the patches' positions out of the features (a linear probe
-    recovered a patch's position with R^2 about 0 in the model trained on answers alone), and the
-    language model, which sees every image token at one position id, cannot ground anything.
-    The heads are dropped when the checkpoint is written."""
+    output, boi/eoi excluded): each patch's colour, shape, box and the box's twelve digits as the
+    grounding answer writes them. Without them the trained patch projection and adapter wash the
+    patches' positions out of the features (a linear probe recovered a patch's position with R^2
+    about 0), and the language model, which sees every image token at one position id, cannot
+    ground anything. Measured on CPU, 6800-step budget, 100 held-out samples per task:
+    grounding 2% -> 34% with the colour, shape and box heads -> 42% with the digits too (a lone
+    shape's box: 27 of 28), VQA 63% -> 77% -> 78%. The heads are dropped from the checkpoint."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, use_digits: bool = True):
         super().__init__()
+        self.use_digits = use_digits
         self.color = torch.nn.Linear(hidden, 1 + len(COLORS))
         self.kind = torch.nn.Linear(hidden, 1 + len(SHAPES))
         self.box = torch.nn.Linear(hidden, 4)
+        self.digits = torch.nn.Linear(hidden, 12 * 10)
 
     def loss(self, features: torch.Tensor, batch: list[Encoded]) -> torch.Tensor:  # features: [B, P, hidden]
         device = features.device
@@ -158,47 +160,30 @@ class PatchHeads(torch.nn.Module):
         box = torch.cat([e.patches.box for e in batch]).to(device)
         foreground = color > 0
         box_loss = F.smooth_l1_loss(self.box(flat)[foreground], box[foreground], beta=0.05) * 10
-        return F.cross_entropy(self.color(flat), color) + F.cross_entropy(self.kind(flat), kind) + box_loss
+        loss = F.cross_entropy(self.color(flat), color) + F.cross_entropy(self.kind(flat), kind) + box_loss
+        if self.use_digits:
+            digits = torch.cat([e.patches.digits for e in batch]).to(device)  # [B * P, 12]
+            loss = loss + F.cross_entropy(self.digits(flat).view(-1, 10), digits.view(-1), ignore_index=-100)
+        return loss
 
 
 class PaddedCausalAttention:
     """Training backend: the flat batch is B sequences padded to L; causal SDPA per sequence.
-    Padding sits at each sequence's end, so causality keeps it out of every real row.
+    Padding sits at each sequence's end, so causality keeps it out of every real row."""
 
-    With `focus` ([B, L] bool: the patches of the objects each question names) and `rows` ([B, L]
-    bool: the positions that predict answer tokens), head 0 of every layer from `from_layer` on
-    also scores how much attention those rows put on the named objects: `focus_loss` accumulates
-    -log(attention mass on them). A question about the red circle should read the red circle:
-    without this nudge, 1500-step runs never learned to attend selectively (their attention over
-    the 66 image tokens stayed near uniform, which averages every position away)."""
-
-    def __init__(self, batch: int, length: int, focus: torch.Tensor | None = None, rows: torch.Tensor | None = None,
-                 from_layer: int = 1):  # fmt: skip
+    def __init__(self, batch: int, length: int):
         self.batch, self.length = batch, length
-        self.focus, self.rows, self.from_layer = focus, rows, from_layer
-        self.focus_loss = torch.zeros(())
 
     def attend(self, layer_idx, q, k, v):  # q, k, v: [B * L, H, D]
         b, length, heads, dim = self.batch, self.length, q.shape[1], q.shape[2]
-        q, k, v = (t.view(b, length, heads, dim).transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        if self.focus is not None and layer_idx >= self.from_layer:
-            scores = q[:, 0] @ k[:, 0].transpose(1, 2) / dim**0.5  # [B, L, L], head 0
-            causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-            probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-            mass = (probs * self.focus[:, None, :]).sum(-1)  # [B, L]
-            self.focus_loss = self.focus_loss.to(q.device) - mass[self.rows].clamp_min(1e-6).log().mean()
+        out = F.scaled_dot_product_attention(*(t.view(b, length, heads, dim).transpose(1, 2) for t in (q, k, v)),
+                                             is_causal=True)  # fmt: skip
         return out.transpose(1, 2).reshape(b * length, heads * dim)
 
 
-def batch_loss(
-    model: CogVLMForCausalLM,
-    batch: list[Encoded],
-    pad_id: int,
-    heads: PatchHeads | None = None,
-    supervise_attention: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(cross-entropy on answer tokens, the patch heads' loss or 0, the focus loss or 0)."""
+def batch_loss(model: CogVLMForCausalLM, batch: list[Encoded], pad_id: int,
+               heads: PatchHeads | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(cross-entropy on answer tokens, the patch heads' loss or 0)."""
     device = model.device
     length = max(len(e.input_ids) for e in batch)
     ids, positions, mask, targets, slots = [], [], [], [], []
@@ -213,26 +198,15 @@ def batch_loss(
             labels[t] = e.input_ids[t + 1]
         targets += labels
         slots += [row * length + i for i, tt in enumerate(e.token_types) if tt == 1]
-    attention = PaddedCausalAttention(len(batch), length)
-    if supervise_attention:
-        focus = torch.zeros(len(batch), length, dtype=torch.bool)
-        rows = torch.zeros(len(batch), length, dtype=torch.bool)
-        for row, e in enumerate(batch):
-            if e.focus is not None and e.focus.any():
-                patch_slots = [i for i, tt in enumerate(e.token_types) if tt == 1][1:-1]  # boi, patches, eoi
-                focus[row, torch.tensor(patch_slots)[e.focus]] = True
-                rows[row, e.loss_from - 1 : len(e.input_ids) - 1] = True
-        if rows.any():
-            attention = PaddedCausalAttention(len(batch), length, focus.to(device), rows.to(device))
     features = model.encode_images(torch.stack([e.pixels for e in batch]).to(device))  # [B, N_img, hidden]
     embeds = model.embed(torch.tensor(ids, device=device), features.reshape(-1, features.shape[-1]),
                          torch.tensor(slots, device=device))  # fmt: skip
     hidden = model(embeds, torch.tensor(positions, device=device), torch.tensor(mask, device=device),
-                   attention)  # fmt: skip
+                   PaddedCausalAttention(len(batch), length))  # fmt: skip
     logits = model.compute_logits(hidden)
     lm_loss = F.cross_entropy(logits, torch.tensor(targets, device=device), ignore_index=-100)
     aux_loss = heads.loss(features[:, 1:-1], batch) if heads is not None else torch.zeros((), device=device)
-    return lm_loss, aux_loss, attention.focus_loss.to(device)
+    return lm_loss, aux_loss
 
 
 def init_weights(model: CogVLMForCausalLM, seed: int) -> None:
@@ -312,7 +286,7 @@ def train(cfg: TrainConfig) -> Path:
     processor = Processor(load_tokenizer(out), model_cfg)
     model = CogVLMForCausalLM(model_cfg)
     init_weights(model, cfg.seed)
-    heads = PatchHeads(model_cfg.hidden_size) if cfg.aux_weight > 0 else None
+    heads = PatchHeads(model_cfg.hidden_size, cfg.aux_digits) if cfg.aux_weight > 0 else None
     model.to(cfg.device).train()
     params = list(model.named_parameters()) + (list(heads.to(cfg.device).named_parameters()) if heads else [])
     decay = [p for n, p in params if p.ndim >= 2]
@@ -322,7 +296,6 @@ def train(cfg: TrainConfig) -> Path:
     rng = random.Random(cfg.seed)
     losses: list[float] = []
     aux_losses: list[float] = []
-    focus_losses: list[float] = []
     start = time.monotonic()
     budget = cfg.minutes * 60
     bar = tqdm(range(cfg.steps), desc="training", mininterval=5)
@@ -338,22 +311,20 @@ def train(cfg: TrainConfig) -> Path:
             encoded = encode(processor, make_sample(rng, weights=cfg.task_weights))
             if encoded is not None:
                 batch.append(encoded)
-        loss, aux_loss, focus_loss = batch_loss(model, batch, model_cfg.pad_token_id, heads, cfg.focus_weight > 0)
+        loss, aux_loss = batch_loss(model, batch, model_cfg.pad_token_id, heads)
         optimizer.zero_grad(set_to_none=True)
-        (loss + cfg.aux_weight * aux_loss + cfg.focus_weight * focus_loss).backward()
+        (loss + cfg.aux_weight * aux_loss).backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         optimizer.step()
         losses.append(loss.item())
         aux_losses.append(aux_loss.item())
-        focus_losses.append(focus_loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", aux=f"{aux_losses[-1]:.3f}", focus=f"{focus_losses[-1]:.2f}",
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", aux=f"{aux_losses[-1]:.3f}",
                         lr=f"{lr:.1e}", refresh=False)  # fmt: skip
     bar.close()
     save_checkpoint(model.eval(), out)
     plot_loss(losses, out / "loss_curve.png")
     log = {"config": cfg.__dict__, "steps": len(losses), "minutes": (time.monotonic() - start) / 60,
-           "final_loss": tail_mean(losses), "final_aux_loss": tail_mean(aux_losses),
-           "final_focus_loss": tail_mean(focus_losses)}  # fmt: skip
+           "final_loss": tail_mean(losses), "final_aux_loss": tail_mean(aux_losses)}  # fmt: skip
     if cfg.eval_per_task:
         from training.evaluate import evaluate_reference
 
@@ -373,7 +344,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads)
     parser.add_argument("--aux-weight", type=float, default=defaults.aux_weight)
-    parser.add_argument("--focus-weight", type=float, default=defaults.focus_weight)
+    parser.add_argument("--no-aux-digits", dest="aux_digits", action="store_false")
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument(
         "--task-weights", type=float, nargs=3, default=defaults.task_weights, metavar=("CAPTION", "VQA", "GROUNDING")
@@ -384,7 +355,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = TrainConfig(out=args.out, steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
                       seed=args.seed, threads=args.threads, aux_weight=args.aux_weight, device=args.device,
-                      focus_weight=args.focus_weight,
+                      aux_digits=args.aux_digits,
                       eval_per_task=args.eval_per_task, task_weights=tuple(args.task_weights),
                       hidden_size=args.hidden_size, num_layers=args.num_layers)  # fmt: skip
     print(f"checkpoint written to {train(cfg)}")

@@ -1,6 +1,6 @@
-"""The embedded default model answers through the HTTP server: colour and count questions on a
-held-out slice (what it has learned; see its model card), and the README's first example. Its
-answers fall to chance if anything in the stack computes wrongly."""
+"""The embedded default model answers through the HTTP server: short answers and grounding boxes
+on held-out slices (at what it measured, less a margin; see its model card), and the README's
+first example. Its answers fall to chance if anything in the stack computes wrongly."""
 
 import re
 from pathlib import Path
@@ -27,12 +27,22 @@ def client():
         yield openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
 
 
-def test_colour_and_count_questions_through_the_server(client):
-    """Measured on 114 held-out questions: 85%. Chance is about 1 in 6 for colours, 1 in 3 for counts."""
-    items = [s for s in samples(HELD_OUT_SEED + 1, 120, "vqa") if s.question.startswith(("What color", "How many"))]
-    items = items[:40]
+def test_short_answers_through_the_server(client):
+    """Measured through the reference path on 100 held-out questions: 78% (colours 93%, counts
+    100%, shapes 75%, left/right and above/below about 60%). Chance is about 35%."""
+    items = samples(HELD_OUT_SEED + 1, 50, "vqa")
     correct = sum(is_correct(s, ask_server(client, MODEL_NAME, s)) for s in items)
-    assert correct / len(items) >= 0.7, f"{correct}/{len(items)}"
+    assert correct / len(items) >= 0.65, f"{correct}/{len(items)}"
+
+
+def test_grounding_through_the_server(client):
+    """Boxes with IoU >= 0.5: measured 27 of 28 for a shape alone in the image, 15 of 72 with
+    two or three shapes (picking the named one is what the model has not learned well)."""
+    items = samples(HELD_OUT_SEED + 2, 60, "grounding")
+    correct = [is_correct(s, ask_server(client, MODEL_NAME, s)) for s in items]
+    alone = [ok for s, ok in zip(items, correct, strict=True) if len(s.shapes) == 1]
+    assert sum(alone) / len(alone) >= 0.8, f"{sum(alone)}/{len(alone)} alone"
+    assert sum(correct) / len(items) >= 0.3, f"{sum(correct)}/{len(items)}"
 
 
 def test_readme_first_example_is_answered_correctly(client):
