@@ -75,10 +75,11 @@ def ask_reference(model, processor: Processor, sample: Sample) -> str:
     return processor.decode(tokens)
 
 
-def evaluate_reference(model_dir: str, per_task: int, device: str = "cpu") -> dict[str, float]:
-    """Scores of the checkpoint in model_dir on the held-out set through the reference path alone."""
+def evaluate_reference(model_dir: str, per_task: int) -> dict[str, float]:
+    """Scores of the checkpoint in model_dir on the held-out set through the reference path alone
+    (fp32 on CPU, as `main` checks the server against)."""
     items = held_out(per_task)
-    model = load_model(model_dir, torch.float32, device)
+    model = load_model(model_dir, torch.float32)
     processor = Processor(load_tokenizer(model_dir), CogVLMConfig.from_checkpoint(model_dir))
     return scores(items, [ask_reference(model, processor, s) for s in items])
 

@@ -288,9 +288,9 @@ def train(cfg: TrainConfig) -> Path:
     init_weights(model, cfg.seed)
     heads = PatchHeads(model_cfg.hidden_size, cfg.aux_digits) if cfg.aux_weight > 0 else None
     model.to(cfg.device).train()
-    params = list(model.named_parameters()) + (list(heads.to(cfg.device).named_parameters()) if heads else [])
-    decay = [p for n, p in params if p.ndim >= 2]
-    no_decay = [p for n, p in params if p.ndim < 2]
+    params = list(model.parameters()) + (list(heads.to(cfg.device).parameters()) if heads else [])
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
     rng = random.Random(cfg.seed)
@@ -314,7 +314,7 @@ def train(cfg: TrainConfig) -> Path:
         loss, aux_loss = batch_loss(model, batch, model_cfg.pad_token_id, heads)
         optimizer.zero_grad(set_to_none=True)
         (loss + cfg.aux_weight * aux_loss).backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         losses.append(loss.item())
         aux_losses.append(aux_loss.item())
@@ -328,7 +328,7 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.eval_per_task:
         from training.evaluate import evaluate_reference
 
-        log["held_out_reference"] = evaluate_reference(str(out), cfg.eval_per_task)  # on CPU, fp32
+        log["held_out_reference"] = evaluate_reference(str(out), cfg.eval_per_task)
     (out / "training_log.json").write_text(json.dumps(log, indent=2))
     return out
 
