@@ -40,6 +40,7 @@ class Sample:
     template: str  # chat | vqa | base
     question: str
     answer: str
+    subjects: tuple[Shape, ...] = ()  # the shapes the question names, in the order it names them
 
 
 def box_text(box: tuple[int, int, int, int], size: int = IMAGE_SIZE) -> str:
@@ -100,23 +101,23 @@ def caption(shapes: tuple[Shape, ...]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def vqa_pairs(shapes: tuple[Shape, ...]) -> list[tuple[str, str]]:
-    """Every unambiguous short-answer question about the scene."""
-    pairs = [("How many shapes are there?", NUMBER_WORDS[len(shapes)])]
+def vqa_pairs(shapes: tuple[Shape, ...]) -> list[tuple[str, str, tuple[Shape, ...]]]:
+    """Every unambiguous short-answer question about the scene: (question, answer, the shapes it names)."""
+    pairs = [("How many shapes are there?", NUMBER_WORDS[len(shapes)], ())]
     for s in shapes:
         if sum(o.kind == s.kind for o in shapes) == 1:
-            pairs.append((f"What color is the {s.kind}?", s.color))
+            pairs.append((f"What color is the {s.kind}?", s.color, (s,)))
         if sum(o.color == s.color for o in shapes) == 1:
-            pairs.append((f"What shape is the {s.color} one?", s.kind))
+            pairs.append((f"What shape is the {s.color} one?", s.kind, (s,)))
     for a in shapes:
         for b in shapes:
             if a is b:
                 continue
             dx, dy = a.center[0] - b.center[0], a.center[1] - b.center[1]
             if abs(dx) >= 6:
-                pairs.append((f"Is the {a.name} left or right of the {b.name}?", "left" if dx < 0 else "right"))
+                pairs.append((f"Is the {a.name} left or right of the {b.name}?", "left" if dx < 0 else "right", (a, b)))
             if abs(dy) >= 6:
-                pairs.append((f"Is the {a.name} above or below the {b.name}?", "above" if dy < 0 else "below"))
+                pairs.append((f"Is the {a.name} above or below the {b.name}?", "above" if dy < 0 else "below", (a, b)))
     return pairs
 
 
@@ -129,10 +130,10 @@ def make_sample(rng: random.Random, task: str | None = None, weights: tuple[floa
     if task == "caption":
         return Sample(image, shapes, task, "chat", "Describe the image.", caption(shapes))
     if task == "vqa":
-        question, answer = rng.choice(vqa_pairs(shapes))
-        return Sample(image, shapes, task, "vqa", question, answer)
+        question, answer, subjects = rng.choice(vqa_pairs(shapes))
+        return Sample(image, shapes, task, "vqa", question, answer, subjects)
     target = rng.choice(shapes)
-    return Sample(image, shapes, task, "base", f"Where is the {target.name}?", box_text(target.box))
+    return Sample(image, shapes, task, "base", f"Where is the {target.name}?", box_text(target.box), (target,))
 
 
 def samples(seed: int, count: int, task: str | None = None) -> list[Sample]:
