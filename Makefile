@@ -49,7 +49,7 @@ train: $(STAMP)
 	$(BIN)/python -m training.train --out $(MODEL) --eval-per-task 100
 
 evaluate: $(STAMP)
-	$(BIN)/python -m training.evaluate --model $(MODEL) --per-task 100 --json $(MODEL)/eval.json
+	$(BIN)/python -m training.evaluate --model $(MODEL) --per-task 500 --json $(MODEL)/eval.json
 
 clean:
 	rm -rf $(VENV) checkpoints

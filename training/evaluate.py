@@ -50,6 +50,26 @@ def scores(items: list[Sample], answers: list[str]) -> dict[str, float]:
     return out
 
 
+QUESTION_KINDS = {"How many": "count", "What color": "colour", "What shape": "shape", "left or right": "left/right",
+                  "above or below": "above/below"}  # fmt: skip
+
+
+def kind_of(sample: Sample) -> str:
+    """What a sample tests, finer than its task: the question's kind, or how many shapes there are."""
+    if sample.task == "vqa":
+        return "vqa " + next(kind for words, kind in QUESTION_KINDS.items() if words in sample.question)
+    return f"{sample.task} {len(sample.shapes)} shape{'s' if len(sample.shapes) > 1 else ''}"
+
+
+def breakdown(items: list[Sample], answers: list[str]) -> dict[str, tuple[int, int]]:
+    """{kind: (correct, total)}, sorted by kind."""
+    out: dict[str, tuple[int, int]] = {}
+    for sample, answer in zip(items, answers, strict=True):
+        correct, total = out.get(kind_of(sample), (0, 0))
+        out[kind_of(sample)] = (correct + is_correct(sample, answer), total + 1)
+    return dict(sorted(out.items()))
+
+
 def png_data_uri(sample: Sample) -> str:
     buffer = io.BytesIO()
     sample.image.save(buffer, format="PNG")
@@ -122,11 +142,14 @@ def main() -> None:
     reference = [ask_reference(model, processor, s) for s in items]
     agree = sum(a == b for a, b in zip(served, reference, strict=True))
     report = {"held_out_seed": HELD_OUT_SEED, "per_task": args.per_task, "server": scores(items, served),
-              "reference": scores(items, reference), "agreement": agree / len(items)}  # fmt: skip
+              "reference": scores(items, reference), "agreement": agree / len(items),
+              "server_by_kind": breakdown(items, served)}  # fmt: skip
     print(f"held-out set: {args.per_task} samples per task (seed {HELD_OUT_SEED})")
     for task in TASKS:
         print(f"  {task:<10} server {report['server'][task]:6.1%}   reference {report['reference'][task]:6.1%}")
     print(f"  server and reference answers agree on {agree}/{len(items)}")
+    print("  through the server, by kind: " + ", ".join(f"{kind} {c}/{n}" for kind, (c, n) in
+                                                         report["server_by_kind"].items()))  # fmt: skip
     misses = [(s.question, s.answer, a) for s, a in zip(items, served, strict=True) if not is_correct(s, a)][:8]
     for question, truth, answer in misses:
         print(f"  miss: {question!r} -> {answer!r} (want {truth!r})")

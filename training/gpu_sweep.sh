@@ -32,9 +32,10 @@ for log in sorted(work.glob("*.log")):
     if log.stem not in rows:
         print(f"{log.stem}: FAILED\n" + "\n".join(log.read_text().splitlines()[-8:]))
 Path(sys.argv[2]).write_text(json.dumps(rows, indent=1))
-print(f"{'run':<14} {'steps':>6} {'min':>5} {'loss':>6} {'aux':>6} {'caption':>8} {'vqa':>6} {'ground':>7}")
+print(f"{'run':<14} {'steps':>6} {'min':>5} {'loss':>6} {'aux':>6} {'subj':>6} {'caption':>8} {'vqa':>6} {'ground':>7}")
 for name, r in rows.items():
     e = r.get("held_out_reference", {})
     print(f"{name:<14} {r['steps']:>6} {r['minutes']:>5.1f} {r['final_loss']:>6.3f} {r['final_aux_loss']:>6.3f} "
+          f"{r.get('final_subject_loss', 0):>6.3f} "
           f"{e.get('caption', 0):>8.0%} {e.get('vqa', 0):>6.0%} {e.get('grounding', 0):>7.0%}")
 PY

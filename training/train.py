@@ -43,14 +43,14 @@ PATCH_SIZE = 14  # 112 px images -> an 8 x 8 grid of patches
 @dataclass(frozen=True)
 class TrainConfig:
     out: str = "models/cogvlm-tiny-shapes"
-    steps: int = 6800  # with the budget below: the run behind models/cogvlm-tiny-shapes
+    steps: int = 6800  # an upper bound: the budget below stops the shipped run at 4487 steps (one thread)
     minutes: float = 28.0  # wall-clock budget for the optimisation loop
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 100
     weight_decay: float = 0.01
     seed: int = 0
-    threads: int = 2
+    threads: int = 1  # a second thread makes a step only 1.4x faster (329 -> 230 ms) and takes the other core
     vocab_size: int = 512
     aux_weight: float = 1.0  # per-patch supervision of the image features (0: off); see PatchHeads
     aux_digits: bool = True  # ... including the box's digits as the grounding answer writes them
@@ -196,9 +196,11 @@ class SubjectHeads(torch.nn.Module):
     The answer loss alone teaches selection weakly: under teacher forcing a grounding answer's
     later digits can be copied from the patch whose features match the digits already written
     (the patch heads put them there), so only the first digit needs the shape picked by name;
-    teacher-forced digit accuracy on 2-3 shape scenes was 0.35-0.58 for that digit. These heads
-    ask for the whole named box at every answer position, which only attention to the named
-    shape's patches can give."""
+    teacher-forced accuracy of that digit on 2-3 shape scenes was 0.35-0.58. These heads ask for
+    the whole named box at every answer position, which only attention to the named shape's
+    patches can give. Measured (28 min, 500 held-out samples per task): grounding 42% -> 92%
+    (with two or three shapes: 15 of 72 -> 89%), VQA 78% -> 92%; the first digit's teacher-forced
+    accuracy 0.73-0.84."""
 
     def __init__(self, hidden: int):
         super().__init__()

@@ -67,6 +67,7 @@ def test_questions_name_their_subjects_in_order():
     assert pairs["How many shapes are there?"] == ("2", ())
     assert pairs["What color is the square?"] == ("blue", (blue_square,))
     assert pairs["Is the blue square left or right of the red circle?"] == ("right", (blue_square, red_circle))
+    assert make_sample(random.Random(5), "caption").subjects == ()
     grounding = make_sample(random.Random(3), "grounding")
     assert grounding.answer.startswith("[[") and len(grounding.subjects) == 1
     assert grounding.subjects[0].name in grounding.question
@@ -86,9 +87,9 @@ def test_subject_heads_ask_for_the_named_boxes_at_every_answer_position():
 
     targets = Item.subjects
     assert targets.present.tolist() == [True, False] and targets.digits[0].tolist()[:3] == [2, 6, 8]
-    assert (targets.digits[1] == -100).all()
-    # hidden rows that hold the box where the heads read it; row 6 of the second sequence
-    # (no subject) holds nonsense the loss must ignore
+    assert (targets.digits[1:] == -100).all()
+    # heads whose biases alone answer the named shape's box and digits: near-zero
+    # loss; row 6 of the second sequence (no subject) then holds nonsense the loss must ignore
     hidden = torch.zeros(2 * 10, 32)
     with torch.no_grad():
         for head in (heads.box, heads.digits):

@@ -28,21 +28,22 @@ def client():
 
 
 def test_short_answers_through_the_server(client):
-    """Measured through the reference path on 100 held-out questions: 78% (colours 93%, counts
-    100%, shapes 75%, left/right and above/below about 60%). Chance is about 35%."""
+    """Issue 7's target is 90%; measured on 500 held-out questions: 91.4% (this slice of 50: see
+    the assertion message). Chance is about 35%."""
     items = samples(HELD_OUT_SEED + 1, 50, "vqa")
     correct = sum(is_correct(s, ask_server(client, MODEL_NAME, s)) for s in items)
-    assert correct / len(items) >= 0.65, f"{correct}/{len(items)}"
+    assert correct / len(items) >= 0.8, f"{correct}/{len(items)}"
 
 
 def test_grounding_through_the_server(client):
-    """Boxes with IoU >= 0.5: measured 27 of 28 for a shape alone in the image, 15 of 72 with
-    two or three shapes (picking the named one is what the model has not learned well)."""
+    """Boxes with IoU >= 0.5. Issue 7's target is 80%; measured on 500 held-out samples: 94.4%
+    (a shape alone 147/147, among two or three shapes 325/353). The multi-shape slice is asserted
+    apart: picking the named shape is what a weaker model gets wrong (the previous one: 15/72)."""
     items = samples(HELD_OUT_SEED + 2, 60, "grounding")
     correct = [is_correct(s, ask_server(client, MODEL_NAME, s)) for s in items]
-    alone = [ok for s, ok in zip(items, correct, strict=True) if len(s.shapes) == 1]
-    assert sum(alone) / len(alone) >= 0.8, f"{sum(alone)}/{len(alone)} alone"
-    assert sum(correct) / len(items) >= 0.3, f"{sum(correct)}/{len(items)}"
+    several = [ok for s, ok in zip(items, correct, strict=True) if len(s.shapes) > 1]
+    assert sum(correct) / len(items) >= 0.75, f"{sum(correct)}/{len(items)}"
+    assert sum(several) / len(several) >= 0.7, f"{sum(several)}/{len(several)} with several shapes"
 
 
 def test_readme_first_example_is_answered_correctly(client):
