@@ -42,7 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/api_overhead.py
 	$(BIN)/python benchmarks/load_weights.py
 
-# Retrain the embedded model (28 minutes on 2 CPU cores, then a held-out score on the reference path);
+# Retrain the embedded model (28 minutes on one CPU thread, then a held-out score on the reference path);
 # `make evaluate` scores it through the server.
 train: $(STAMP)
 	$(BIN)/pip install -q -e ".[train]"
