@@ -65,8 +65,9 @@ def breakdown(items: list[Sample], answers: list[str]) -> dict[str, tuple[int, i
     """{kind: (correct, total)}, sorted by kind."""
     out: dict[str, tuple[int, int]] = {}
     for sample, answer in zip(items, answers, strict=True):
-        correct, total = out.get(kind_of(sample), (0, 0))
-        out[kind_of(sample)] = (correct + is_correct(sample, answer), total + 1)
+        kind = kind_of(sample)
+        correct, total = out.get(kind, (0, 0))
+        out[kind] = (correct + is_correct(sample, answer), total + 1)
     return dict(sorted(out.items()))
 
 
