@@ -11,6 +11,10 @@ expert's weights and writes each result straight back to its original row. Image
 runs of 1226, so the grouping leaves at most one partly filled tile per expert. Nothing here
 reads a device value on the host.
 
+On Hopper the weight tiles come through the bulk tensor copy engine (TMA), and so do the
+activation tiles whose rows are one contiguous run of x (most tiles, since images are long
+runs); only tiles that straddle two runs gather their rows by pointer.
+
 The gated MLP variant reads the gate and up tiles of the same expert in one K loop and writes
 silu(gate) * up once. It takes gate and up as two tensors: concatenating them into one weight
 per expert would either rename the checkpoint keys or hold a second copy of 2 x 11008 x 4096 x
@@ -65,34 +69,46 @@ def route_by_expert(vision_mask: torch.Tensor) -> ExpertRouting:
     return ExpertRouting(vision_mask.to(torch.bool), sorted_rows, vision_start.reshape(1))
 
 
-def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int, tma: int = 0) -> triton.Config:
     return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "TMA": tma}, num_warps=warps, num_stages=stages
     )
 
 
-# Hopper-sized tiles; `fits` prunes the ones a call cannot use.
+# TMA (the config's "TMA" key): how the operand tiles reach shared memory.
+#   0: pointer loads for both (cp.async, every thread computes addresses);
+#   1: weights through the bulk tensor copy engine (TMA), activations by pointer;
+#   2: activations by TMA too, on tiles whose rows are one contiguous run of x (image rows come
+#      in runs of 1226, so all but about one tile in ten); the other tiles gather by pointer.
+# Hopper-sized tiles; `fits` prunes the ones a call cannot use, TMA_LIMIT the TMA levels. The
+# pointer configs are the three that won a shape on an H200 (2026-11-27, 83b5c0e).
 # NOTE: (128, 256, 64, 8 warps, 4 stages) and (128, 128, 64, 4 warps, 4 stages) failed the
-# every-config GPU test on an H200 (2026-11-27) and are left out.
+# every-config GPU test on an H200 (2026-11-27) as pointer configs and are left out of those.
 GPU_CONFIGS = [
     _config(128, 256, 64, 8, 3),
-    _config(256, 128, 64, 8, 3),
     _config(128, 128, 64, 8, 4),
-    _config(128, 128, 128, 8, 3),
     _config(64, 256, 64, 4, 4),
-    _config(128, 64, 64, 4, 4),
+    _config(128, 256, 64, 8, 3, tma=2),
+    _config(128, 256, 64, 8, 4, tma=2),
+    _config(128, 128, 64, 8, 4, tma=2),
+    _config(128, 128, 128, 8, 3, tma=2),
+    _config(64, 256, 64, 4, 4, tma=2),
+    _config(128, 256, 64, 8, 3, tma=1),
+    _config(128, 128, 64, 8, 4, tma=1),
 ]
 # Fits every dtype and both variants: the interpreter's config, the tests' config on GPU, and
-# the fallback when pruning leaves nothing.
-SAFE_CONFIG = _config(64, 64, 32, 4, 3)
+# the fallback when pruning leaves nothing. Its TMA level is capped by the call's TMA_LIMIT.
+SAFE_CONFIG = _config(64, 64, 32, 4, 3, tma=2)
 SHARED_MEMORY_BUDGET = 200 * 1024  # of ~227 KB a block may have on Hopper; 196 KB configs ran on an H200
+# Tests lower this (0 or 1) to cover every path; COGSERVE_EXPERT_TMA=0 turns TMA off.
+MAX_TMA = int(os.environ.get("COGSERVE_EXPERT_TMA", "2"))
 
 
 def _configs() -> list[triton.Config]:
     if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
         return [SAFE_CONFIG]  # NOTE: the interpreter cannot autotune over several configs
     if os.environ.get("COGSERVE_AUTOTUNE", "1") == "0":
-        return [SAFE_CONFIG]  # tests: one compile per shape instead of eight
+        return [SAFE_CONFIG]  # tests: one compile per shape instead of ten
     return GPU_CONFIGS
 
 
@@ -105,16 +121,106 @@ def fits(config: triton.Config, element_size: int, gated: bool) -> bool:
     return shared <= SHARED_MEMORY_BUDGET and registers_ok
 
 
+def _tma_ready(t: torch.Tensor) -> bool:
+    """A TMA descriptor needs a unit inner stride and a 16-byte aligned base and row stride."""
+    return t.stride(-1) == 1 and t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def tma_limit(x: torch.Tensor, weights: list[torch.Tensor]) -> int:
+    """The highest TMA level (see GPU_CONFIGS) a call can use: TMA is Hopper's (sm_90) and
+    needs aligned tensors; the interpreter emulates it."""
+    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
+        return 0
+    if not all(_tma_ready(w) for w in weights):
+        return 0
+    return min(MAX_TMA, 2 if _tma_ready(x) else 1)
+
+
 def _prune_configs(configs, named_args, **kwargs):
     gated = bool(named_args.get("GATED", kwargs.get("GATED", False)))
     element_size = named_args["x_ptr"].element_size()
-    return [c for c in configs if fits(c, element_size, gated)] or [SAFE_CONFIG]
+    limit = named_args.get("TMA_LIMIT", kwargs.get("TMA_LIMIT", 0))
+    # a config above the limit would run as one at the limit: a duplicate
+    return [c for c in configs if c.kwargs["TMA"] <= limit and fits(c, element_size, gated)] or [SAFE_CONFIG]
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory where each program writes its TMA descriptors (128 bytes each)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+@triton.jit
+def _tile_product(
+    x_ptr, w_ptr, w2_ptr, rows64, row0, n0, num_rows, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    A_TMA: tl.constexpr, B_TMA: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    """(acc, acc2), fp32 [BLOCK_M, BLOCK_N]: acc = x[rows] @ W[n0 : n0 + BLOCK_N].T, acc2 the
+    same with W2 when GATED. A_TMA: the rows are x[row0 : row0 + BLOCK_M] (one run; rows past
+    the tile's last valid one are computed and never stored), else gathered through rows64.
+    TMA reads past an edge return zeros, so those loads need no masks."""
+    offs_k = tl.arange(0, BLOCK_K)
+    if A_TMA:
+        x_desc = tl.make_tensor_descriptor(
+            x_ptr, shape=[num_rows, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K]
+        )
+    else:
+        x_ptrs = x_ptr + rows64[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BM, BK]
+    if B_TMA:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+        if GATED:
+            w2_desc = tl.make_tensor_descriptor(
+                w2_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K]
+            )
+    else:
+        offs_n = ((n0 + tl.arange(0, BLOCK_N)) % N).to(tl.int64)  # wrapped: loads need no N mask
+        w_offs = offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BK, BN]
+        w_ptrs = w_ptr + w_offs
+        w2_ptrs = w2_ptr + w_offs
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k0 = k * BLOCK_K
+        if A_TMA:
+            a = x_desc.load([row0, k0])
+        elif EVEN_K:
+            a = tl.load(x_ptrs)
+        else:
+            a = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
+        if B_TMA:
+            b = w_desc.load([n0, k0]).T  # [BK, BN], a view of the [BN, BK] tile
+        elif EVEN_K:
+            b = tl.load(w_ptrs)
+        else:
+            b = tl.load(w_ptrs, mask=offs_k[:, None] < K - k0, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if GATED:
+            if B_TMA:
+                b2 = w2_desc.load([n0, k0]).T
+            elif EVEN_K:
+                b2 = tl.load(w2_ptrs)
+            else:
+                b2 = tl.load(w2_ptrs, mask=offs_k[:, None] < K - k0, other=0.0)
+            acc2 = tl.dot(a, b2, acc2, input_precision=PRECISION)
+        if not A_TMA:
+            x_ptrs += BLOCK_K * stride_xk
+        if not B_TMA:
+            w_ptrs += BLOCK_K * stride_wk
+            w2_ptrs += BLOCK_K * stride_wk
+    if not GATED:
+        acc2 = acc
+    return acc, acc2
 
 
 # NOTE: tuned per weight shape and per power-of-two bucket of rows, not per exact row count:
 # serving sees a new count every step, and retuning costs about a second.
 @triton.autotune(
-    configs=_configs(), key=["N", "K", "GATED", "M_BUCKET"], prune_configs_by={"early_config_prune": _prune_configs}
+    configs=_configs(),
+    key=["N", "K", "GATED", "M_BUCKET", "TMA_LIMIT"],
+    prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
@@ -123,13 +229,14 @@ def _expert_linear_kernel(
     x_ptr, out_ptr, w_lang_ptr, w_vis_ptr, w2_lang_ptr, w2_vis_ptr, b_lang_ptr, b_vis_ptr,
     sorted_rows_ptr, vision_start_ptr,
     # sizes
-    N, K, num_slots, M_BUCKET,  # M_BUCKET: autotune key only
+    num_rows, N, K, num_slots, M_BUCKET,  # M_BUCKET: autotune key only
     # strides
     stride_xm, stride_xk, stride_om, stride_on, stride_wn, stride_wk,
     # constexpr
     HAS_BIAS_LANG: tl.constexpr, HAS_BIAS_VIS: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
+    TMA_LIMIT: tl.constexpr,  # the highest TMA level these tensors allow (tma_limit)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    TMA: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
     """One [BLOCK_M, BLOCK_N] output tile of one expert.
 
@@ -149,7 +256,8 @@ def _expert_linear_kernel(
     pid_n = (pid % num_pid_in_group) // group_size_m
 
     slot0 = pid_m * BLOCK_M
-    if tl.load(sorted_rows_ptr + slot0) < 0:
+    row0 = tl.load(sorted_rows_ptr + slot0)
+    if row0 < 0:
         return  # an empty tile: regions fill from their start, so its first slot is padding
     vision_start = tl.load(vision_start_ptr)
     is_vision = slot0 >= vision_start
@@ -161,40 +269,32 @@ def _expert_linear_kernel(
         w_ptr = w_lang_ptr
         w2_ptr = w2_lang_ptr
 
-    rows = tl.load(sorted_rows_ptr + slot0 + tl.arange(0, BLOCK_M))  # [BM]
+    rows = tl.load(sorted_rows_ptr + slot0 + tl.arange(0, BLOCK_M))  # [BM], ascending, padding (-1) last
     row_valid = rows >= 0
     rows64 = tl.where(row_valid, rows, 0).to(tl.int64)  # padding rows read row 0, never stored
-    offs_n_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_n = (offs_n_out % N).to(tl.int64)  # wrapped: loads need no N mask
-    offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows64[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BM, BK]
-    w_offs = offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BK, BN]
-    w_ptrs = w_ptr + w_offs
-    w2_ptrs = w2_ptr + w_offs
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(x_ptrs)
-            b = tl.load(w_ptrs)
+    n0 = pid_n * BLOCK_N
+    LEVEL: tl.constexpr = TMA if TMA < TMA_LIMIT else TMA_LIMIT  # the config's level, capped
+    # fmt: off
+    if LEVEL == 2:
+        # one run of x iff the rows span exactly as many rows as the tile holds
+        if tl.max(rows) - row0 == tl.sum(row_valid.to(tl.int32)) - 1:
+            acc, acc2 = _tile_product(
+                x_ptr, w_ptr, w2_ptr, rows64, row0, n0, num_rows, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                True, True, GATED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
         else:
-            k_left = K - k * BLOCK_K
-            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        if GATED:
-            if EVEN_K:
-                b2 = tl.load(w2_ptrs)
-            else:
-                b2 = tl.load(w2_ptrs, mask=offs_k[:, None] < K - k * BLOCK_K, other=0.0)
-            acc2 = tl.dot(a, b2, acc2, input_precision=PRECISION)
-            w2_ptrs += BLOCK_K * stride_wk
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+            acc, acc2 = _tile_product(
+                x_ptr, w_ptr, w2_ptr, rows64, row0, n0, num_rows, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                False, True, GATED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+    else:
+        acc, acc2 = _tile_product(
+            x_ptr, w_ptr, w2_ptr, rows64, row0, n0, num_rows, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+            False, LEVEL == 1, GATED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+    # fmt: on
 
     if GATED:
         acc = acc / (1.0 + tl.exp(-acc)) * acc2  # silu(gate) * up, in fp32
+    offs_n_out = n0 + tl.arange(0, BLOCK_N)
+    offs_n = offs_n_out % N
     if HAS_BIAS_VIS:
         if is_vision:
             acc += tl.load(b_vis_ptr + offs_n).to(tl.float32)[None, :]
@@ -228,6 +328,9 @@ def _launch(x, routing, w_lang, w_vis, w2_lang, w2_vis, b_lang, b_vis, gated: bo
     if num_tokens == 0:
         return out
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+    limit = tma_limit(x, [w_lang, w_vis] + ([w2_lang, w2_vis] if gated else []))
+    if limit and x.is_cuda:
+        triton.set_allocator(_scratch)  # per thread (a ContextVar): the engine may run in another one
 
     def grid(meta):
         return (routing.num_slots // meta["BLOCK_M"] * triton.cdiv(out_features, meta["BLOCK_N"]),)
@@ -237,9 +340,10 @@ def _launch(x, routing, w_lang, w_vis, w2_lang, w2_vis, b_lang, b_vis, gated: bo
         x, out, w_lang, w_vis, w2_lang if gated else w_lang, w2_vis if gated else w_vis,
         b_lang if b_lang is not None else w_lang, b_vis if b_vis is not None else w_vis,  # unused when absent
         routing.sorted_rows, routing.vision_start,
-        out_features, in_features, routing.num_slots, triton.next_power_of_2(routing.num_slots),
+        num_tokens, out_features, in_features, routing.num_slots, triton.next_power_of_2(routing.num_slots),
         x.stride(0), x.stride(1), out.stride(0), out.stride(1), w_lang.stride(0), w_lang.stride(1),
         HAS_BIAS_LANG=b_lang is not None, HAS_BIAS_VIS=b_vis is not None, GATED=gated, PRECISION=precision,
+        TMA_LIMIT=limit,
     )
     # fmt: on
     return out

@@ -14,7 +14,6 @@ import math
 import torch
 import torch.nn.functional as F
 import triton
-from tqdm import tqdm
 
 from kernels.expert_linear import (
     _expert_linear_kernel,
@@ -60,6 +59,21 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def tile_of(config) -> str:
+    k = config.kwargs
+    return f"{k['BLOCK_M']}, {k['BLOCK_N']}, {k['BLOCK_K']}, {config.num_warps}, {config.num_stages}, {k['TMA']}"
+
+
+def best_by_tma_level() -> dict:
+    """{TMA level: the autotuner's best time (ms)} from the tuning the last call ran, if it ran one."""
+    best = {}
+    for config, timings in getattr(_expert_linear_kernel, "configs_timings", {}).items():
+        level = config.kwargs["TMA"]
+        t = timings[0] if isinstance(timings, list | tuple) else timings
+        best[level] = min(best.get(level, float("inf")), t)
+    return best
+
+
 def run_case(name, proj, mask, n_in, n_out, gated) -> dict:
     device = mask.device
     m = mask.shape[0]
@@ -69,11 +83,12 @@ def run_case(name, proj, mask, n_in, n_out, gated) -> dict:
         return (torch.randn(rows, n_in, device=device) / math.sqrt(n_in)).to(torch.bfloat16)
 
     routing = route_by_expert(mask)
+    _expert_linear_kernel.configs_timings = {}  # left over from an earlier shape's tuning
     if gated:
         gl, ul, gv, uv = (weight(n_out) for _ in range(4))
         gate_up_l, gate_up_v = torch.cat([gl, ul]), torch.cat([gv, uv])
         ours = bench(lambda: expert_gated_up(x, mask, gl, ul, gv, uv, routing=routing))
-        config = str(_expert_linear_kernel.best_config)
+        config, tuning = tile_of(_expert_linear_kernel.best_config), best_by_tma_level()
         err = rel_err(
             expert_gated_up(x, mask, gl, ul, gv, uv),
             expert_gated_up_ref(x.float(), mask, *(w.float() for w in (gl, ul, gv, uv))),
@@ -84,7 +99,7 @@ def run_case(name, proj, mask, n_in, n_out, gated) -> dict:
     else:
         wl, wv = weight(n_out), weight(n_out)
         ours = bench(lambda: expert_linear(x, mask, wl, wv, routing=routing))
-        config = str(_expert_linear_kernel.best_config)
+        config, tuning = tile_of(_expert_linear_kernel.best_config), best_by_tma_level()
         err = rel_err(expert_linear(x, mask, wl, wv), expert_linear_ref(x.float(), mask, wl.float(), wv.float()))
         peers = bench(lambda: expert_linear_ref(x, mask, wl, wv))
         dense = bench(lambda: F.linear(x, wl))
@@ -93,6 +108,7 @@ def run_case(name, proj, mask, n_in, n_out, gated) -> dict:
         "model": name, "proj": proj, "rows": m, "vision_rows": int(mask.sum()), "ours_ms": ours,
         "peers_ms": peers, "dense_ms": dense, "tflops": flops / ours / 1e9,
         "speedup_vs_peers": peers / ours, "ratio_vs_dense": ours / dense, "config": config, "rel_err_vs_fp32": err,
+        "tuning_best_ms_by_tma_level": tuning,
     }  # fmt: skip
 
 
@@ -113,10 +129,19 @@ def main() -> None:
                 ("gate_up", HIDDEN, inter, True), ("down", inter, HIDDEN, False),
             ):  # fmt: skip
                 cases.append((f"{name} x{requests}", proj, mask, n_in, n_out, gated))
+    # Rows print as they finish, so a run cut short by its time limit still leaves its numbers.
+    print(f"expert projections, bf16, {torch.cuda.get_device_name()}; times are medians in ms")
+    header = f"{'batch':<17}{'proj':<9}{'rows':>7}{'ours':>9}{'TFLOP/s':>9}{'peers':>9}{'dense':>9}"
+    print(header + f"{'vs peers':>10}{'vs dense':>10}  (BM, BN, BK, warps, stages, TMA); tuning's best ms by TMA level")
     results = []
-    for case in tqdm(cases, desc="benchmarking"):
-        results.append(run_case(*case))
+    for case in cases:
+        r = run_case(*case)
+        results.append(r)
         torch.cuda.empty_cache()
+        tuning = " ".join(f"{level}:{ms:.3f}" for level, ms in sorted(r["tuning_best_ms_by_tma_level"].items()))
+        print(f"{r['model']:<17}{r['proj']:<9}{r['rows']:>7}{r['ours_ms']:>9.3f}{r['tflops']:>9.0f}{r['peers_ms']:>9.3f}"
+              f"{r['dense_ms']:>9.3f}{r['speedup_vs_peers']:>9.2f}x{r['ratio_vs_dense']:>9.2f}x  "
+              f"({r['config']}); {tuning}", flush=True)  # fmt: skip
 
     # Decode: no vision token; the host knows, so the model takes the dense path (model/experts.py).
     decode = []
@@ -134,12 +159,6 @@ def main() -> None:
             json.dump({"device": torch.cuda.get_device_name(), "prefill": results, "decode": decode,
                        "routing_ms_37536_rows": route_ms}, f, indent=2)  # fmt: skip
 
-    print(f"\nexpert projections, bf16, {torch.cuda.get_device_name()}; times are medians in ms")
-    header = f"{'batch':<17}{'proj':<9}{'rows':>7}{'ours':>9}{'TFLOP/s':>9}{'peers':>9}{'dense':>9}"
-    print(header + f"{'vs peers':>10}{'vs dense':>10}")
-    for r in results:
-        print(f"{r['model']:<17}{r['proj']:<9}{r['rows']:>7}{r['ours_ms']:>9.3f}{r['tflops']:>9.0f}{r['peers_ms']:>9.3f}"
-              f"{r['dense_ms']:>9.3f}{r['speedup_vs_peers']:>9.2f}x{r['ratio_vs_dense']:>9.2f}x")  # fmt: skip
     for d in decode:
         print(f"decode {d['model']:<10}{'qkv':<9}{d['rows']:>7}  dense path {d['dense_ms']:.4f} ms "
               f"(= ours; routed kernel forced on all-text rows: {d['routed_kernel_ms']:.4f} ms)")  # fmt: skip

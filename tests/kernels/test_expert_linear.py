@@ -35,6 +35,8 @@ def pattern(name: str, n: int) -> torch.Tensor:
         mask = (idx >= n // 7) & (idx < n - n // 5)
     elif name == "run_to_end":  # an image run ending at the last row
         mask = idx >= n // 3
+    elif name == "two_runs":  # two images: sorted tiles of 64 straddle them, and end past the last
+        mask = ((idx >= n // 13) & (idx < n // 3)) | ((idx >= n // 2) & (idx < n - 3))
     elif name == "random":
         mask = torch.rand(n) < 0.5
     else:
@@ -99,6 +101,45 @@ def test_gated_up_matches_reference(dtype, num_tokens, mask_name):
     out = expert_gated_up(x, mask, gl, ul, gv, uv)
     ref64 = expert_gated_up_ref(x.double(), mask, gl.double(), ul.double(), gv.double(), uv.double())
     check_close(out, ref64, expert_gated_up_ref(x, mask, gl, ul, gv, uv))
+
+
+@pytest.mark.parametrize("max_tma", [0, 1, 2])
+@pytest.mark.parametrize("mask_name", ["long_run", "two_runs", "alternating", "run_to_end"])
+@pytest.mark.parametrize("gated", [False, True], ids=["linear", "gated"])
+def test_every_tma_level_matches_reference(monkeypatch, max_tma, mask_name, gated):
+    """Level 2 loads a tile's rows as one run when they are one (long_run, the full tiles of
+    two_runs), gathers them otherwise (alternating, the tiles straddling two_runs' gap); a
+    wrong run test would read neighbouring rows."""
+    monkeypatch.setattr(kernel_module, "MAX_TMA", max_tma)
+    dtype = torch.float16
+    x = torch.randn(300, 96, device=DEVICE).to(dtype)
+    mask = pattern(mask_name, 300)
+    if gated:
+        gl, ul, gv, uv = (weights(136, 96, dtype)[0] for _ in range(4))
+        out = expert_gated_up(x, mask, gl, ul, gv, uv)
+        ref64 = expert_gated_up_ref(x.double(), mask, gl.double(), ul.double(), gv.double(), uv.double())
+        check_close(out, ref64, expert_gated_up_ref(x, mask, gl, ul, gv, uv))
+    else:
+        w_lang, w_vis, b_lang, b_vis = weights(136, 96, dtype, bias_on=("language",))
+        out = expert_linear(x, mask, w_lang, w_vis, b_lang, b_vis)
+        f64 = [t.double() if t is not None else None for t in (x, w_lang, w_vis, b_lang, b_vis)]
+        ref64 = expert_linear_ref(f64[0], mask, *f64[1:])
+        check_close(out, ref64, expert_linear_ref(x, mask, w_lang, w_vis, b_lang, b_vis))
+
+
+def test_tma_limit_follows_alignment(monkeypatch):
+    """TMA needs unit inner strides and 16-byte aligned bases and row strides; else pointer loads."""
+    monkeypatch.setattr(kernel_module, "MAX_TMA", 2)
+    x = torch.randn(10, 64, device=DEVICE, dtype=torch.float16)
+    w = torch.randn(32, 64, device=DEVICE, dtype=torch.float16)
+    level = 0 if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9 else 2
+    assert kernel_module.tma_limit(x, [w, w]) == level
+    assert kernel_module.tma_limit(x[:, 1:], [w[:, 1:], w[:, 1:]]) == 0  # misaligned weights
+    assert kernel_module.tma_limit(x[:, 1:], [w, w]) == min(level, 1)  # misaligned base of x
+    assert kernel_module.tma_limit(x[:, ::2], [w, w]) == min(level, 1)  # x strided along K
+    assert kernel_module.tma_limit(torch.randn(10, 60, device=DEVICE, dtype=torch.float16), [w, w]) == min(level, 1)
+    monkeypatch.setattr(kernel_module, "MAX_TMA", 0)
+    assert kernel_module.tma_limit(x, [w, w]) == 0
 
 
 def test_rows_go_to_their_own_expert_exactly_once():
