@@ -1,8 +1,10 @@
 """What the scheduler hands the runner each step, and what comes back. Plain data, no tensors
-(except a request's pixels, passed through untouched)."""
+(except a request's pixels, passed through untouched, and the runner's own handle to a step's
+tokens on the device)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from model.processor import LANGUAGE_TOKEN_TYPE, PromptInputs
@@ -63,7 +65,14 @@ class ScheduledSequence:
 
     @property
     def needs_sample(self) -> bool:
-        return self.end == self.seq.num_tokens
+        # end == num_tokens + 1 in a look-ahead step: the token at `start` is the one the step
+        # still in flight sampled, not yet in output_token_ids (server/engine.py)
+        return self.end >= self.seq.num_tokens
+
+    @property
+    def is_fed(self) -> bool:
+        """The input token is the previous step's sample, read on the device (look-ahead)."""
+        return self.start == self.seq.num_tokens
 
 
 @dataclass
@@ -87,4 +96,15 @@ class SampledToken:
 
 @dataclass
 class RunnerOutput:
+    """The tokens a step sampled. A step whose tokens are still on the device carries `pending`,
+    which waits for that step alone and reads them; `feed` is the runner's handle to the device
+    copy, from which a look-ahead step takes its input tokens."""
+
     sampled: dict[str, SampledToken] = field(default_factory=dict)  # request_id -> token
+    pending: Callable[[], dict[str, SampledToken]] | None = None
+    feed: object | None = None
+
+    def resolve(self) -> RunnerOutput:
+        if self.pending is not None:
+            self.sampled, self.pending = self.pending(), None
+        return self

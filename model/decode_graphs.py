@@ -70,6 +70,7 @@ class DecodeGraphs:
         slots: list[int],  # [B]: where each new token's K/V goes
         block_tables: list[list[int]],  # B rows of block ids
         seq_lens: list[int],  # [B]: tokens in the cache after this step
+        fed: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([F] rows, [F] tokens) already on the device
     ) -> torch.Tensor:  # [B, vocab] fp32 logits
         batch = len(input_ids)
         self.num_runs += 1
@@ -79,6 +80,8 @@ class DecodeGraphs:
         # NOTE: host -> device copies into the buffers the graph reads; padding rows are reset in
         # case a larger batch left real values there.
         self.input_ids[:batch].copy_(torch.tensor(input_ids), non_blocking=True)
+        if fed is not None:  # look-ahead rows: the step in flight sampled their input tokens
+            self.input_ids[fed[0]] = fed[1]
         self.positions[:batch].copy_(torch.tensor(positions), non_blocking=True)
         self.slot_mapping[:batch].copy_(torch.tensor(slots), non_blocking=True)
         self.seq_lens[:batch].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.paged_attention import paged_attention, write_kv_cache
+from model.transfer import to_device
 
 
 class PagedKVCache:
@@ -60,8 +61,8 @@ class TritonPagedAttention:
         self.bind(
             slot_mapping=meta.slot_mapping,
             block_tables=meta.block_tables.to(torch.int32),
-            seq_lens=torch.tensor(meta.seq_lens, dtype=torch.int32, device=device),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=to_device(meta.seq_lens, device, torch.int32),
+            query_start_loc=to_device(starts, device, torch.int32),
             max_query_len=max(meta.query_lens),
         )
 
@@ -112,12 +113,12 @@ class TorchPagedAttention:
         keys = torch.arange(max_s, device=device)
         # [B, S]: row of the flattened cache that holds key s of sequence b
         self.key_rows = (meta.block_tables[:, keys // block_size] * block_size + keys % block_size).flatten()
-        s_lens = torch.tensor(meta.seq_lens, device=device)
+        s_lens = to_device(meta.seq_lens, device, torch.long)
         if max_q == 1:  # decode-only step: no query padding, keys below seq_len
             mask = (keys[None, :] < s_lens[:, None])[:, None, None]  # [B, 1, 1, S]
             self.query_index = None
         else:
-            q_lens = torch.tensor(meta.query_lens, device=device)
+            q_lens = to_device(meta.query_lens, device, torch.long)
             rows = torch.arange(max_q, device=device)
             valid = rows[None, :] < q_lens[:, None]  # [B, Q]
             self.query_index = valid.flatten().nonzero().flatten()  # flat [T] -> padded [B * Q]

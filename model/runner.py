@@ -22,6 +22,7 @@ from model.decode_graphs import DecodeGraphs
 from model.paged_attention import PagedAttentionMetadata, PagedKVCache, make_attention_backend
 from model.processor import VISION_TOKEN_TYPE
 from model.sampler import Sampler
+from model.transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,10 @@ class ModelRunner:
         self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, max_batch, max_blocks, capture)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+    def execute(self, out: SchedulerOutput, feed: RunnerOutput | None = None) -> RunnerOutput:
+        """Queue the step on the device and return at once: the sampled tokens are read when the
+        caller resolves the output. `feed`: the output of the step still in flight, whose
+        sampled tokens are the inputs of this step's look-ahead rows (ScheduledSequence.is_fed)."""
         for request_id in out.finished_request_ids:
             self.sampler.forget(request_id)
         if not out.scheduled:
@@ -64,11 +68,17 @@ class ModelRunner:
         device, block_size = self.model.device, self.config.block_size
         input_ids, positions, vision_mask, slots = [], [], [], []
         image_rows, image_features = [], []
+        fed_rows, fed_from = [], []  # rows whose token is on the device, and where it is there
         self._encode_missing_images(out)
         for s in out.scheduled:
             seq, start, end = s.seq, s.start, s.end
             row0 = len(input_ids)
-            input_ids += seq.token_ids(start, end)
+            if s.is_fed:
+                fed_rows.append(row0)
+                fed_from.append(feed.feed[1][seq.request_id])
+                input_ids.append(0)  # replaced on the device
+            else:
+                input_ids += seq.token_ids(start, end)
             positions += seq.positions(start, end)
             vision_mask += [
                 seq.token_type(i) == VISION_TOKEN_TYPE and seq.token_type(i + 1) == VISION_TOKEN_TYPE
@@ -82,6 +92,9 @@ class ModelRunner:
                 if lo < hi:  # this chunk holds image slots lo..hi-1
                     image_rows += range(row0 + lo - start, row0 + hi - start)
                     image_features.append(self.encoder_cache[prompt.image_hash][lo - first : hi - first])
+        fed = None
+        if fed_rows:  # [F] rows of this batch, [F] their tokens from the step in flight
+            fed = (to_device(fed_rows, device, torch.long), feed.feed[0][to_device(fed_from, device, torch.long)])
 
         sampling = [s for s in out.scheduled if s.needs_sample]
         last_rows, row = [], 0
@@ -96,30 +109,36 @@ class ModelRunner:
                 and graphs.fits(len(input_ids), max_blocks):  # fmt: skip
             # one text token per sequence: replay (logits for every row; the sampled ones kept)
             logits = graphs.run(input_ids, positions, slots, [s.block_ids for s in out.scheduled],
-                                [s.end for s in out.scheduled])  # fmt: skip
+                                [s.end for s in out.scheduled], fed)  # fmt: skip
             if len(last_rows) < len(out.scheduled):
-                logits = logits[torch.tensor(last_rows, dtype=torch.long, device=device)]
+                logits = logits[to_device(last_rows, device, torch.long)]
         else:
-            ids = torch.tensor(input_ids, device=device)
+            ids = to_device(input_ids, device, torch.long)
+            if fed is not None:
+                ids[fed[0]] = fed[1]
             features = torch.cat(image_features) if image_features else None
-            rows = torch.tensor(image_rows, device=device) if image_rows else None
+            rows = to_device(image_rows, device, torch.long) if image_rows else None
             embeds = self.model.embed(ids, features, rows)
-            block_tables = torch.tensor([s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in out.scheduled],
-                                        device=device)  # fmt: skip
+            block_tables = to_device([s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in out.scheduled],
+                                     device, torch.long)  # fmt: skip
             self.attention.prepare(PagedAttentionMetadata(
-                slot_mapping=torch.tensor(slots, device=device),
+                slot_mapping=to_device(slots, device, torch.long),
                 query_lens=[s.num_new_tokens for s in out.scheduled],
                 seq_lens=[s.end for s in out.scheduled],
                 block_tables=block_tables,
             ))  # fmt: skip
-            mask = torch.tensor(vision_mask, device=device) if any(vision_mask) else None
-            hidden = self.model(embeds, torch.tensor(positions, device=device), mask, self.attention)
-            sample_rows = torch.tensor(last_rows, dtype=torch.long, device=device)  # may be empty
+            mask = to_device(vision_mask, device) if any(vision_mask) else None
+            hidden = self.model(embeds, to_device(positions, device, torch.long), mask, self.attention)
+            sample_rows = to_device(last_rows, device, torch.long)  # may be empty
             logits = self.model.compute_logits(hidden[sample_rows])  # [B_sample, V] fp32
         if not sampling:
             return RunnerOutput()
-        tokens = self.sampler(logits, [s.seq for s in sampling])
-        return RunnerOutput(sampled={s.seq.request_id: t for s, t in zip(sampling, tokens, strict=True)})
+        batch = self.sampler.sample(logits, [s.seq for s in sampling])
+        request_ids = [s.seq.request_id for s in sampling]
+        return RunnerOutput(
+            pending=lambda: dict(zip(request_ids, batch.to_host(), strict=True)),
+            feed=(batch.tokens, {request_id: i for i, request_id in enumerate(request_ids)}),
+        )
 
     def _encode_missing_images(self, out: SchedulerOutput) -> None:
         """One batched vision-tower call for the images this step needs that are not cached."""

@@ -1,8 +1,18 @@
 """The offline engine: requests in, one `step()` at a time, outputs out.
 
-A step is three visible calls: `scheduler.schedule()` -> `runner.execute()` ->
-`scheduler.update()`, then detokenization and stop strings. `generate()` loops steps until every
-request is done; the HTTP server drives `step()` from its own loop.
+A step is four visible calls: `scheduler.schedule()` -> `runner.execute()` (queues the step on
+the device) -> `scheduler.launched()` -> `scheduler.update()` (reads the sampled tokens), then
+detokenization and stop strings. `generate()` loops steps until every request is done; the
+HTTP server drives `step()` from its own loop.
+
+Look-ahead (async scheduling, on by default with CUDA): the host work of a step (reading the
+tokens, stop checks, detokenization, scheduling and building the next batch) otherwise leaves
+the GPU idle, 0.5 ms a step at batch 1 and 2 ms at batch 64 on an H200 (7.4 ms steps, of which
+5.4 ms are GPU). So while decode step N runs, step N + 1 is scheduled and queued with each
+request's newest token read on the device (`Scheduler.schedule_ahead`), and only then are step
+N's tokens read and processed. A request that step N finishes wastes its look-ahead token,
+which is dropped. Steps that need the tokens first (admissions, prefill, penalties) run as
+before.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.batch import SampledToken, SequenceData
+from model.batch import RunnerOutput, SampledToken, SchedulerOutput, SequenceData
 from model.cogvlm import CogVLMForCausalLM
 from model.decode_graphs import MAX_GRAPH_BATCH
 from model.paged_attention import PagedKVCache
@@ -40,6 +50,7 @@ class EngineConfig:
     encoder_cache_size: int = 64  # images whose vision features are kept
     attention_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | torch | triton
     cuda_graphs: bool = True  # CUDA: decode steps replay CUDA graphs (model/decode_graphs.py)
+    async_scheduling: bool | None = None  # look-ahead decode steps (module docstring); None: on with CUDA
 
 
 @dataclass
@@ -85,6 +96,10 @@ class Engine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv
         )
         self.tracked: dict[str, _Tracked] = {}  # internal id -> caller's id, index, detokenizer
+        async_scheduling = config.async_scheduling
+        self.async_scheduling = model.device.type == "cuda" if async_scheduling is None else async_scheduling
+        self.in_flight: tuple[SchedulerOutput, RunnerOutput] | None = None  # queued, tokens not yet read
+        self.num_lookahead_steps = 0
         logger.info("KV pool: %d blocks of %d tokens", num_blocks, config.block_size)
 
     def _num_blocks(self, model: CogVLMForCausalLM, config: EngineConfig) -> int:
@@ -133,11 +148,32 @@ class Engine:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or self.in_flight is not None
 
     def step(self) -> list[RequestOutput]:
+        """Queue one step and return the outputs whose tokens were read during the call: this
+        step's, or with async scheduling the previous step's (this one stays in flight)."""
+        outputs: list[RequestOutput] = []
+        in_flight, self.in_flight = self.in_flight, None
+        if in_flight is not None:
+            ahead = self.scheduler.schedule_ahead()
+            if ahead is not None:
+                result = self.runner.execute(ahead, feed=in_flight[1])
+                self.scheduler.launched(ahead)
+                self.num_lookahead_steps += 1
+                self.in_flight = (ahead, result)
+                return self._process(*in_flight)  # waits for the earlier step only
+            outputs = self._process(*in_flight)
         out = self.scheduler.schedule()
         result = self.runner.execute(out)
+        self.scheduler.launched(out)
+        if self.async_scheduling and result.pending is not None:
+            self.in_flight = (out, result)
+            return outputs
+        return outputs + self._process(out, result)
+
+    def _process(self, out: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
+        """Read a step's tokens; stop checks, detokenization, one output per new token."""
         events = self.scheduler.update(out, result)
         outputs = []
         for event in events:

@@ -94,6 +94,42 @@ class Scheduler:
         self.finished_ids = []
         return out
 
+    def schedule_ahead(self) -> SchedulerOutput | None:
+        """The next decode step, planned while the step in flight has not reported its tokens:
+        each running request adds the token that step sampled (counted, not yet known; the
+        runner reads it on the device). None when the step needs the tokens first: requests
+        waiting to be admitted, a prefill under way, sampling that reads a request's own output
+        (penalties, min_tokens, logprobs), or too few free blocks (preemption recomputes from
+        the real tokens). A request whose token in flight is certainly its last sits it out."""
+        if self.waiting or not self.running or len(self.running) > self.config.max_num_batched_tokens:
+            return None
+        ahead = []
+        for request in self.running:
+            p = request.seq.params
+            if request.num_computed_tokens != request.num_tokens or len(request.output_token_ids) < p.min_tokens \
+                    or p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty \
+                    or p.logprobs is not None:  # fmt: skip
+                return None
+            last = len(request.output_token_ids) + 1 >= request.max_tokens  # the token in flight ends it
+            if not last and request.num_tokens + 1 < self.config.max_model_len:
+                ahead.append(request)
+        if not ahead or sum(self.kv.num_new_blocks(r.seq, r.num_tokens + 1) for r in ahead) > self.kv.num_free_blocks:
+            return None
+        scheduled = []
+        for request in ahead:
+            self.kv.allocate(request.seq, request.num_tokens + 1)  # cannot fail: counted above
+            scheduled.append(self._scheduled(request, 1))  # start == num_tokens: the token in flight
+        out = SchedulerOutput(scheduled=scheduled, finished_request_ids=self.finished_ids)
+        self.finished_ids = []
+        return out
+
+    def launched(self, out: SchedulerOutput) -> None:
+        """The step is queued on the device: its tokens count as computed from now on."""
+        for s in out.scheduled:
+            request = self.requests.get(s.seq.request_id)
+            if request is not None and request.status is RequestStatus.RUNNING:
+                request.num_computed_tokens = max(request.num_computed_tokens, s.end)
+
     def _scheduled(self, request: Request, num_new: int) -> ScheduledSequence:
         start = request.num_computed_tokens
         return ScheduledSequence(request.seq, start, start + num_new, self.kv.block_ids(request.request_id))
@@ -107,17 +143,21 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def update(self, out: SchedulerOutput, result: RunnerOutput) -> list[TokenEvent]:
+        """The step's tokens (waiting for them if they are still on the device)."""
+        result.resolve()
         events = []
         for s in out.scheduled:
             request = self.requests.get(s.seq.request_id)
             if request is None or request.is_finished or request.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
-            request.num_computed_tokens = s.end
-            self.kv.cache_computed(request.seq, s.end)
+            request.num_computed_tokens = max(request.num_computed_tokens, s.end)  # launched() may have run
             token = result.sampled.get(request.request_id)
+            if token is not None:
+                request.output_token_ids.append(token.token_id)
+            # NOTE: a look-ahead step may have computed past the known tokens: key known ones only
+            self.kv.cache_computed(request.seq, min(request.num_computed_tokens, request.num_tokens))
             if token is None:
                 continue  # a prefill chunk that did not reach the end of the prompt
-            request.output_token_ids.append(token.token_id)
             reason = self._stop_reason(request, token.token_id)
             if reason is not None:
                 self.finish(request.request_id, reason)

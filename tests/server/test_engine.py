@@ -186,10 +186,15 @@ def test_decode_graph_sizes():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend, cuda_graphs", [("triton", True), ("triton", False), ("torch", True)])
-def test_engine_on_cuda_matches_the_cpu_reference(tiny_checkpoint, prompts_and_reference, backend, cuda_graphs):
+@pytest.mark.parametrize(
+    "backend, cuda_graphs, look_ahead",
+    [("triton", True, True), ("triton", False, True), ("torch", True, True), ("triton", True, False)],
+)
+def test_engine_on_cuda_matches_the_cpu_reference(
+    tiny_checkpoint, prompts_and_reference, backend, cuda_graphs, look_ahead
+):
     """fp32 on CUDA: Triton expert and paged-attention kernels, compiled, chunked prefill, decode
-    steps replayed from CUDA graphs (or eager)."""
+    steps replayed from CUDA graphs (or eager), look-ahead decode steps (or not)."""
     from model.weights import load_model
     from server.engine import Engine, EngineConfig
     from tests.server.engine_helpers import make_setup
@@ -200,8 +205,9 @@ def test_engine_on_cuda_matches_the_cpu_reference(tiny_checkpoint, prompts_and_r
         load_model(tiny_checkpoint, torch.float32, "cuda"),
         cpu.processor,
         EngineConfig(num_kv_blocks=512, max_num_batched_tokens=40, attention_backend=backend, max_num_seqs=12,
-                     cuda_graphs=cuda_graphs),
+                     cuda_graphs=cuda_graphs, async_scheduling=look_ahead),
     )  # fmt: skip
     assert run(engine, prompts) == reference
+    assert (engine.num_lookahead_steps > 0) == look_ahead
     graphs = engine.runner.decode_graphs
     assert (graphs is not None and len(graphs.graphs) == len(graphs.sizes) and graphs.num_runs > 0) == cuda_graphs

@@ -1,0 +1,127 @@
+"""Look-ahead decode steps (EngineConfig.async_scheduling) change when tokens are read, never
+which tokens come out: the same workload gives the same outputs with and without, on CPU too
+(the device there is the CPU: nothing overlaps, but every code path runs)."""
+
+import pytest
+import torch
+
+from model.sampling_params import SamplingParams
+from tests.server.engine_helpers import greedy, make_setup
+
+MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoint):
+    return make_setup(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def prompts_and_reference(setup):
+    prompts = setup.prompts(12)
+    return prompts, [setup.reference(p, MAX_TOKENS) for p in prompts]
+
+
+def summary(outputs):
+    return [[(o.index, o.token_ids, o.text, o.finish_reason) for o in per_request] for per_request in outputs]
+
+
+def test_lookahead_gives_the_reference_tokens(setup, prompts_and_reference):
+    prompts, reference = prompts_and_reference
+    engine = setup.engine(async_scheduling=True)
+    outputs = engine.generate([(p, greedy(MAX_TOKENS)) for p in prompts])
+    assert [o[0].token_ids for o in outputs] == reference
+    assert engine.num_lookahead_steps >= MAX_TOKENS - 2  # every decode step after the first looked ahead
+    assert engine.kv.num_free_blocks == len(engine.kv.pool.blocks) and not engine.has_unfinished
+
+
+def test_every_sampling_feature_gives_the_same_outputs(setup, prompts_and_reference):
+    """Seeded sampling, n > 1, stop strings and stop ids found mid-way (the look-ahead token is
+    dropped), max_tokens of 1 to 6, and requests that force steps back to reading tokens first
+    (penalties, min_tokens, logprobs) in the same batches."""
+    prompts, reference = prompts_and_reference
+    stop_id = reference[2][2]  # greedy request 2 stops at its third token
+    stop_text = setup.processor.decode(reference[1])[2:4]  # request 4 asks prompt 1 with this stop
+    assert stop_text.strip() and "\ufffd" not in stop_text
+    params = [
+        greedy(12),
+        SamplingParams(temperature=1.0, top_p=0.9, seed=11, max_tokens=9, ignore_eos=True),
+        greedy(MAX_TOKENS, stop_token_ids=(stop_id,)),
+        SamplingParams(temperature=0.8, top_k=5, min_p=0.05, seed=3, n=2, max_tokens=8),
+        greedy(MAX_TOKENS, stop=(stop_text,)),
+        greedy(1),
+        greedy(2),
+        SamplingParams(temperature=0.7, repetition_penalty=1.3, seed=5, max_tokens=3),
+        greedy(10, min_tokens=3),
+        greedy(3, logprobs=2),
+        SamplingParams(temperature=1.2, seed=8, max_tokens=4, frequency_penalty=0.5),
+        greedy(12),
+    ]
+    workload = list(zip(prompts, params, strict=True))
+    workload[4] = (prompts[1], workload[4][1])
+    sync = setup.engine(async_scheduling=False).generate(workload)
+    engine = setup.engine(async_scheduling=True)
+    assert summary(engine.generate(workload)) == summary(sync)
+    assert sync[2][0].finish_reason == "stop" and len(sync[2][0].token_ids) == 3
+    assert sync[4][0].finish_reason == "stop" and stop_text not in sync[4][0].text
+    # the penalised and logprob requests finish early: the greedy tail then looks ahead again
+    assert engine.num_lookahead_steps > 0
+    assert engine.kv.num_free_blocks == len(engine.kv.pool.blocks)
+
+
+def test_lookahead_steps_only_where_tokens_are_not_needed(setup, prompts_and_reference):
+    """A penalty reads the request's own output: while it runs, no step looks ahead."""
+    prompts, _ = prompts_and_reference
+    engine = setup.engine(async_scheduling=True)
+    penalised = SamplingParams(temperature=0.0, presence_penalty=1.0, max_tokens=MAX_TOKENS)
+    engine.generate([(prompts[1], penalised), (prompts[3], greedy(MAX_TOKENS))])
+    assert engine.num_lookahead_steps == 0
+
+
+def test_aborts_with_a_step_in_flight(setup, prompts_and_reference):
+    prompts, reference = prompts_and_reference
+    engine = setup.engine(async_scheduling=True)
+    for i, prompt in enumerate(prompts[:8]):
+        engine.add_request(f"r{i}", prompt, greedy(MAX_TOKENS))
+    finished, aborted = {}, ("r1", "r4", "r6")
+    for step in range(100):
+        if step == 3:
+            assert engine.in_flight is not None  # the abort lands while a step is queued
+            for rid in aborted:
+                engine.abort(rid)
+        for out in engine.step():
+            assert out.request_id not in aborted or step < 3
+            if out.finished:
+                finished[out.request_id] = out.token_ids
+        if not engine.has_unfinished:
+            break
+    assert set(finished) == {"r0", "r2", "r3", "r5", "r7"}
+    assert all(tokens == reference[int(rid[1:])] for rid, tokens in finished.items())
+    assert engine.kv.num_free_blocks == len(engine.kv.pool.blocks)
+
+
+def test_preemption_and_prefix_cache_with_lookahead(setup, prompts_and_reference):
+    prompts, reference = prompts_and_reference
+    engine = setup.engine(num_kv_blocks=14, max_num_batched_tokens=64, async_scheduling=True)
+    assert [o[0].token_ids for o in engine.generate([(p, greedy(MAX_TOKENS)) for p in prompts])] == reference
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.kv.num_free_blocks == 14
+    # blocks keyed after look-ahead steps hold the right K/V: a second run hits them, same tokens
+    engine = setup.engine(async_scheduling=True)
+    first = engine.generate([(prompts[0], greedy(MAX_TOKENS))])[0][0].token_ids
+    hits = engine.kv.num_prefix_hits
+    assert engine.generate([(prompts[0], greedy(MAX_TOKENS))])[0][0].token_ids == first == reference[0]
+    assert engine.kv.num_prefix_hits > hits
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter variant; CUDA runs test_engine's CUDA test")
+def test_lookahead_through_the_decode_graph_path(setup, prompts_and_reference):
+    """The graph path's static buffers take the fed tokens (uncaptured on CPU, Triton attention
+    in the interpreter)."""
+    prompts, reference = prompts_and_reference
+    engine = setup.engine(max_num_batched_tokens=64, async_scheduling=True)
+    engine.runner.enable_decode_graphs(max_batch=4, max_model_len=engine.max_model_len, capture=False)
+    picked, lengths = [0, 1, 3], [6, 5, 4]
+    outputs = engine.generate([(prompts[i], greedy(n)) for i, n in zip(picked, lengths, strict=True)])
+    assert [o[0].token_ids for o in outputs] == [reference[i][:n] for i, n in zip(picked, lengths, strict=True)]
+    assert engine.runner.decode_graphs.num_runs > 0 and engine.num_lookahead_steps > 0
