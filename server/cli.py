@@ -109,6 +109,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="auto: triton on CUDA, torch on CPU")  # fmt: skip
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no CUDA graphs: decode steps run eagerly (slower; for debugging)")  # fmt: skip
+    parser.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
+                        help="look-ahead decode steps hide host work behind the GPU (auto: on with CUDA)")  # fmt: skip
 
 
 def require_at_least_one(args: argparse.Namespace, *names: str) -> None:
@@ -126,6 +128,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len, block_size=args.block_size, kv_cache_gb=args.kv_cache_gb,
         gpu_memory_fraction=args.gpu_memory_fraction, enable_prefix_caching=not args.no_prefix_caching,
         attention_backend=args.attention_backend, cuda_graphs=not args.enforce_eager,
+        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
     )  # fmt: skip
 
 

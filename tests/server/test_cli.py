@@ -148,3 +148,13 @@ def test_generate_goes_through_the_engine_and_matches_the_reference(capsys, tiny
     inputs = processor.build(Conversation(query="Describe the picture.", image=open_image(image_file)))
     want = generate_reference(load_model(tiny_checkpoint), inputs, GenerationParams(max_tokens=6))
     assert out["output_token_ids"] == want.output_token_ids
+
+
+@pytest.mark.parametrize(
+    "flag, want", [([], None), (["--async-scheduling", "on"], True), (["--async-scheduling", "off"], False)]
+)
+def test_async_scheduling_flag(flag, want):
+    from server.cli import build_parser, engine_config
+
+    args = build_parser().parse_args(["serve", "--model", "m", *flag])
+    assert engine_config(args).async_scheduling is want
