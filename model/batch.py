@@ -97,12 +97,12 @@ class SampledToken:
 @dataclass
 class RunnerOutput:
     """The tokens a step sampled. A step whose tokens are still on the device carries `pending`,
-    which waits for that step alone and reads them; `feed` is the runner's handle to the device
-    copy, from which a look-ahead step takes its input tokens."""
+    which waits for that step alone and reads them, and `feed`, from which a look-ahead step
+    takes its input tokens on the device."""
 
     sampled: dict[str, SampledToken] = field(default_factory=dict)  # request_id -> token
     pending: Callable[[], dict[str, SampledToken]] | None = None
-    feed: object | None = None
+    feed: tuple | None = None  # ([B] int64 tokens on the device, {request_id: row})
 
     def resolve(self) -> RunnerOutput:
         if self.pending is not None:
