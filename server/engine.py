@@ -8,11 +8,13 @@ HTTP server drives `step()` from its own loop.
 Look-ahead (async scheduling, on by default with CUDA): the host work of a step (reading the
 tokens, stop checks, detokenization, scheduling and building the next batch) otherwise leaves
 the GPU idle: on an H200 (CogVLM-17B, CUDA graphs) 0.6 ms of a 5.05 ms step at batch 1 and 1.7
-ms of a 7.1 ms step at batch 64. So while decode step N runs, step N + 1 is scheduled and queued
-with each request's newest token read on the device (`Scheduler.schedule_ahead`), and only then
-are step N's tokens read and processed: 4.48 and 5.45 ms a step, the graph replay's own time. A
-request that step N finishes wastes its look-ahead token, which is dropped. Steps that need the
-tokens first (admissions, prefill, penalties, logprobs) run as before.
+ms of a 7.1 ms step at batch 64. So while step N runs, step N + 1 is scheduled and queued with
+each decode's newest token read on the device (`Scheduler.schedule(ahead=True)`), and only then
+are step N's tokens read and processed: 4.48 and 5.45 ms a step, the graph replay's own time.
+Prefill chunks and admissions plan ahead the same way (their tokens are the prompt's). A request
+that step N finishes wastes its look-ahead token, which is dropped. Steps that need the tokens
+first (a preemption; penalties, min_tokens or logprobs on a request with a token in flight) run
+as before.
 """
 
 from __future__ import annotations
@@ -156,8 +158,8 @@ class Engine:
         outputs: list[RequestOutput] = []
         in_flight, self.in_flight = self.in_flight, None
         if in_flight is not None:
-            ahead = self.scheduler.schedule_ahead()
-            if ahead is not None:
+            ahead = self.scheduler.schedule(ahead=True)
+            if ahead is not None and ahead.scheduled:
                 result = self.runner.execute(ahead, feed=in_flight[1])
                 self.scheduler.launched(ahead)
                 self.num_lookahead_steps += 1

@@ -56,15 +56,30 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, ahead: bool = False) -> SchedulerOutput | None:
+        """ahead: plan the step while the step in flight has not reported its tokens. A running
+        request whose tokens are all computed then has one more, the token that step sampled
+        (counted, not yet known: the runner reads it on the device); if that token is certainly
+        its last, the request sits the step out. Returns None where the step needs the tokens
+        first: a preemption (it recomputes from the real tokens), or a request with a token in
+        flight whose sampling reads its own output (penalties, min_tokens, logprobs)."""
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
         preempted = False
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            in_flight = ahead and request.num_computed_tokens == request.num_tokens
+            if in_flight:
+                if not self._can_sample_ahead(request):
+                    return None
+                if self._last_token(request):
+                    index += 1
+                    continue
+            num_new = min(request.num_tokens + in_flight - request.num_computed_tokens, budget)
             while not self.kv.allocate(request.seq, request.num_computed_tokens + num_new):
+                if ahead:
+                    return None  # NOTE: blocks taken for the requests before stay theirs: no leak
                 victim = self.running.pop()  # newest first
                 self._preempt(victim)
                 preempted = True
@@ -94,34 +109,16 @@ class Scheduler:
         self.finished_ids = []
         return out
 
-    def schedule_ahead(self) -> SchedulerOutput | None:
-        """The next decode step, planned while the step in flight has not reported its tokens:
-        each running request adds the token that step sampled (counted, not yet known; the
-        runner reads it on the device). None when the step needs the tokens first: requests
-        waiting to be admitted, a prefill under way, sampling that reads a request's own output
-        (penalties, min_tokens, logprobs), or too few free blocks (preemption recomputes from
-        the real tokens). A request whose token in flight is certainly its last sits it out."""
-        if self.waiting or not self.running or len(self.running) > self.config.max_num_batched_tokens:
-            return None
-        ahead = []
-        for request in self.running:
-            p = request.seq.params
-            if request.num_computed_tokens != request.num_tokens or len(request.output_token_ids) < p.min_tokens \
-                    or p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty \
-                    or p.logprobs is not None:  # fmt: skip
-                return None
-            last = len(request.output_token_ids) + 1 >= request.max_tokens  # the token in flight ends it
-            if not last and request.num_tokens + 1 < self.config.max_model_len:
-                ahead.append(request)
-        if not ahead or sum(self.kv.num_new_blocks(r.seq, r.num_tokens + 1) for r in ahead) > self.kv.num_free_blocks:
-            return None
-        scheduled = []
-        for request in ahead:
-            self.kv.allocate(request.seq, request.num_tokens + 1)  # cannot fail: counted above
-            scheduled.append(self._scheduled(request, 1))  # start == num_tokens: the token in flight
-        out = SchedulerOutput(scheduled=scheduled, finished_request_ids=self.finished_ids)
-        self.finished_ids = []
-        return out
+    @staticmethod
+    def _can_sample_ahead(request: Request) -> bool:
+        p = request.seq.params
+        reads_output = p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
+        return not reads_output and p.logprobs is None and len(request.output_token_ids) >= p.min_tokens
+
+    def _last_token(self, request: Request) -> bool:
+        """The token in flight ends the request whatever its value (see _stop_reason)."""
+        return len(request.output_token_ids) + 1 >= request.max_tokens or \
+            request.num_tokens + 1 >= self.config.max_model_len  # fmt: skip
 
     def launched(self, out: SchedulerOutput) -> None:
         """The step is queued on the device: its tokens count as computed from now on."""
