@@ -47,7 +47,8 @@ class ModelRunner:
         self.encoder_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # image hash -> [N_img, hidden]
         self.num_images_encoded = 0  # for tests and metrics: vision tower runs, one per image
         self.num_encoder_cache_hits = 0  # images a step needed that were already encoded
-        self.encode_seconds: list[float] = []  # one per vision-tower call; drained by the metrics
+        self._encode_seconds: list[float] = []  # vision-tower calls timed, not yet drained
+        self._encode_timers: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # CUDA: start, end
         self.decode_graphs: DecodeGraphs | None = None  # see enable_decode_graphs
 
     def enable_decode_graphs(self, max_batch: int, max_model_len: int, capture: bool = True) -> None:
@@ -140,6 +141,14 @@ class ModelRunner:
             feed=(batch.tokens, {request_id: i for i, request_id in enumerate(request_ids)}),
         )
 
+    def drain_encode_seconds(self) -> list[float]:
+        """Seconds of each vision-tower call finished since the last drain (the metrics')."""
+        while self._encode_timers and self._encode_timers[0][1].query():
+            begin, end = self._encode_timers.pop(0)
+            self._encode_seconds.append(begin.elapsed_time(end) / 1e3)
+        drained, self._encode_seconds = self._encode_seconds, []
+        return drained
+
     def _encode_missing_images(self, out: SchedulerOutput) -> None:
         """One batched vision-tower call for the images this step needs that are not cached."""
         needed: dict[str, torch.Tensor] = {}
@@ -157,11 +166,16 @@ class ModelRunner:
         if not needed:
             return
         start = time.perf_counter()
-        pixels = torch.stack(list(needed.values())).to(self.model.device)
+        pixels = torch.stack(list(needed.values())).to(self.model.device, non_blocking=True)
+        if pixels.is_cuda:  # timed by events, read once done: a sync here would stall look-ahead
+            events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            events[0].record()
         features = self.model.encode_images(pixels)  # [N, num_image_tokens, hidden]
-        if features.is_cuda:
-            torch.cuda.synchronize()  # NOTE: only to time the tower; one sync per step that encodes
-        self.encode_seconds.append(time.perf_counter() - start)
+        if pixels.is_cuda:
+            events[1].record()
+            self._encode_timers.append(events)
+        else:
+            self._encode_seconds.append(time.perf_counter() - start)
         self.num_images_encoded += len(needed)
         for image_hash, feats in zip(needed, features, strict=True):
             self.encoder_cache[image_hash] = feats

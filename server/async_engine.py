@@ -137,5 +137,5 @@ class AsyncEngine:
         self._last_encoder_hits = runner.num_encoder_cache_hits
         m.num_preemptions.inc(engine.scheduler.num_preemptions - self._last_preemptions)
         self._last_preemptions = engine.scheduler.num_preemptions
-        while runner.encode_seconds:
-            m.vision_encode.observe(runner.encode_seconds.pop())
+        for seconds in runner.drain_encode_seconds():
+            m.vision_encode.observe(seconds)

@@ -76,6 +76,15 @@ def test_prefix_cache_hits_give_the_same_tokens(setup):
     assert engine.runner.num_images_encoded == 1  # the encoder cache served the rest
 
 
+def test_vision_tower_calls_are_timed_once(setup):
+    images = [p for p in setup.prompts(6) if p.pixels is not None][:2]  # two different images
+    engine = setup.engine(max_num_batched_tokens=8)  # one chunk at a time: two tower calls
+    run(engine, images)
+    seconds = engine.runner.drain_encode_seconds()
+    assert len(seconds) == engine.runner.num_images_encoded == 2 and all(s > 0 for s in seconds)
+    assert engine.runner.drain_encode_seconds() == []
+
+
 def test_different_images_never_share_blocks(setup):
     a = setup.processor.build(Conversation(query="Hi", image=setup.images[0]))
     b = setup.processor.build(Conversation(query="Hi", image=setup.images[1]))
