@@ -26,8 +26,8 @@ class SequenceData:
         return self.prompt.num_tokens
 
     @property
-    def num_tokens(self) -> int:
-        return self.prompt.num_tokens + len(self.output_token_ids)
+    def num_tokens(self) -> int:  # NOTE: read several times per sequence per step: no property chain
+        return len(self.prompt.input_ids) + len(self.output_token_ids)
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens start..end-1 of prompt + output, without concatenating the two (a decode step

@@ -81,10 +81,13 @@ class ModelRunner:
             else:
                 input_ids += seq.token_ids(start, end)
             positions += seq.positions(start, end)
-            vision_mask += [
-                seq.token_type(i) == VISION_TOKEN_TYPE and seq.token_type(i + 1) == VISION_TOKEN_TYPE
-                for i in range(start, end)
-            ]
+            if start + 1 >= len(seq.prompt.token_type_ids):  # past the prompt: text, on the language expert
+                vision_mask += [False] * (end - start)
+            else:
+                vision_mask += [
+                    seq.token_type(i) == VISION_TOKEN_TYPE and seq.token_type(i + 1) == VISION_TOKEN_TYPE
+                    for i in range(start, end)
+                ]
             slots += [s.block_ids[i // block_size] * block_size + i % block_size for i in range(start, end)]
             prompt = seq.prompt
             if prompt.image_slots:

@@ -135,6 +135,8 @@ class KVCacheManager:
         is short."""
         held = self.requests.get(seq.request_id)
         num_held = len(held.block_ids) if held else 0
+        if not hits and num_tokens_after <= num_held * self.block_size:
+            return True  # a decode inside its last block: 15 steps in 16
         num_needed = -(-num_tokens_after // self.block_size) - num_held - len(hits)
         hits_from_free = sum(1 for b in hits if self.pool.blocks[b].ref_count == 0)
         if num_needed + hits_from_free > self.pool.num_free:
