@@ -1,4 +1,4 @@
-"""Look-ahead decode steps (EngineConfig.async_scheduling) change when tokens are read, never
+"""Look-ahead steps (EngineConfig.async_scheduling) change when tokens are read, never
 which tokens come out: the same workload gives the same outputs with and without, on CPU too
 (the device there is the CPU: nothing overlaps, but every code path runs)."""
 
@@ -62,7 +62,7 @@ def test_lookahead_with_chunked_prefill_and_a_queue(setup, prompts_and_reference
 
 def test_every_sampling_feature_gives_the_same_outputs(setup, prompts_and_reference):
     """Seeded sampling, n > 1, stop strings and stop ids found mid-way (the look-ahead token is
-    dropped), max_tokens of 1 to 6, and requests that force steps back to reading tokens first
+    dropped), max_tokens of 1 to 12, and requests that force steps back to reading tokens first
     (penalties, min_tokens, logprobs) in the same batches."""
     prompts, reference = prompts_and_reference
     stop_id = reference[2][2]  # greedy request 2 stops at its third token
