@@ -20,39 +20,46 @@ from model.transfer import to_device
 
 @dataclass
 class SampledBatch:
-    """One step's samples, still on the device; `to_host` waits for this step alone."""
+    """One step's samples, on the device; `to_host` waits for this step alone and reads them
+    from one pinned copy (per-row reads would each wait for everything queued)."""
 
-    tokens: torch.Tensor  # [B] int64, on the device
     params: list[SamplingParams]
-    logprobs: torch.Tensor | None  # [B, V] raw log-softmax, when a row asks for logprobs
-    host_tokens: torch.Tensor | None = None  # CUDA: pinned copy of tokens, written after `ready`
+    tokens: torch.Tensor  # [B] int64: also the next look-ahead step's inputs
+    logprobs: torch.Tensor | None = None  # [B] fp32: each sampled token's logprob, when a row asks
+    top_values: torch.Tensor | None = None  # [B, K] fp32: the K best logprobs, K the most a row asks
+    top_indices: torch.Tensor | None = None  # [B, K] int64
+    host: dict[str, torch.Tensor] | None = None  # CUDA: pinned copies of the above, valid after `ready`
     ready: torch.cuda.Event | None = None
 
-    @staticmethod
-    def start_copy(tokens: torch.Tensor, params: list[SamplingParams], logprobs: torch.Tensor | None) -> SampledBatch:
-        if not tokens.is_cuda:
-            return SampledBatch(tokens, params, logprobs)
-        # NOTE: a plain .tolist() would wait for everything queued, the next step included
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return SampledBatch(tokens, params, logprobs, host, ready)
+    def start_copy(self) -> SampledBatch:
+        if self.tokens.is_cuda:
+            # NOTE: a plain .tolist() would wait for everything queued, the next step included
+            self.host = {
+                name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                for name in ("tokens", "logprobs", "top_values", "top_indices")
+                if (t := getattr(self, name)) is not None
+            }
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        return self
 
     def to_host(self) -> list[SampledToken]:
         if self.ready is not None:
             self.ready.synchronize()
-            tokens = self.host_tokens.tolist()
-        else:
-            tokens = self.tokens.tolist()
+        host = self.host or {"tokens": self.tokens, "logprobs": self.logprobs, "top_values": self.top_values,
+                             "top_indices": self.top_indices}  # fmt: skip
+        tokens = host["tokens"].tolist()
+        logprobs = host["logprobs"].tolist() if host.get("logprobs") is not None else None
+        top_values = host["top_values"].tolist() if host.get("top_values") is not None else None
+        top_indices = host["top_indices"].tolist() if host.get("top_indices") is not None else None
         out = []
         for i, (token, p) in enumerate(zip(tokens, self.params, strict=True)):
             result = SampledToken(token_id=token)
             if p.logprobs is not None:
-                result.logprob = float(self.logprobs[i, token])
+                result.logprob = logprobs[i]
                 if p.logprobs:
-                    top = self.logprobs[i].topk(p.logprobs)
-                    result.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+                    k = p.logprobs
+                    result.top_logprobs = list(zip(top_indices[i][:k], top_values[i][:k], strict=True))
             out.append(result)
         return out
 
@@ -82,7 +89,13 @@ class Sampler:
         tokens = logits.argmax(dim=-1)
         if not all(greedy):
             tokens = torch.where(to_device(greedy, device), tokens, self._sample(logits, seqs))
-        return SampledBatch.start_copy(tokens, params, logprobs)
+        batch = SampledBatch(params, tokens)
+        if logprobs is not None:  # [B, V] -> what the rows asked for, gathered for the whole batch
+            batch.logprobs = logprobs.gather(1, tokens[:, None])[:, 0]
+            most = max(p.logprobs or 0 for p in params)
+            if most:
+                batch.top_values, batch.top_indices = logprobs.topk(most, dim=-1)
+        return batch.start_copy()
 
     def _sample(self, logits: torch.Tensor, seqs: list[SequenceData]) -> torch.Tensor:  # [B] token ids
         params = [s.params for s in seqs]

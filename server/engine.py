@@ -13,8 +13,8 @@ each decode's newest token read on the device (`Scheduler.schedule(ahead=True)`)
 are step N's tokens read and processed: 4.48 and 5.45 ms a step, the graph replay's own time.
 Prefill chunks and admissions plan ahead the same way (their tokens are the prompt's). A request
 that step N finishes wastes its look-ahead token, which is dropped. Steps that need the tokens
-first (a preemption; penalties, min_tokens or logprobs on a request with a token in flight) run
-as before.
+first (a preemption; penalties or min_tokens on a request with a token in flight) run as
+before.
 """
 
 from __future__ import annotations

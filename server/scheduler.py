@@ -62,7 +62,7 @@ class Scheduler:
         (counted, not yet known: the runner reads it on the device); if that token is certainly
         its last, the request sits the step out. Returns None where the step needs the tokens
         first: a preemption (it recomputes from the real tokens), or a request with a token in
-        flight whose sampling reads its own output (penalties, min_tokens, logprobs)."""
+        flight whose sampling reads its own output (penalties, min_tokens)."""
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
         preempted = False
@@ -113,7 +113,7 @@ class Scheduler:
     def _can_sample_ahead(request: Request) -> bool:
         p = request.seq.params
         reads_output = p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
-        return not reads_output and p.logprobs is None and len(request.output_token_ids) >= p.min_tokens
+        return not reads_output and len(request.output_token_ids) >= p.min_tokens
 
     def _last_token(self, request: Request) -> bool:
         """The token in flight ends the request whatever its value (see _stop_reason)."""

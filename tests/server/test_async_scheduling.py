@@ -23,7 +23,11 @@ def prompts_and_reference(setup):
 
 
 def summary(outputs):
-    return [[(o.index, o.token_ids, o.text, o.finish_reason) for o in per_request] for per_request in outputs]
+    def one(o):
+        logprobs = [(t.token_id, t.logprob, t.top_logprobs) for t in o.new_logprobs]
+        return o.index, o.token_ids, o.text, o.finish_reason, logprobs
+
+    return [[one(o) for o in per_request] for per_request in outputs]
 
 
 def test_lookahead_gives_the_reference_tokens(setup, prompts_and_reference):
@@ -62,8 +66,8 @@ def test_lookahead_with_chunked_prefill_and_a_queue(setup, prompts_and_reference
 
 def test_every_sampling_feature_gives_the_same_outputs(setup, prompts_and_reference):
     """Seeded sampling, n > 1, stop strings and stop ids found mid-way (the look-ahead token is
-    dropped), max_tokens of 1 to 12, and requests that force steps back to reading tokens first
-    (penalties, min_tokens, logprobs) in the same batches."""
+    dropped), max_tokens of 1 to 12, logprobs (read back with the tokens), and requests that
+    force steps back to reading tokens first (penalties, min_tokens) in the same batches."""
     prompts, reference = prompts_and_reference
     stop_id = reference[2][2]  # greedy request 2 stops at its third token
     stop_text = setup.processor.decode(reference[1])[2:4]  # request 4 asks prompt 1 with this stop
@@ -89,7 +93,8 @@ def test_every_sampling_feature_gives_the_same_outputs(setup, prompts_and_refere
     assert summary(engine.generate(workload)) == summary(sync)
     assert sync[2][0].finish_reason == "stop" and len(sync[2][0].token_ids) == 3
     assert sync[4][0].finish_reason == "stop" and stop_text not in sync[4][0].text
-    # the penalised and logprob requests finish early: the greedy tail then looks ahead again
+    assert len(sync[9][0].new_logprobs) == 3 and len(sync[9][0].new_logprobs[0].top_logprobs) == 2
+    # the penalised requests finish early: the rest then looks ahead again
     assert engine.num_lookahead_steps > 0
     assert engine.kv.num_free_blocks == len(engine.kv.pool.blocks)
 
