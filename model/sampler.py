@@ -64,6 +64,16 @@ class SampledBatch:
         return out
 
 
+def _token_counts(ids: list[int], in_flight: torch.Tensor | None, vocab: int, device) -> torch.Tensor:
+    """[V] fp32 occurrences of each token id among ids (and the token in flight, -1 for none).
+    Fixed-size scatter: bincount and unique would read the ids' range back from the device."""
+    ids_t = to_device(ids, device, torch.long)
+    if in_flight is not None:
+        ids_t = torch.cat([ids_t, in_flight])
+    valid = ((ids_t >= 0) & (ids_t < vocab)).to(torch.float32)  # ids past the vocab (none expected) count 0
+    return torch.zeros(vocab, device=device).index_add_(0, ids_t.clamp(0, vocab - 1), valid)
+
+
 class Sampler:
     def __init__(self, eos_token_ids: tuple[int, ...]):
         self.eos_token_ids = eos_token_ids
@@ -76,14 +86,22 @@ class Sampler:
         """logits: [B, vocab] fp32, one row per sequence that samples this step."""
         return self.sample(logits, seqs).to_host()
 
-    def sample(self, logits: torch.Tensor, seqs: list[SequenceData]) -> SampledBatch:
-        """Everything on the device, nothing read back: the host may queue the next step first."""
+    def sample(
+        self,
+        logits: torch.Tensor,  # [B, V] fp32
+        seqs: list[SequenceData],
+        pending: list[bool] | None = None,  # rows whose newest token is in flight, not in output_token_ids
+        pending_tokens: torch.Tensor | None = None,  # [B] int64 on the device: those tokens, -1 elsewhere
+    ) -> SampledBatch:
+        """Everything on the device, nothing read back: the host may queue the next step first.
+        A look-ahead row counts its token in flight as generated (min_tokens, penalties)."""
         device = logits.device
         params = [s.params for s in seqs]
+        pending = pending or [False] * len(seqs)
         logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
         logits = logits.clone()
-        self._apply_penalties(logits, seqs)
-        self._mask_stop_tokens(logits, seqs)
+        self._apply_penalties(logits, seqs, pending_tokens)
+        self._mask_stop_tokens(logits, seqs, pending)
 
         greedy = [p.is_greedy for p in params]
         tokens = logits.argmax(dim=-1)
@@ -123,24 +141,27 @@ class Sampler:
         return gen
 
     @staticmethod
-    def _apply_penalties(logits: torch.Tensor, seqs: list[SequenceData]) -> None:
+    def _apply_penalties(logits: torch.Tensor, seqs: list[SequenceData], pending_tokens: torch.Tensor | None = None):
         vocab = logits.shape[1]
         for i, seq in enumerate(seqs):
             p = seq.params
-            if p.repetition_penalty != 1.0:
-                seen = to_device(seq.prompt.input_ids + seq.output_token_ids, logits.device)
-                seen = seen[seen < vocab].unique()
-                row = logits[i, seen]
-                logits[i, seen] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-            if (p.frequency_penalty or p.presence_penalty) and seq.output_token_ids:
-                out_ids = to_device(seq.output_token_ids, logits.device)
-                counts = torch.bincount(out_ids, minlength=vocab)[:vocab].to(logits.dtype)
+            repetition, additive = p.repetition_penalty != 1.0, bool(p.frequency_penalty or p.presence_penalty)
+            if not (repetition or additive):
+                continue
+            in_flight = pending_tokens[i : i + 1] if pending_tokens is not None else None
+            counts = _token_counts(seq.output_token_ids, in_flight, vocab, logits.device)  # [V]
+            if repetition:
+                seen = (counts + _token_counts(seq.prompt.input_ids, None, vocab, logits.device)) > 0
+                row = logits[i]
+                logits[i] = torch.where(seen, torch.where(row > 0, row / p.repetition_penalty,
+                                                          row * p.repetition_penalty), row)  # fmt: skip
+            if additive:
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
-    def _mask_stop_tokens(self, logits: torch.Tensor, seqs: list[SequenceData]) -> None:
+    def _mask_stop_tokens(self, logits: torch.Tensor, seqs: list[SequenceData], pending: list[bool]) -> None:
         for i, seq in enumerate(seqs):
             p = seq.params
-            if len(seq.output_token_ids) < p.min_tokens:
+            if len(seq.output_token_ids) + pending[i] < p.min_tokens:
                 stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
                 stop_ids = [t for t in stop_ids if t < logits.shape[1]]
                 logits[i, to_device(stop_ids, logits.device, torch.long)] = float("-inf")

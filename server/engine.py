@@ -11,10 +11,10 @@ the GPU idle: on an H200 (CogVLM-17B, CUDA graphs) 0.6 ms of a 5.05 ms step at b
 ms of a 7.1 ms step at batch 64. So while step N runs, step N + 1 is scheduled and queued with
 each decode's newest token read on the device (`Scheduler.schedule(ahead=True)`), and only then
 are step N's tokens read and processed: 4.48 and 5.45 ms a step, the graph replay's own time.
-Prefill chunks and admissions plan ahead the same way (their tokens are the prompt's). A request
-that step N finishes wastes its look-ahead token, which is dropped. Steps that need the tokens
-first (a preemption; penalties or min_tokens on a request with a token in flight) run as
-before.
+Prefill chunks and admissions plan ahead the same way (their tokens are the prompt's), and the
+sampler counts a token in flight for penalties and min_tokens on the device. A request that step
+N finishes wastes its look-ahead token, which is dropped. A step that would preempt waits for
+the tokens first (a preempted request recomputes from them).
 """
 
 from __future__ import annotations

@@ -59,10 +59,9 @@ class Scheduler:
     def schedule(self, ahead: bool = False) -> SchedulerOutput | None:
         """ahead: plan the step while the step in flight has not reported its tokens. A running
         request whose tokens are all computed then has one more, the token that step sampled
-        (counted, not yet known: the runner reads it on the device); if that token is certainly
-        its last, the request sits the step out. Returns None where the step needs the tokens
-        first: a preemption (it recomputes from the real tokens), or a request with a token in
-        flight whose sampling reads its own output (penalties, min_tokens)."""
+        (counted, not yet known: the runner and the sampler read it on the device); if that
+        token is certainly its last, the request sits the step out. Returns None where the step
+        would preempt: a preempted request recomputes from its real tokens."""
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
         preempted = False
@@ -70,12 +69,9 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             in_flight = ahead and request.num_computed_tokens == request.num_tokens
-            if in_flight:
-                if not self._can_sample_ahead(request):
-                    return None
-                if self._last_token(request):
-                    index += 1
-                    continue
+            if in_flight and self._last_token(request):
+                index += 1
+                continue
             num_new = min(request.num_tokens + in_flight - request.num_computed_tokens, budget)
             while not self.kv.allocate(request.seq, request.num_computed_tokens + num_new):
                 if ahead:
@@ -108,12 +104,6 @@ class Scheduler:
         out = SchedulerOutput(scheduled=scheduled, finished_request_ids=self.finished_ids)
         self.finished_ids = []
         return out
-
-    @staticmethod
-    def _can_sample_ahead(request: Request) -> bool:
-        p = request.seq.params
-        reads_output = p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
-        return not reads_output and len(request.output_token_ids) >= p.min_tokens
 
     def _last_token(self, request: Request) -> bool:
         """The token in flight ends the request whatever its value (see _stop_reason)."""

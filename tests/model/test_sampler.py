@@ -56,6 +56,25 @@ def test_penalties_follow_the_openai_and_vllm_formulas():
     assert negative[0, 0] == -2.0  # negative logits are multiplied
 
 
+def test_a_token_in_flight_counts_as_generated():
+    """Look-ahead rows: the token the previous step sampled is on the device, not yet in
+    output_token_ids; penalties and min_tokens must see it all the same."""
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5, 3.0]])
+    params = dict(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
+    known = logits.clone()
+    Sampler._apply_penalties(known, [seq(prompt_ids=(0,), output_ids=(2, 3), **params)])
+    ahead = logits.clone()
+    Sampler._apply_penalties(ahead, [seq(prompt_ids=(0,), output_ids=(2,), **params)], torch.tensor([3]))
+    torch.testing.assert_close(ahead, known)
+    none_in_flight = logits.clone()
+    Sampler._apply_penalties(none_in_flight, [seq(prompt_ids=(0,), output_ids=(2,), **params)], torch.tensor([-1]))
+    assert not torch.equal(none_in_flight, known)  # -1: no token in flight, nothing counted
+    s = seq(output_ids=(7,), temperature=0.0, min_tokens=2)
+    eos_first = torch.tensor([[5.0, 0.0, 4.0]])
+    assert Sampler((0,)).sample(eos_first, [s]).to_host()[0].token_id == 2  # 1 generated < 2: eos masked
+    assert Sampler((0,)).sample(eos_first, [s], pending=[True]).to_host()[0].token_id == 0  # 2 with the one in flight
+
+
 def test_min_tokens_masks_eos_and_stop_ids():
     logits = torch.tensor([[5.0, 0.0, 4.0, 1.0]])  # eos 0 best, stop id 2 next
     (t,) = sample(logits, seq(temperature=0.0, min_tokens=2, stop_token_ids=(2,)), eos=(0,))

@@ -66,8 +66,8 @@ def test_lookahead_with_chunked_prefill_and_a_queue(setup, prompts_and_reference
 
 def test_every_sampling_feature_gives_the_same_outputs(setup, prompts_and_reference):
     """Seeded sampling, n > 1, stop strings and stop ids found mid-way (the look-ahead token is
-    dropped), max_tokens of 1 to 12, logprobs (read back with the tokens), and requests that
-    force steps back to reading tokens first (penalties, min_tokens) in the same batches."""
+    dropped), max_tokens of 1 to 12, logprobs (read back with the tokens), penalties and
+    min_tokens (the token in flight counted on the device) in the same batches."""
     prompts, reference = prompts_and_reference
     stop_id = reference[2][2]  # greedy request 2 stops at its third token
     stop_text = setup.processor.decode(reference[1])[2:4]  # request 4 asks prompt 1 with this stop
@@ -94,18 +94,29 @@ def test_every_sampling_feature_gives_the_same_outputs(setup, prompts_and_refere
     assert sync[2][0].finish_reason == "stop" and len(sync[2][0].token_ids) == 3
     assert sync[4][0].finish_reason == "stop" and stop_text not in sync[4][0].text
     assert len(sync[9][0].new_logprobs) == 3 and len(sync[9][0].new_logprobs[0].top_logprobs) == 2
-    # the penalised requests finish early: the rest then looks ahead again
-    assert engine.num_lookahead_steps > 0
+    assert engine.num_lookahead_steps >= 10
     assert engine.kv.num_free_blocks == len(engine.kv.pool.blocks)
 
 
-def test_lookahead_steps_only_where_tokens_are_not_needed(setup, prompts_and_reference):
-    """A penalty reads the request's own output: while it runs, no step looks ahead."""
-    prompts, _ = prompts_and_reference
+def test_penalties_and_min_tokens_look_ahead(setup, prompts_and_reference):
+    """They read the request's own output, the token in flight included (counted on the
+    device): every decode step after the first looks ahead, and the outputs are unchanged."""
+    prompts, reference = prompts_and_reference
+    # min_tokens = 3 with a stop id that greedy decoding picks at index 3 (and not before): it
+    # may stop there only if the token in flight counts towards the 3
+    i = next(i for i, tokens in enumerate(reference) if tokens[3] not in tokens[:3])
+    workload = [
+        (prompts[1], greedy(10, presence_penalty=-2.0)),
+        (prompts[3], greedy(10, frequency_penalty=-2.0, min_tokens=6)),
+        (prompts[5], SamplingParams(temperature=0.9, seed=2, repetition_penalty=0.5, max_tokens=10)),
+        (prompts[6], greedy(10, repetition_penalty=1.8, presence_penalty=1.0, min_tokens=9)),
+        (prompts[i], greedy(10, stop_token_ids=(reference[i][3],), min_tokens=3)),
+    ]
+    sync = setup.engine(async_scheduling=False).generate(workload)
     engine = setup.engine(async_scheduling=True)
-    penalised = SamplingParams(temperature=0.0, presence_penalty=1.0, max_tokens=MAX_TOKENS)
-    engine.generate([(prompts[1], penalised), (prompts[3], greedy(MAX_TOKENS))])
-    assert engine.num_lookahead_steps == 0
+    assert summary(engine.generate(workload)) == summary(sync)
+    assert sync[4][0].finish_reason == "stop" and sync[4][0].token_ids == reference[i][:4]
+    assert engine.num_lookahead_steps >= 8
 
 
 def test_aborts_with_a_step_in_flight(setup, prompts_and_reference):
