@@ -137,14 +137,14 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[sample_rows])  # [B_sample, V] fp32
         if not sampling:
             return RunnerOutput()
-        pending = [s.is_fed for s in sampling]  # rows whose newest token is the one in flight
-        pending_tokens = None
-        if any(pending):  # [B_sample] int64: that token on the device, -1 elsewhere
-            pending_tokens = torch.full((len(sampling),), -1, dtype=torch.long, device=device)
-            rows = [j for j, fed_row in enumerate(pending) if fed_row]
-            sources = [feed.feed[1][sampling[j].seq.request_id] for j in rows]
-            pending_tokens[to_device(rows, device, torch.long)] = feed.feed[0][to_device(sources, device, torch.long)]
-        batch = self.sampler.sample(logits, [s.seq for s in sampling], pending, pending_tokens)
+        in_flight = [s.is_fed for s in sampling]  # rows whose newest token is the one in flight
+        in_flight_tokens = None
+        if any(in_flight):  # [B_sample] int64: that token on the device, -1 elsewhere
+            in_flight_tokens = torch.full((len(sampling),), -1, dtype=torch.long, device=device)
+            rows = [j for j, fed_row in enumerate(in_flight) if fed_row]
+            sources = to_device([feed.feed[1][sampling[j].seq.request_id] for j in rows], device, torch.long)
+            in_flight_tokens[to_device(rows, device, torch.long)] = feed.feed[0][sources]
+        batch = self.sampler.sample(logits, [s.seq for s in sampling], in_flight, in_flight_tokens)
         request_ids = [s.seq.request_id for s in sampling]
         return RunnerOutput(
             pending=lambda: dict(zip(request_ids, batch.to_host(), strict=True)),

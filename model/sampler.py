@@ -90,18 +90,18 @@ class Sampler:
         self,
         logits: torch.Tensor,  # [B, V] fp32
         seqs: list[SequenceData],
-        pending: list[bool] | None = None,  # rows whose newest token is in flight, not in output_token_ids
-        pending_tokens: torch.Tensor | None = None,  # [B] int64 on the device: those tokens, -1 elsewhere
+        in_flight: list[bool] | None = None,  # rows whose newest token is in flight, not in output_token_ids
+        in_flight_tokens: torch.Tensor | None = None,  # [B] int64 on the device: those tokens, -1 elsewhere
     ) -> SampledBatch:
         """Everything on the device, nothing read back: the host may queue the next step first.
         A look-ahead row counts its token in flight as generated (min_tokens, penalties)."""
         device = logits.device
         params = [s.params for s in seqs]
-        pending = pending or [False] * len(seqs)
+        in_flight = in_flight or [False] * len(seqs)
         logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
         logits = logits.clone()
-        self._apply_penalties(logits, seqs, pending_tokens)
-        self._mask_stop_tokens(logits, seqs, pending)
+        self._apply_penalties(logits, seqs, in_flight_tokens)
+        self._mask_stop_tokens(logits, seqs, in_flight)
 
         greedy = [p.is_greedy for p in params]
         tokens = logits.argmax(dim=-1)
@@ -141,14 +141,16 @@ class Sampler:
         return gen
 
     @staticmethod
-    def _apply_penalties(logits: torch.Tensor, seqs: list[SequenceData], pending_tokens: torch.Tensor | None = None):
+    def _apply_penalties(
+        logits: torch.Tensor, seqs: list[SequenceData], in_flight_tokens: torch.Tensor | None = None
+    ) -> None:
         vocab = logits.shape[1]
         for i, seq in enumerate(seqs):
             p = seq.params
             repetition, additive = p.repetition_penalty != 1.0, bool(p.frequency_penalty or p.presence_penalty)
             if not (repetition or additive):
                 continue
-            in_flight = pending_tokens[i : i + 1] if pending_tokens is not None else None
+            in_flight = in_flight_tokens[i : i + 1] if in_flight_tokens is not None else None
             counts = _token_counts(seq.output_token_ids, in_flight, vocab, logits.device)  # [V]
             if repetition:
                 seen = (counts + _token_counts(seq.prompt.input_ids, None, vocab, logits.device)) > 0
@@ -158,10 +160,10 @@ class Sampler:
             if additive:
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
-    def _mask_stop_tokens(self, logits: torch.Tensor, seqs: list[SequenceData], pending: list[bool]) -> None:
+    def _mask_stop_tokens(self, logits: torch.Tensor, seqs: list[SequenceData], in_flight: list[bool]) -> None:
         for i, seq in enumerate(seqs):
             p = seq.params
-            if len(seq.output_token_ids) + pending[i] < p.min_tokens:
+            if len(seq.output_token_ids) + in_flight[i] < p.min_tokens:
                 stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
                 stop_ids = [t for t in stop_ids if t < logits.shape[1]]
                 logits[i, to_device(stop_ids, logits.device, torch.long)] = float("-inf")

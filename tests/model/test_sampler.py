@@ -72,7 +72,7 @@ def test_a_token_in_flight_counts_as_generated():
     s = seq(output_ids=(7,), temperature=0.0, min_tokens=2)
     eos_first = torch.tensor([[5.0, 0.0, 4.0]])
     assert Sampler((0,)).sample(eos_first, [s]).to_host()[0].token_id == 2  # 1 generated < 2: eos masked
-    assert Sampler((0,)).sample(eos_first, [s], pending=[True]).to_host()[0].token_id == 0  # 2 with the one in flight
+    assert Sampler((0,)).sample(eos_first, [s], in_flight=[True]).to_host()[0].token_id == 0  # 2 with the one in flight
 
 
 def test_min_tokens_masks_eos_and_stop_ids():
