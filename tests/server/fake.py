@@ -30,11 +30,17 @@ def make_request(
 
 
 class FakeRunner:
-    """Samples token 3 for every sequence that reached its end; records what it saw."""
+    """Samples token 3 for every sequence that reached its end, or with stop_every = k the stop
+    id 2 at every k-th position; records what it saw."""
 
-    def __init__(self):
+    def __init__(self, stop_every: int = 0):
         self.steps: list[SchedulerOutput] = []
+        self.stop_every = stop_every
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         self.steps.append(out)
-        return RunnerOutput({s.seq.request_id: SampledToken(3) for s in out.scheduled if s.needs_sample})
+        return RunnerOutput({s.seq.request_id: SampledToken(self._token(s.end)) for s in out.scheduled
+                             if s.needs_sample})  # fmt: skip
+
+    def _token(self, position: int) -> int:
+        return 2 if self.stop_every and position % self.stop_every == 0 else 3

@@ -127,3 +127,55 @@ def test_random_workloads_never_leak_or_double_free_blocks(ops):
     for request_id in list(scheduler.requests):
         scheduler.finish(request_id, "abort")
     assert pool.num_free == 16 and not scheduler.kv.requests
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["add", "abort", "step", "step", "step"]), st.integers(1, 40), st.integers(0, 9)),
+        max_size=80,
+    )
+)
+def test_random_workloads_with_look_ahead_never_leak_or_double_free_blocks(ops):
+    """The engine's look-ahead order: plan and launch step N + 1 (ahead), then read step N.
+    Aborts land while a step is in flight, requests stop on a sampled stop id the step after
+    their look-ahead token was planned, and a pool of 16 blocks forces preemptions (which
+    fall back to reading first)."""
+    scheduler, runner = make(num_blocks=16, budget=24, max_seqs=5)
+    runner.stop_every = 7
+    pool = scheduler.kv.pool
+    in_flight, next_id, ahead_steps = None, 0, 0
+    for op, size, pick in ops:
+        if op == "add":
+            scheduler.add(make_request(f"r{next_id}", size, max_tokens=1 + pick, first_token=pick % 3))
+            next_id += 1
+        elif op == "abort" and scheduler.requests:
+            ids = sorted(scheduler.requests)
+            scheduler.finish(ids[pick % len(ids)], "abort")
+        else:
+            ahead = scheduler.schedule(ahead=True) if in_flight else None
+            if ahead is not None and ahead.scheduled:
+                assert ahead.num_tokens <= 24
+                result = runner.execute(ahead)
+                scheduler.launched(ahead)
+                scheduler.update(*in_flight)
+                in_flight, ahead_steps = (ahead, result), ahead_steps + 1
+            else:
+                if in_flight:
+                    scheduler.update(*in_flight)
+                out = scheduler.schedule()
+                result = runner.execute(out)
+                scheduler.launched(out)
+                in_flight = (out, result)
+        held = sum(len(b.block_ids) for b in scheduler.kv.requests.values())
+        assert sum(b.ref_count for b in pool.blocks) == held  # every reference is someone's
+        assert all(b.ref_count >= 0 for b in pool.blocks)
+        assert {b.block_id for b in pool.blocks if b.ref_count == 0} == set(pool.free_blocks)
+        assert all(pool.blocks[i].block_hash == h for h, i in pool.cached.items())
+        for request in scheduler.running:  # never more computed than known, plus the token in flight
+            assert request.num_computed_tokens <= request.num_tokens + 1
+    if in_flight:
+        scheduler.update(*in_flight)
+    for request_id in list(scheduler.requests):
+        scheduler.finish(request_id, "abort")
+    assert pool.num_free == 16 and not scheduler.kv.requests
