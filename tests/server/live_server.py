@@ -23,7 +23,7 @@ MODEL_NAME = "cogvlm-tiny"
 
 
 @contextlib.contextmanager
-def running_engine(folder, num_kv_blocks: int = 512):
+def running_engine(folder, num_kv_blocks: int = 512, async_scheduling: bool | None = None):
     """(model, processor, AsyncEngine) over a checkpoint in fp32, its thread stopped on exit."""
     import torch
 
@@ -34,7 +34,8 @@ def running_engine(folder, num_kv_blocks: int = 512):
 
     processor = Processor(load_tokenizer(folder), CogVLMConfig.from_checkpoint(folder))
     model = load_model(folder, torch.float32)
-    engine = AsyncEngine(Engine(model, processor, EngineConfig(num_kv_blocks=num_kv_blocks)))
+    config = EngineConfig(num_kv_blocks=num_kv_blocks, async_scheduling=async_scheduling)
+    engine = AsyncEngine(Engine(model, processor, config))
     engine.start()
     try:
         yield model, processor, engine

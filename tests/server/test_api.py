@@ -16,7 +16,9 @@ from tests.server.live_server import MODEL_NAME, ImageHost, png_bytes, running_e
 
 @pytest.fixture(scope="module")
 def loaded(tiny_checkpoints):
-    with running_engine(tiny_checkpoints[1]) as loaded:
+    # NOTE: look-ahead steps, as CUDA serves by default: every API behaviour below (streams,
+    # n, logprobs, stops, disconnects) goes through the engine's look-ahead path
+    with running_engine(tiny_checkpoints[1], async_scheduling=True) as loaded:
         yield loaded
 
 
@@ -328,3 +330,12 @@ def test_request_timeout_and_cors(loaded):
             break
         time.sleep(0.02)
     assert kv.num_free_blocks == len(kv.pool.blocks)
+
+
+def test_requests_go_through_look_ahead_steps(loaded, client):
+    engine = loaded[2].engine
+    before = engine.num_lookahead_steps
+    client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0
+    )
+    assert engine.num_lookahead_steps > before
