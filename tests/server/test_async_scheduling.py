@@ -64,11 +64,10 @@ def test_lookahead_with_chunked_prefill_and_a_queue(setup, prompts_and_reference
     assert engine.kv.num_free_blocks == len(engine.kv.pool.blocks)
 
 
-def test_every_sampling_feature_gives_the_same_outputs(setup, prompts_and_reference):
+def every_feature(setup, prompts, reference):
     """Seeded sampling, n > 1, stop strings and stop ids found mid-way (the look-ahead token is
     dropped), max_tokens of 1 to 12, logprobs (read back with the tokens), penalties and
     min_tokens (the token in flight counted on the device) in the same batches."""
-    prompts, reference = prompts_and_reference
     stop_id = reference[2][2]  # greedy request 2 stops at its third token
     stop_text = setup.processor.decode(reference[1])[2:4]  # request 4 asks prompt 1 with this stop
     assert stop_text.strip() and "\ufffd" not in stop_text
@@ -88,6 +87,12 @@ def test_every_sampling_feature_gives_the_same_outputs(setup, prompts_and_refere
     ]
     workload = list(zip(prompts, params, strict=True))
     workload[4] = (prompts[1], workload[4][1])
+    return workload, stop_text
+
+
+def test_every_sampling_feature_gives_the_same_outputs(setup, prompts_and_reference):
+    prompts, reference = prompts_and_reference
+    workload, stop_text = every_feature(setup, prompts, reference)
     sync = setup.engine(async_scheduling=False).generate(workload)
     engine = setup.engine(async_scheduling=True)
     assert summary(engine.generate(workload)) == summary(sync)
@@ -166,3 +171,28 @@ def test_lookahead_through_the_decode_graph_path(setup, prompts_and_reference):
     outputs = engine.generate([(prompts[i], greedy(n)) for i, n in zip(picked, lengths, strict=True)])
     assert [o[0].token_ids for o in outputs] == [reference[i][:n] for i, n in zip(picked, lengths, strict=True)]
     assert engine.runner.decode_graphs.num_runs > 0 and engine.num_lookahead_steps > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_lookahead_on_cuda_gives_the_same_outputs(tiny_checkpoint, setup, prompts_and_reference, cuda_graphs):
+    """fp32 on CUDA, compiled kernels: every sampling feature, and a queue with chunked prefill,
+    give the same outputs with look-ahead steps as when the tokens are read first."""
+    from model.weights import load_model
+    from server.engine import Engine, EngineConfig
+
+    prompts, reference = prompts_and_reference
+    model = load_model(tiny_checkpoint, torch.float32, "cuda")
+
+    def engine(look_ahead, **config):
+        return Engine(model, setup.processor, EngineConfig(num_kv_blocks=512, cuda_graphs=cuda_graphs,
+                                                           async_scheduling=look_ahead, **config))  # fmt: skip
+
+    workload, _ = every_feature(setup, prompts, reference)
+    ahead = engine(True)
+    assert summary(ahead.generate(workload)) == summary(engine(False).generate(workload))
+    assert ahead.num_lookahead_steps >= 10
+    queued = [(p, greedy(MAX_TOKENS)) for p in prompts]
+    ahead = engine(True, max_num_seqs=4, max_num_batched_tokens=33)
+    assert [o[0].token_ids for o in ahead.generate(queued)] == reference
+    assert ahead.num_lookahead_steps > 0 and ahead.kv.num_free_blocks == 512
