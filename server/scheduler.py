@@ -61,7 +61,7 @@ class Scheduler:
         request whose tokens are all computed then has one more, the token that step sampled
         (counted, not yet known: the runner and the sampler read it on the device); if that
         token is certainly its last, the request sits the step out. Returns None where the step
-        would preempt: a preempted request recomputes from its real tokens."""
+        would preempt (a preempted request recomputes from its real tokens) or run nothing."""
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
         preempted = False
@@ -101,6 +101,8 @@ class Scheduler:
             self.running.append(request)
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
+        if ahead and not scheduled:
+            return None  # NOTE: before finished_ids are handed out: the step that runs passes them on
         out = SchedulerOutput(scheduled=scheduled, finished_request_ids=self.finished_ids)
         self.finished_ids = []
         return out

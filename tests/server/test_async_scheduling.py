@@ -124,6 +124,19 @@ def test_penalties_and_min_tokens_look_ahead(setup, prompts_and_reference):
     assert engine.num_lookahead_steps >= 8
 
 
+def test_finished_requests_are_forgotten_by_the_runner(setup, prompts_and_reference):
+    """A look-ahead step with nothing to run must not swallow the ids of requests that just
+    finished: the sampler would keep their seeded generators, and the same ids in a second
+    generate() call would draw other tokens."""
+    prompts, _ = prompts_and_reference
+    engine = setup.engine(async_scheduling=True)
+    workload = [(prompts[1], SamplingParams(temperature=1.0, seed=7, max_tokens=n, ignore_eos=True)) for n in (3, 4, 5)]
+    first = [o[0].token_ids for o in engine.generate(workload)]
+    assert [o[0].token_ids for o in engine.generate(workload)] == first
+    engine.step()  # hands the last finished ids to the runner
+    assert engine.runner.sampler.generators == {}
+
+
 def test_aborts_with_a_step_in_flight(setup, prompts_and_reference):
     prompts, reference = prompts_and_reference
     engine = setup.engine(async_scheduling=True)
