@@ -4,7 +4,7 @@ which tokens come out: the same workload gives the same outputs with and without
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model.sampling_params import SamplingParams
@@ -228,7 +228,7 @@ def test_lookahead_on_cuda_gives_the_same_outputs(tiny_checkpoint, setup, prompt
     assert ahead.num_lookahead_steps > 0 and ahead.kv.num_free_blocks == 512
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None)
 @given(
     st.lists(
         st.tuples(
