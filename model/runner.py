@@ -99,6 +99,7 @@ class ModelRunner:
         fed = None
         if fed_rows:  # [F] rows of this batch, [F] their tokens from the step in flight
             fed = (to_device(fed_rows, device, torch.long), feed.feed[0][to_device(fed_from, device, torch.long)])
+        # NOTE: a fed row is a one-token decode, so it samples: the sampler sees fed[1] too
 
         sampling = [s for s in out.scheduled if s.needs_sample]
         last_rows, row = [], 0
@@ -139,11 +140,10 @@ class ModelRunner:
             return RunnerOutput()
         in_flight = [s.is_fed for s in sampling]  # rows whose newest token is the one in flight
         in_flight_tokens = None
-        if any(in_flight):  # [B_sample] int64: that token on the device, -1 elsewhere
+        if fed is not None:  # [B_sample] int64: that token on the device, -1 elsewhere
             in_flight_tokens = torch.full((len(sampling),), -1, dtype=torch.long, device=device)
-            rows = [j for j, fed_row in enumerate(in_flight) if fed_row]
-            sources = to_device([feed.feed[1][sampling[j].seq.request_id] for j in rows], device, torch.long)
-            in_flight_tokens[to_device(rows, device, torch.long)] = feed.feed[0][sources]
+            rows = [j for j, is_fed in enumerate(in_flight) if is_fed]  # fed rows, in batch order as fed[1]
+            in_flight_tokens[to_device(rows, device, torch.long)] = fed[1]
         batch = self.sampler.sample(logits, [s.seq for s in sampling], in_flight, in_flight_tokens)
         request_ids = [s.seq.request_id for s in sampling]
         return RunnerOutput(

@@ -17,6 +17,8 @@ from model.batch import SampledToken, SequenceData
 from model.sampling_params import SamplingParams
 from model.transfer import to_device
 
+_READ_BACK = ("tokens", "logprobs", "top_values", "top_indices")  # SampledBatch's tensors
+
 
 @dataclass
 class SampledBatch:
@@ -36,7 +38,7 @@ class SampledBatch:
             # NOTE: a plain .tolist() would wait for everything queued, the next step included
             self.host = {
                 name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-                for name in ("tokens", "logprobs", "top_values", "top_indices")
+                for name in _READ_BACK
                 if (t := getattr(self, name)) is not None
             }
             self.ready = torch.cuda.Event()
@@ -46,20 +48,16 @@ class SampledBatch:
     def to_host(self) -> list[SampledToken]:
         if self.ready is not None:
             self.ready.synchronize()
-        host = self.host or {"tokens": self.tokens, "logprobs": self.logprobs, "top_values": self.top_values,
-                             "top_indices": self.top_indices}  # fmt: skip
-        tokens = host["tokens"].tolist()
-        logprobs = host["logprobs"].tolist() if host.get("logprobs") is not None else None
-        top_values = host["top_values"].tolist() if host.get("top_values") is not None else None
-        top_indices = host["top_indices"].tolist() if host.get("top_indices") is not None else None
+        tensors = self.host if self.host is not None else {name: getattr(self, name) for name in _READ_BACK}
+        read = {name: t.tolist() for name, t in tensors.items() if t is not None}
         out = []
-        for i, (token, p) in enumerate(zip(tokens, self.params, strict=True)):
+        for i, (token, p) in enumerate(zip(read["tokens"], self.params, strict=True)):
             result = SampledToken(token_id=token)
             if p.logprobs is not None:
-                result.logprob = logprobs[i]
+                result.logprob = read["logprobs"][i]
                 if p.logprobs:
                     k = p.logprobs
-                    result.top_logprobs = list(zip(top_indices[i][:k], top_values[i][:k], strict=True))
+                    result.top_logprobs = list(zip(read["top_indices"][i][:k], read["top_values"][i][:k], strict=True))
             out.append(result)
         return out
 

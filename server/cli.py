@@ -110,7 +110,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no CUDA graphs: decode steps run eagerly (slower; for debugging)")  # fmt: skip
     parser.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
-                        help="look-ahead decode steps hide host work behind the GPU (auto: on with CUDA)")  # fmt: skip
+                        help="look-ahead steps hide host work behind the GPU (auto: on with CUDA)")  # fmt: skip
 
 
 def require_at_least_one(args: argparse.Namespace, *names: str) -> None:

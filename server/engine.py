@@ -52,7 +52,7 @@ class EngineConfig:
     encoder_cache_size: int = 64  # images whose vision features are kept
     attention_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | torch | triton
     cuda_graphs: bool = True  # CUDA: decode steps replay CUDA graphs (model/decode_graphs.py)
-    async_scheduling: bool | None = None  # look-ahead decode steps (module docstring); None: on with CUDA
+    async_scheduling: bool | None = None  # look-ahead steps (module docstring); None: on with CUDA
 
 
 @dataclass

@@ -124,11 +124,6 @@ class KVCacheManager:
         self.num_prefix_hits += len(hits) * self.block_size
         return hits
 
-    def num_new_blocks(self, seq: SequenceData, num_tokens_after: int) -> int:
-        """Blocks a running request needs from the pool to hold num_tokens_after tokens."""
-        held = self.requests.get(seq.request_id)
-        return max(0, -(-num_tokens_after // self.block_size) - (len(held.block_ids) if held else 0))
-
     def allocate(self, seq: SequenceData, num_tokens_after: int, hits: list[int] = ()) -> bool:
         """Grow the request's blocks to hold num_tokens_after tokens (taking the prefix hits
         first, for a request not yet holding blocks). False, with nothing changed, if the pool

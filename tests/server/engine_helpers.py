@@ -14,6 +14,7 @@ from model.sampling_params import SamplingParams
 from model.weights import load_model
 from server.engine import Engine, EngineConfig
 
+MAX_TOKENS = 6  # what the engine tests generate per request
 QUESTIONS = ["What is in the image?", "Where is the red circle?", "Describe the picture.", "Hi", "Colour?"]
 
 

@@ -6,20 +6,7 @@ import torch
 from model.decode_graphs import capture_sizes
 from model.processor import Conversation
 from model.sampling_params import ParamError, SamplingParams
-from tests.server.engine_helpers import greedy, make_setup
-
-MAX_TOKENS = 6
-
-
-@pytest.fixture(scope="module")
-def setup(tiny_checkpoint):
-    return make_setup(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def prompts_and_reference(setup):
-    prompts = setup.prompts(16)
-    return prompts, [setup.reference(p, MAX_TOKENS) for p in prompts]
+from tests.server.engine_helpers import MAX_TOKENS, greedy
 
 
 def run(engine, prompts, **params):

@@ -11,6 +11,15 @@ def make(num_blocks=64, budget=32, max_seqs=8, caching=True):
     return Scheduler(SchedulerConfig(max_seqs, budget, max_model_len=512), kv), FakeRunner()
 
 
+def assert_blocks_consistent(scheduler):
+    pool = scheduler.kv.pool
+    held = sum(len(b.block_ids) for b in scheduler.kv.requests.values())
+    assert sum(b.ref_count for b in pool.blocks) == held  # every reference is someone's
+    assert all(b.ref_count >= 0 for b in pool.blocks)
+    assert {b.block_id for b in pool.blocks if b.ref_count == 0} == set(pool.free_blocks)
+    assert all(pool.blocks[i].block_hash == h for h, i in pool.cached.items())
+
+
 def step(scheduler, runner):
     out = scheduler.schedule()
     return out, scheduler.update(out, runner.execute(out))
@@ -119,11 +128,7 @@ def test_random_workloads_never_leak_or_double_free_blocks(ops):
             scheduler.finish(ids[pick % len(ids)], "abort")
         else:
             step(scheduler, runner)
-        held = sum(len(b.block_ids) for b in scheduler.kv.requests.values())
-        assert sum(b.ref_count for b in pool.blocks) == held  # every reference is someone's
-        assert all(b.ref_count >= 0 for b in pool.blocks)
-        assert {b.block_id for b in pool.blocks if b.ref_count == 0} == set(pool.free_blocks)
-        assert all(pool.blocks[i].block_hash == h for h, i in pool.cached.items())
+        assert_blocks_consistent(scheduler)
     for request_id in list(scheduler.requests):
         scheduler.finish(request_id, "abort")
     assert pool.num_free == 16 and not scheduler.kv.requests
@@ -144,7 +149,7 @@ def test_random_workloads_with_look_ahead_never_leak_or_double_free_blocks(ops):
     scheduler, runner = make(num_blocks=16, budget=24, max_seqs=5)
     runner.stop_every = 7
     pool = scheduler.kv.pool
-    in_flight, next_id, ahead_steps = None, 0, 0
+    in_flight, next_id = None, 0
     for op, size, pick in ops:
         if op == "add":
             scheduler.add(make_request(f"r{next_id}", size, max_tokens=1 + pick, first_token=pick % 3))
@@ -159,7 +164,7 @@ def test_random_workloads_with_look_ahead_never_leak_or_double_free_blocks(ops):
                 result = runner.execute(ahead)
                 scheduler.launched(ahead)
                 scheduler.update(*in_flight)
-                in_flight, ahead_steps = (ahead, result), ahead_steps + 1
+                in_flight = (ahead, result)
             else:
                 if in_flight:
                     scheduler.update(*in_flight)
@@ -167,11 +172,7 @@ def test_random_workloads_with_look_ahead_never_leak_or_double_free_blocks(ops):
                 result = runner.execute(out)
                 scheduler.launched(out)
                 in_flight = (out, result)
-        held = sum(len(b.block_ids) for b in scheduler.kv.requests.values())
-        assert sum(b.ref_count for b in pool.blocks) == held  # every reference is someone's
-        assert all(b.ref_count >= 0 for b in pool.blocks)
-        assert {b.block_id for b in pool.blocks if b.ref_count == 0} == set(pool.free_blocks)
-        assert all(pool.blocks[i].block_hash == h for h, i in pool.cached.items())
+        assert_blocks_consistent(scheduler)
         for request in scheduler.running:  # never more computed than known, plus the token in flight
             assert request.num_computed_tokens <= request.num_tokens + 1
     if in_flight:
