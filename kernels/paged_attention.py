@@ -206,41 +206,6 @@ def paged_attention(
     return out.reshape(num_tokens, num_heads * head_dim)
 
 
-@triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_kt, stride_vt, stride_slot,
-                     ROW: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    token = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + token)
-    cols = tl.arange(0, BLOCK)
-    valid = cols < ROW
-    tl.store(k_cache_ptr + slot * stride_slot + cols, tl.load(k_ptr + token * stride_kt + cols, mask=valid),
-             mask=valid)  # fmt: skip
-    tl.store(v_cache_ptr + slot * stride_slot + cols, tl.load(v_ptr + token * stride_vt + cols, mask=valid),
-             mask=valid)  # fmt: skip
-
-
-def write_kv_cache(
-    k: torch.Tensor,  # [T, num_kv_heads, head_dim]: heads and dims contiguous (rows may be strided)
-    v: torch.Tensor,  # same
-    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
-    v_cache: torch.Tensor,  # same
-    slot_mapping: torch.Tensor,  # [T] int64: block * block_size + row
-) -> None:
-    """K and V of this step's tokens into their slots: one launch where two index_copy_ calls
-    took two (0.156 ms of a 4.96 ms CogVLM-17B decode step on an H200, 64 launches)."""
-    num_tokens, num_kv_heads, head_dim = k.shape
-    row = num_kv_heads * head_dim
-    for t in (k, v):
-        if t.shape != k.shape or t.stride(2) != 1 or t.stride(1) != head_dim:
-            raise ValueError(f"k and v must be [T, {num_kv_heads}, {head_dim}] with contiguous heads, got "
-                             f"{tuple(t.shape)} strides {t.stride()}")  # fmt: skip
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.shape[2:] != k.shape[1:]:
-        raise ValueError("k_cache and v_cache must be contiguous [num_blocks, block_size, num_kv_heads, head_dim]")
-    if num_tokens:
-        _write_kv_kernel[(num_tokens,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0), row,
-                                        ROW=row, BLOCK=triton.next_power_of_2(row))  # fmt: skip
-
-
 def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len=None):
     """One sequence at a time: gather its blocks, causal SDPA for its newest q_len queries."""
     num_heads, head_dim = q.shape[1], q.shape[2]

@@ -1,7 +1,8 @@
 """Attention backends: what a decoder layer calls once it has q, k, v for its tokens.
 
 A backend owns the KV cache and the causal structure of the batch; the layer only knows its
-index. The contiguous cache here is the one-sequence reference (the numerics oracle); the
+index. The backend applies rotary itself, so the paged GPU backend can rotate K on its way into
+the cache (one launch for both). The contiguous cache here is the one-sequence reference (the numerics oracle); the
 paged backends of the engine implement the same `attend`.
 """
 
@@ -12,14 +13,17 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from model.rotary import rotate_qk
+
 
 class AttentionBackend(Protocol):
     def attend(
         self,
         layer_idx: int,
-        q: torch.Tensor,  # [T, num_heads, head_dim], post-rope
-        k: torch.Tensor,  # [T, num_kv_heads, head_dim], post-rope
+        q: torch.Tensor,  # [T, num_heads, head_dim], before rotary (may be rotated in place)
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim], before rotary (same)
         v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        cos_sin: tuple[torch.Tensor, torch.Tensor],  # 2 x [T, 1, head_dim]: each token's rotary angles
     ) -> torch.Tensor:  # [T, num_heads * head_dim]
         ...
 
@@ -59,7 +63,8 @@ class ContiguousKVCache:
         self.num_cached_tokens = 0  # tokens whose K/V are final; the forward in flight writes after them
         self.max_len = max_len
 
-    def attend(self, layer_idx: int, q, k, v) -> torch.Tensor:
+    def attend(self, layer_idx: int, q, k, v, cos_sin) -> torch.Tensor:
+        q, k = rotate_qk(q, k, cos_sin)
         start, end = self.num_cached_tokens, self.num_cached_tokens + q.shape[0]
         if end > self.max_len:
             raise ValueError(f"sequence of {end} tokens exceeds the cache of {self.max_len}")

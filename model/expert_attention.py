@@ -4,12 +4,9 @@ import torch
 from torch import nn
 
 from kernels.expert_linear import ExpertRouting
-from kernels.rotary import rotary_embedding_
 from model.attention import AttentionBackend
 from model.config import CogVLMConfig
-from model.dispatch import use_triton
 from model.experts import routed_linear
-from model.rotary import apply_rotary
 
 
 class VisionExpertAttention(nn.Module):
@@ -40,9 +37,5 @@ class VisionExpertAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D], strided views of qkv
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, KV, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if use_triton(qkv):
-            rotary_embedding_(q, k, *cos_sin)  # in place in qkv: one launch instead of ~16
-        else:
-            q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
-        ctx = attention.attend(self.layer_idx, q, k, v)  # [T, H * D]
+        ctx = attention.attend(self.layer_idx, q, k, v, cos_sin)  # [T, H * D]; rotary applied there
         return routed_linear(ctx, routing, self.language_expert_dense, self.vision_expert_dense)

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.paged_attention import paged_attention, write_kv_cache
+from kernels.paged_attention import paged_attention
+from kernels.rotary import rotary_and_write_kv_
+from model.rotary import rotate_qk
 from model.transfer import to_device
 
 
@@ -47,8 +49,8 @@ class PagedAttentionMetadata:
 
 
 class TritonPagedAttention:
-    """GPU backend: K/V written in place, then one kernel launch per layer reads the blocks
-    through the block table (kernels/paged_attention.py); nothing is gathered or padded."""
+    """GPU backend: one launch rotates q and k and writes K/V into their slots, then one reads
+    the blocks through the block table (kernels/paged_attention.py); nothing is gathered or padded."""
 
     def __init__(self, cache: PagedKVCache):
         self.cache = cache
@@ -79,9 +81,9 @@ class TritonPagedAttention:
         self.slot_mapping, self.block_tables, self.seq_lens = slot_mapping, block_tables, seq_lens
         self.query_start_loc, self.max_query_len = query_start_loc, max_query_len
 
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin) -> torch.Tensor:
         k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        write_kv_cache(k, v, k_cache, v_cache, self.slot_mapping)
+        rotary_and_write_kv_(q, k, v, *cos_sin, k_cache, v_cache, self.slot_mapping)
         return paged_attention(q, k_cache, v_cache, self.block_tables, self.seq_lens,
                                self.query_start_loc, self.max_query_len)  # fmt: skip
 
@@ -129,7 +131,8 @@ class TorchPagedAttention:
         dtype = self.cache.k[0].dtype
         self.bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
 
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin) -> torch.Tensor:
+        q, k = rotate_qk(q, k, cos_sin)
         num_seqs, max_q, max_s = self.shape
         num_kv, head_dim = k.shape[1], k.shape[2]
         k_flat = self.cache.k[layer_idx].view(-1, num_kv, head_dim)  # [blocks * block_size, KV, D]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from kernels.rotary import rotary_embedding_
+from model.dispatch import use_triton
+
 
 def rotary_cos_sin(
     position_ids: torch.Tensor,  # [T] int
@@ -25,3 +28,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
     return (x32 * cos.float() + rotated * sin.float()).to(x.dtype)
+
+
+def rotate_qk(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, KV, D]
+    cos_sin: tuple[torch.Tensor, torch.Tensor],  # 2 x [T, 1, D]
+) -> tuple[torch.Tensor, torch.Tensor]:  # q and k rotated: in place with the Triton kernel, new tensors in eager
+    if use_triton(q):
+        rotary_embedding_(q, k, *cos_sin)  # one launch instead of ~16
+        return q, k
+    return apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from model.cogvlm import CogVLMForCausalLM
 from model.config import CogVLMConfig, VisionConfig
 from model.processor import Conversation, Processor, load_tokenizer, prompt_text, vision_expert_mask
+from model.rotary import rotate_qk
 from model.tiny_checkpoint import write_sentencepiece_tokenizer
 from training.shapes_dataset import (
     COLORS,
@@ -238,7 +239,8 @@ class PaddedCausalAttention:
     def __init__(self, batch: int, length: int):
         self.batch, self.length = batch, length
 
-    def attend(self, layer_idx, q, k, v):  # q, k, v: [B * L, H, D]
+    def attend(self, layer_idx, q, k, v, cos_sin):  # q, k, v: [B * L, H, D]
+        q, k = rotate_qk(q, k, cos_sin)
         b, length, heads, dim = self.batch, self.length, q.shape[1], q.shape[2]
         out = F.scaled_dot_product_attention(*(t.view(b, length, heads, dim).transpose(1, 2) for t in (q, k, v)),
                                              is_causal=True)  # fmt: skip

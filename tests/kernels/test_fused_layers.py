@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from kernels.activation import silu_and_mul
 from kernels.rms_norm import rms_norm, rms_norm_ref
-from kernels.rotary import rotary_embedding_
+from kernels.rotary import rotary_and_write_kv_, rotary_embedding_
 from model.rotary import apply_rotary, rotary_cos_sin
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,6 +64,36 @@ def test_rotary_in_place_on_qkv_views_matches_eager(dtype, num_tokens, heads, he
     assert_within_twice_torch_error(q, want_q, exact_q)
     assert_within_twice_torch_error(k, want_k, exact_k)
     assert torch.equal(v, v_before)  # v is not touched
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_tokens, heads, head_dim", [(1, (4, 4), 32), (9, (8, 2), 64)])
+def test_rotary_and_kv_write_puts_rotated_k_and_v_in_their_slots(dtype, num_tokens, heads, head_dim):
+    """One launch: q rotated in place; rotated k and v into scattered cache slots; k, v untouched."""
+    num_heads, num_kv_heads = heads
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim).to(DEVICE, dtype)
+    positions = torch.randint(0, 4000, (num_tokens,), device=DEVICE)
+    cos, sin = rotary_cos_sin(positions, head_dim, 10000.0, dtype)
+    q, k, v = (t.view(num_tokens, -1, head_dim) for t in qkv.split(
+        [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1))  # fmt: skip
+    want_q, want_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    exact_q, exact_k = (apply_rotary(t.double(), cos.double(), sin.double()).float() for t in (q, k))
+    k_before, v_before = k.clone(), v.clone()
+    k_cache, v_cache = (torch.zeros(6, 16, num_kv_heads, head_dim, device=DEVICE, dtype=dtype) for _ in range(2))
+    slots = torch.randperm(96, device=DEVICE)[:num_tokens]
+    rotary_and_write_kv_(q, k, v, cos, sin, k_cache, v_cache, slots)
+    assert_within_twice_torch_error(q, want_q, exact_q)
+    cached_k, cached_v = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
+    assert_within_twice_torch_error(cached_k[slots], want_k, exact_k)
+    assert torch.equal(cached_v[slots], v_before)
+    untouched = torch.ones(96, dtype=torch.bool, device=DEVICE)
+    untouched[slots] = False
+    assert not cached_k[untouched].any() and not cached_v[untouched].any()  # only the slots are written
+    assert torch.equal(k, k_before) and torch.equal(v, v_before)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        rotary_and_write_kv_(q, k, v, cos, sin, k_cache, v_cache, slots[:0])
+    with pytest.raises(ValueError, match="k_cache"):
+        rotary_and_write_kv_(q, k, v, cos, sin, k_cache.transpose(0, 1), v_cache, slots)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

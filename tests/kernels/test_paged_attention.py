@@ -4,7 +4,7 @@ compiled on GPU): decode rows, prefill chunks over a cached prefix, GQA, scatter
 import pytest
 import torch
 
-from kernels.paged_attention import decode_splits, paged_attention, paged_attention_ref, write_kv_cache
+from kernels.paged_attention import decode_splits, paged_attention, paged_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -73,23 +73,6 @@ def test_decode_splits_fill_the_gpu_and_stop_when_full():
     assert decode_splits(4, 32) == 4
     assert decode_splits(64, 32) == 1  # 2,048 programs: no split, one kernel
     assert decode_splits(1, 1) == 16  # at most 16
-
-
-def test_write_kv_cache_puts_rows_in_their_slots():
-    """K and V as strided views of a fused QKV output, written to scattered slots."""
-    num_kv, head_dim, tokens = 2, 16, 5
-    qkv = torch.randn(tokens, (4 + 2 * num_kv) * head_dim, device=DEVICE)
-    k = qkv[:, 4 * head_dim : (4 + num_kv) * head_dim].view(tokens, num_kv, head_dim)
-    v = qkv[:, (4 + num_kv) * head_dim :].view(tokens, num_kv, head_dim)
-    k_cache, v_cache = (torch.zeros(6, 16, num_kv, head_dim, device=DEVICE) for _ in range(2))
-    slots = torch.tensor([0, 17, 95, 40, 41], device=DEVICE)
-    write_kv_cache(k, v, k_cache, v_cache, slots)
-    want_k, want_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
-    want_k.view(-1, num_kv, head_dim).index_copy_(0, slots, k)
-    want_v.view(-1, num_kv, head_dim).index_copy_(0, slots, v)
-    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
-    with pytest.raises(ValueError, match="contiguous heads"):
-        write_kv_cache(k.transpose(1, 2), v.transpose(1, 2), k_cache, v_cache, slots)
 
 
 def test_rejects_shapes_it_cannot_tile():

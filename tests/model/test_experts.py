@@ -3,9 +3,9 @@ import torch
 from PIL import Image
 
 import model.dispatch as dispatch
-import model.expert_attention as expert_attention
 import model.experts as experts
 import model.rms_norm as rms_norm_module
+import model.rotary as rotary_module
 from model.config import CogVLMConfig
 from model.generation import GenerationParams, generate_reference
 from model.processor import Conversation, Processor, load_tokenizer
@@ -25,7 +25,7 @@ def test_model_with_triton_kernels_gives_the_same_tokens(monkeypatch, tiny_check
     monkeypatch.setattr(dispatch, "FORCE_TRITON", True)
     calls = []
     for module, name in [(experts, "expert_linear"), (experts, "silu_and_mul"), (rms_norm_module, "rms_norm"),
-                         (expert_attention, "rotary_embedding_")]:  # fmt: skip
+                         (rotary_module, "rotary_embedding_")]:  # fmt: skip
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     got = generate_reference(model, inputs, params)

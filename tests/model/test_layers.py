@@ -6,7 +6,7 @@ from model.config import CogVLMConfig
 from model.expert_attention import VisionExpertAttention
 from model.experts import routing_for
 from model.rms_norm import RMSNorm
-from model.rotary import apply_rotary, rotary_cos_sin
+from model.rotary import apply_rotary, rotary_cos_sin, rotate_qk
 
 
 def test_rmsnorm_multiplies_weight_in_fp32_before_the_cast():
@@ -61,7 +61,8 @@ def v2_attention():
 
 
 class RecordingBackend:
-    def attend(self, layer_idx, q, k, v):
+    def attend(self, layer_idx, q, k, v, cos_sin):
+        q, k = rotate_qk(q, k, cos_sin)
         self.q, self.k, self.v = q, k, v
         return causal_attention(q, k, v)
 
