@@ -69,11 +69,11 @@ def rotary_embedding_(
 ) -> None:
     _check(q, k, cos, sin)
     num_tokens, num_heads, head_dim = q.shape
-    if num_tokens:
+    if num_tokens:  # the v and cache arguments are unused without WRITE_KV
         _rotary_kernel[(num_tokens, num_heads + k.shape[1])](
             q, k, k, cos, sin, k, k, cos, num_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), 0, 0,
             cos.stride(0), 0, 0, HALF=head_dim // 2, WRITE_KV=False, num_warps=1,
-        )  # fmt: skip  (the cache arguments are unused without WRITE_KV)
+        )  # fmt: skip
 
 
 def rotary_and_write_kv_(
