@@ -105,11 +105,16 @@ def main() -> None:
     long_prompt = processor.build(Conversation(query="7" * 1260))  # ~1.3k tokens of context
     params = SamplingParams(temperature=0.0, max_tokens=args.steps + 16, ignore_eos=True)
 
-    results = {}
-    modes = {"cuda graphs + look-ahead": (True, True), "cuda graphs": (True, False), "eager": (False, False)}
-    for mode, (cuda_graphs, look_ahead) in modes.items():
+    results, replays, kernel_tables, long_ms = {}, {}, {}, {}
+    modes = {  # cuda graphs, look-ahead, one-row GEMV (kernels/gemv.py at batch 1)
+        "cuda graphs + look-ahead": (True, True, False),
+        "cuda graphs + look-ahead + one-row GEMV": (True, True, True),
+        "cuda graphs": (True, False, False),
+        "eager": (False, False, False),
+    }
+    for mode, (cuda_graphs, look_ahead, one_row_gemv) in modes.items():
         config = EngineConfig(max_num_seqs=64, gpu_memory_fraction=0.5, cuda_graphs=cuda_graphs,
-                              async_scheduling=look_ahead)  # fmt: skip
+                              async_scheduling=look_ahead, one_row_gemv=one_row_gemv)  # fmt: skip
         engine = Engine(model, processor, config)
         engine.add_request("warmup", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
         while engine.has_unfinished:
@@ -122,14 +127,14 @@ def main() -> None:
         results[mode] = (batch1_ms, decode_step_ms(engine, args.steps))
         graphs = engine.runner.decode_graphs
         if graphs is not None and look_ahead:  # the GPU time of the step itself; the rest of a step is the host's
-            replay_ms = {b: triton.testing.do_bench(graphs.graphs[b].replay, warmup=5, rep=50, return_mode="median")
-                         for b in (1, 64)}  # fmt: skip
-            kernel_table = kernel_times(graphs.graphs[1].replay)
+            replays[mode] = {b: triton.testing.do_bench(graphs.graphs[b].replay, warmup=5, rep=50,
+                                                        return_mode="median") for b in (1, 64)}  # fmt: skip
+            kernel_tables[mode] = kernel_times(graphs.graphs[1].replay)
             for i in range(64):
                 engine.abort(f"b{i}")
             # an image prompt's length (1227 patches + text): the attention kernel's share grows
             engine.add_request("long", long_prompt, params)
-            long_ms = decode_step_ms(engine, args.steps)
+            long_ms[mode] = decode_step_ms(engine, args.steps)
             engine.abort("long")
         del engine
         gc.collect()
@@ -140,17 +145,19 @@ def main() -> None:
         f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); language weights {language_bytes / 2**30:.1f} GiB"
     )
     print(f"HBM floor at batch 1: {floor_ms:.2f} ms per step (target: within 1.2x)")
+    for mode, table in kernel_tables.items():
+        print(f"GPU time per batch-1 step by kernel, {mode} (profiler over graph replays):")
+        print(table)
+    for mode, replay in replays.items():
+        print(f"graph replay alone (GPU time of a step), {mode}: batch 1 {replay[1]:.2f} ms "
+              f"({replay[1] / floor_ms:.2f}x the floor), batch 64 {replay[64]:.2f} ms; batch 1 at "
+              f"{long_prompt.num_tokens} tokens of context: {long_ms[mode]:.2f} ms a step "
+              f"({long_ms[mode] / floor_ms:.2f}x)")  # fmt: skip
+    print("the rest of a step is host work (scheduler, inputs, sampler, detokenizer)")
     print("| mode | batch 1 ms/step | vs floor | batch 64 ms/step | batch 64 tokens/s |")
     print("|---|---|---|---|---|")
     for mode, (one, many) in results.items():
         print(f"| {mode} | {one:.2f} | {one / floor_ms:.2f}x | {many:.2f} | {64 / many * 1e3:.0f} |")
-    print(f"graph replay alone (GPU time of a step): batch 1 {replay_ms[1]:.2f} ms ({replay_ms[1] / floor_ms:.2f}x "
-          f"the floor), batch 64 {replay_ms[64]:.2f} ms; the rest of a step is host work (scheduler, inputs, "
-          f"sampler, detokenizer)")  # fmt: skip
-    print(f"batch 1 at {long_prompt.num_tokens} tokens of context (cuda graphs + look-ahead): {long_ms:.2f} ms "
-          f"per step ({long_ms / floor_ms:.2f}x the floor)")  # fmt: skip
-    print("GPU time per batch-1 step by kernel (profiler over graph replays):")
-    print(kernel_table)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The one GPU check a lent machine runs (< 8 minutes, no network): the GPU tests with compiled
 # kernels, then the kernel and decode benchmarks; their short tables are printed last.
-# Usage (repo root): bash benchmarks/gpu_check.sh [tests] [kernels] [decode] [gemv]   # no argument: all
+# Usage (repo root): bash benchmarks/gpu_check.sh [tests] [gemv] [decode] [kernels]   # no argument: all, in this order
 # Logs and JSON go to $OUT (default /tmp/gpu_check). COMMIT=abc1234 names the commit where .git is absent or stale.
 set -uo pipefail
-PARTS=${*:-tests kernels decode gemv}
+PARTS=${*:-tests gemv decode kernels}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -27,22 +27,23 @@ if want tests; then
     tests_rc=${PIPESTATUS[0]}
 fi
 
-if want kernels; then
-    echo "== kernel benchmark =="
-    timeout 300 $PY benchmarks/kernels/bench_expert_linear.py --json "$OUT/bench_expert_linear.json" 2>&1 \
-        | tee "$OUT/bench.log"
-    bench_rc=${PIPESTATUS[0]}
+if want gemv; then  # before decode: decode's one-row GEMV mode then finds these kernels compiled
+    echo "== one-row GEMV (kernels/gemv.py, fused prologues) against cuBLAS, CogVLM-17B's decode projections =="
+    timeout 180 $PY benchmarks/kernels/bench_gemv.py --json "$OUT/bench_gemv.json" 2>&1 | tee "$OUT/bench_gemv.log"
+    gemv_rc=${PIPESTATUS[0]}
 fi
 
 if want decode; then
     echo "== decode benchmark (CogVLM-17B architecture, random weights) =="
-    timeout 200 $PY benchmarks/bench_decode.py 2>&1 | tee "$OUT/bench_decode.log" | tail -n 12
+    timeout 240 $PY benchmarks/bench_decode.py 2>&1 | tee "$OUT/bench_decode.log" | tail -n 45
     decode_rc=${PIPESTATUS[0]}
 fi
-if want gemv; then
-    echo "== GEMV experiment (one row, CogVLM-17B's decode shapes: Triton split-K against cuBLAS) =="
-    timeout 150 $PY benchmarks/kernels/bench_gemv.py 2>&1 | tee "$OUT/bench_gemv.log"
-    gemv_rc=${PIPESTATUS[0]}
+
+if want kernels; then
+    echo "== kernel benchmark (expert_linear, mixed prefill) =="
+    timeout 200 $PY benchmarks/kernels/bench_expert_linear.py --json "$OUT/bench_expert_linear.json" 2>&1 \
+        | tee "$OUT/bench.log" | tail -n 40
+    bench_rc=${PIPESTATUS[0]}
 fi
 echo "tests exit $tests_rc, kernel benchmark exit $bench_rc, decode benchmark exit $decode_rc, gemv exit $gemv_rc"
 exit $(( tests_rc || bench_rc || decode_rc || gemv_rc ))

@@ -23,7 +23,6 @@ per expert would either rename the checkpoint keys or hold a second copy of 2 x 
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -31,6 +30,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from kernels.tma import has_tma, set_tma_allocator, tma_ready
 
 # Every expert region of the routed row order starts on a multiple of this, so any BLOCK_M that
 # divides it never mixes experts in one tile, whichever config the autotuner picks. Smaller
@@ -123,24 +124,14 @@ def fits(config: triton.Config, element_size: int, gated: bool) -> bool:
     return shared <= SHARED_MEMORY_BUDGET and registers_ok
 
 
-def _tma_ready(t: torch.Tensor) -> bool:
-    """A TMA descriptor needs a unit inner stride and a 16-byte aligned base and row stride."""
-    return t.stride(-1) == 1 and t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
-
-
-@functools.cache
-def _has_tma(device: torch.device) -> bool:
-    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def tma_limit(x: torch.Tensor, weights: list[torch.Tensor]) -> int:
     """The highest TMA level (see GPU_CONFIGS) a call can use: TMA is Hopper's (sm_90) and
     needs aligned tensors; the interpreter emulates it."""
-    if not _has_tma(x.device):
+    if not has_tma(x.device):
         return 0
-    if not all(_tma_ready(w) for w in weights):
+    if not all(tma_ready(w) for w in weights):
         return 0
-    return min(MAX_TMA, 2 if _tma_ready(x) else 1)
+    return min(MAX_TMA, 2 if tma_ready(x) else 1)
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -149,11 +140,6 @@ def _prune_configs(configs, named_args, **kwargs):
     limit = named_args.get("TMA_LIMIT", kwargs.get("TMA_LIMIT", 0))
     # a config above the limit would run as one at the limit: a duplicate
     return [c for c in configs if c.kwargs["TMA"] <= limit and fits(c, element_size, gated)] or [SAFE_CONFIG]
-
-
-def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global memory where each program writes its TMA descriptors (128 bytes each)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 @triton.jit
@@ -336,8 +322,8 @@ def _launch(x, routing, w_lang, w_vis, w2_lang, w2_vis, b_lang, b_vis, gated: bo
         return out
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
     limit = tma_limit(x, [w_lang, w_vis] + ([w2_lang, w2_vis] if gated else []))
-    if limit and x.is_cuda:
-        triton.set_allocator(_scratch)  # per thread (a ContextVar): the engine may run in another one
+    if limit:
+        set_tma_allocator(x.device)
 
     def grid(meta):
         return (routing.num_slots // meta["BLOCK_M"] * triton.cdiv(out_features, meta["BLOCK_N"]),)

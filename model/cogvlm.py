@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.gemv import gemv, rms_norm_gemv, silu_and_mul_gemv
 from model.attention import AttentionBackend
 from model.config import CogVLMConfig
+from model.dispatch import use_triton
 from model.expert_attention import VisionExpertAttention
 from model.expert_mlp import VisionExpertMLP
 from model.experts import routing_for
@@ -26,6 +28,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = VisionExpertAttention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = VisionExpertMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.one_row_gemv = False  # see CogVLMForCausalLM.fuse_for_inference
 
     def forward(
         self,
@@ -37,6 +40,8 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:  # (this MLP's output, the sum before it)
         # NOTE: each residual add is fused into the next norm (one kernel on CUDA instead of
         # nine); the sums are the eager `hidden = hidden + sublayer(norm(hidden))`, same rounding.
+        if self.one_row_gemv and routing is None and hidden.shape[0] == 1 and use_triton(hidden):
+            return self._forward_one_text_row(hidden, residual, cos_sin, attention)
         if residual is None:
             normed, residual = self.input_layernorm(hidden), hidden
         else:
@@ -44,6 +49,21 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn(normed, cos_sin, routing, attention)
         normed, residual = self.post_attention_layernorm(attn, residual)
         return self.mlp(normed, routing), residual
+
+    def _forward_one_text_row(self, hidden, residual, cos_sin, attention):
+        """A batch-1 text decode through kernels/gemv.py: each norm, and silu * up, runs in the
+        prologue of the projection after it, so the layer's four projections take four launches
+        where eight to ten ran (norms, silu * up, cuBLAS's split-K reduces). Same math and
+        rounding points as forward() on the dense path."""
+        attn, mlp = self.self_attn, self.mlp
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        qkv_weight = attn.language_expert_query_key_value.weight
+        qkv, summed = rms_norm_gemv(hidden, residual, norm1.weight, norm1.eps, qkv_weight)
+        residual = hidden if residual is None else summed
+        ctx = attn.attend(qkv, cos_sin, attention)  # [1, H * D]
+        attn_out = gemv(ctx.contiguous(), attn.language_expert_dense.weight)
+        gate_up, residual = rms_norm_gemv(attn_out, residual, norm2.weight, norm2.eps, mlp.language_gate_up)
+        return silu_and_mul_gemv(gate_up, mlp.language_mlp.down_proj.weight), residual
 
 
 class CogVLMModel(nn.Module):
@@ -100,10 +120,12 @@ class CogVLMForCausalLM(nn.Module):
             hidden, residual = layer(hidden, residual, cos_sin, routing, attention)
         return self.model.norm(hidden, residual)[0]
 
-    def fuse_for_inference(self) -> None:
-        """Weight layouts for the fast paths (see VisionExpertMLP.fuse_language_gate_up)."""
+    def fuse_for_inference(self, one_row_gemv: bool = False) -> None:
+        """Weight layouts for the fast paths (see VisionExpertMLP.fuse_language_gate_up); with
+        one_row_gemv, batch-1 text decodes take DecoderLayer._forward_one_text_row."""
         for layer in self.model.layers:
             layer.mlp.fuse_language_gate_up()
+            layer.one_row_gemv = one_row_gemv
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32
         return self.lm_head(hidden).float()

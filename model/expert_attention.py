@@ -32,10 +32,18 @@ class VisionExpertAttention(nn.Module):
         attention: AttentionBackend,
     ) -> torch.Tensor:  # [T, hidden]
         qkv = routed_linear(hidden, routing, self.language_expert_query_key_value, self.vision_expert_query_key_value)
+        ctx = self.attend(qkv, cos_sin, attention)  # [T, H * D]
+        return routed_linear(ctx, routing, self.language_expert_dense, self.vision_expert_dense)
+
+    def attend(
+        self,
+        qkv: torch.Tensor,  # [T, q + 2 kv]: the QKV projection's output
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        attention: AttentionBackend,
+    ) -> torch.Tensor:  # [T, H * D], before the output projection
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)  # [Q | K | V], head-major
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D], strided views of qkv
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, KV, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        ctx = attention.attend(self.layer_idx, q, k, v, cos_sin)  # [T, H * D]; rotary applied there
-        return routed_linear(ctx, routing, self.language_expert_dense, self.vision_expert_dense)
+        return attention.attend(self.layer_idx, q, k, v, cos_sin)  # rotary applied there

@@ -31,6 +31,7 @@ class RunnerConfig:
     block_size: int = 16  # tokens per KV block
     encoder_cache_size: int = 64  # images whose features are kept (LRU)
     attention_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | torch | triton
+    one_row_gemv: bool = False  # CUDA: batch-1 text decodes through kernels/gemv.py (norms fused in)
 
 
 class ModelRunner:
@@ -39,7 +40,7 @@ class ModelRunner:
         self.model = model
         self.config = config
         if model.device.type == "cuda":
-            model.fuse_for_inference()
+            model.fuse_for_inference(config.one_row_gemv)
         self.kv_cache = PagedKVCache(cfg.num_layers, config.num_blocks, config.block_size, cfg.num_kv_heads,
                                      cfg.head_dim, model.dtype, model.device)  # fmt: skip
         self.attention = make_attention_backend(config.attention_backend, self.kv_cache, model.device)

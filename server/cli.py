@@ -111,6 +111,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="no CUDA graphs: decode steps run eagerly (slower; for debugging)")  # fmt: skip
     parser.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
                         help="look-ahead steps hide host work behind the GPU (auto: on with CUDA)")  # fmt: skip
+    parser.add_argument("--one-row-gemv", action="store_true",
+                        help="CUDA: batch-1 decodes use our GEMV kernel (norms fused in), not cuBLAS")  # fmt: skip
 
 
 def require_at_least_one(args: argparse.Namespace, *names: str) -> None:
@@ -129,6 +131,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         gpu_memory_fraction=args.gpu_memory_fraction, enable_prefix_caching=not args.no_prefix_caching,
         attention_backend=args.attention_backend, cuda_graphs=not args.enforce_eager,
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
+        one_row_gemv=args.one_row_gemv,
     )  # fmt: skip
 
 

@@ -53,6 +53,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | torch | triton
     cuda_graphs: bool = True  # CUDA: decode steps replay CUDA graphs (model/decode_graphs.py)
     async_scheduling: bool | None = None  # look-ahead steps (module docstring); None: on with CUDA
+    # CUDA: batch-1 text decodes through kernels/gemv.py, norms and silu*up fused into the GEMVs.
+    # Off until a GPU run shows it beats cuBLAS (benchmarks/bench_decode.py compares both).
+    one_row_gemv: bool = False
 
 
 @dataclass
@@ -89,7 +92,8 @@ class Engine:
         self.config = config
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         num_blocks = self._num_blocks(model, config)
-        runner_config = RunnerConfig(num_blocks, config.block_size, config.encoder_cache_size, config.attention_backend)
+        runner_config = RunnerConfig(num_blocks, config.block_size, config.encoder_cache_size, config.attention_backend,
+                                     config.one_row_gemv)  # fmt: skip
         self.runner = ModelRunner(model, runner_config)
         if config.cuda_graphs and model.device.type == "cuda":
             self.runner.enable_decode_graphs(min(config.max_num_seqs, MAX_GRAPH_BATCH), self.max_model_len)

@@ -2,6 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
+import model.cogvlm as cogvlm
 import model.dispatch as dispatch
 import model.experts as experts
 import model.rms_norm as rms_norm_module
@@ -30,6 +31,32 @@ def test_model_with_triton_kernels_gives_the_same_tokens(monkeypatch, tiny_check
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     got = generate_reference(model, inputs, params)
     assert set(calls) == {"expert_linear", "silu_and_mul", "rms_norm", "rotary_embedding_"}
+    assert got.output_token_ids == want.output_token_ids
+    for got_top, want_top in zip(got.top_logprobs, want.top_logprobs, strict=True):
+        assert [t for t, _ in got_top] == [t for t, _ in want_top]
+        assert [lp for _, lp in got_top] == pytest.approx([lp for _, lp in want_top], abs=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter variant; the CUDA engine test covers CUDA")
+def test_one_row_gemv_layers_give_the_same_tokens(monkeypatch, tiny_checkpoint):
+    """Batch-1 text decodes through kernels/gemv.py (norms and silu * up in the GEMV prologues)
+    give the eager layers' tokens and logprobs; the prefill (image rows) keeps the routed path."""
+    model = load_model(tiny_checkpoint, torch.float32)
+    processor = Processor(load_tokenizer(tiny_checkpoint), CogVLMConfig.from_checkpoint(tiny_checkpoint))
+    image = Image.fromarray((torch.rand(20, 30, 3) * 255).byte().numpy())
+    inputs = processor.build(Conversation(query="What is it?", image=image))
+    params = GenerationParams(max_tokens=5, stop_token_ids=(), top_logprobs=3)
+    monkeypatch.setattr(dispatch, "FORCE_TRITON", True)
+    want = generate_reference(model, inputs, params)
+    model.fuse_for_inference(one_row_gemv=True)
+    calls = []
+    for name in ("gemv", "rms_norm_gemv", "silu_and_mul_gemv"):
+        original = getattr(cogvlm, name)
+        monkeypatch.setattr(cogvlm, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    got = generate_reference(model, inputs, params)
+    decodes, layers = params.max_tokens - 1, model.config.num_layers
+    assert calls.count("rms_norm_gemv") == 2 * decodes * layers  # both norms of every decode layer
+    assert calls.count("gemv") == calls.count("silu_and_mul_gemv") == decodes * layers
     assert got.output_token_ids == want.output_token_ids
     for got_top, want_top in zip(got.top_logprobs, want.top_logprobs, strict=True):
         assert [t for t, _ in got_top] == [t for t, _ in want_top]

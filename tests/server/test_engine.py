@@ -174,6 +174,30 @@ def test_decode_graph_path_gives_the_same_tokens(setup, prompts_and_reference):
     assert engine.kv.num_free_blocks == len(engine.kv.pool.blocks) == scratch  # the pool never hands it out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter variant; the CUDA one is below")
+def test_one_row_gemv_decodes_give_the_same_tokens(monkeypatch, tiny_checkpoint, setup, prompts_and_reference):
+    """One request at a time, so every decode is one row: the graph's static buffers, Triton
+    attention and kernels/gemv.py's fused layers (every kernel in the interpreter)."""
+    import model.cogvlm as cogvlm
+    import model.dispatch as dispatch
+    from model.weights import load_model
+    from server.engine import Engine, EngineConfig
+
+    prompts, reference = prompts_and_reference
+    monkeypatch.setattr(dispatch, "FORCE_TRITON", True)
+    model = load_model(tiny_checkpoint, torch.float32)  # not the shared one: fusing changes its layers
+    model.fuse_for_inference(one_row_gemv=True)
+    engine = Engine(model, setup.processor, EngineConfig(num_kv_blocks=512, max_num_seqs=1, attention_backend="triton"))
+    engine.runner.enable_decode_graphs(max_batch=1, max_model_len=engine.max_model_len, capture=False)
+    calls = []
+    original = cogvlm.silu_and_mul_gemv
+    monkeypatch.setattr(cogvlm, "silu_and_mul_gemv", lambda *a: calls.append(1) or original(*a))
+    picked = [0, 3]  # an image request and a text-only one
+    assert run(engine, [prompts[i] for i in picked]) == [reference[i] for i in picked]
+    decodes = len(picked) * (MAX_TOKENS - 1)
+    assert engine.runner.decode_graphs.num_runs == decodes and len(calls) == decodes * model.config.num_layers
+
+
 def test_decode_graph_sizes():
     assert capture_sizes(1) == [1]
     assert capture_sizes(5) == [1, 2, 4, 5]
@@ -183,14 +207,16 @@ def test_decode_graph_sizes():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "backend, cuda_graphs, look_ahead",
-    [("triton", True, True), ("triton", False, True), ("torch", True, True), ("triton", True, False)],
-)
+    "backend, cuda_graphs, look_ahead, one_row_gemv",
+    [("triton", True, True, False), ("triton", False, True, False), ("torch", True, True, False),
+     ("triton", True, False, False), ("triton", True, True, True), ("triton", False, True, True)],
+)  # fmt: skip
 def test_engine_on_cuda_matches_the_cpu_reference(
-    tiny_checkpoint, prompts_and_reference, backend, cuda_graphs, look_ahead
+    tiny_checkpoint, prompts_and_reference, backend, cuda_graphs, look_ahead, one_row_gemv
 ):
     """fp32 on CUDA: Triton expert and paged-attention kernels, compiled, chunked prefill, decode
-    steps replayed from CUDA graphs (or eager), look-ahead decode steps (or not)."""
+    steps replayed from CUDA graphs (or eager), look-ahead decode steps (or not); with
+    one_row_gemv, one request at a time, so every decode takes kernels/gemv.py's layers."""
     from model.weights import load_model
     from server.engine import Engine, EngineConfig
     from tests.server.engine_helpers import make_setup
@@ -200,10 +226,12 @@ def test_engine_on_cuda_matches_the_cpu_reference(
     engine = Engine(
         load_model(tiny_checkpoint, torch.float32, "cuda"),
         cpu.processor,
-        EngineConfig(num_kv_blocks=512, max_num_batched_tokens=40, attention_backend=backend, max_num_seqs=12,
-                     cuda_graphs=cuda_graphs, async_scheduling=look_ahead),
+        EngineConfig(num_kv_blocks=512, max_num_batched_tokens=40, attention_backend=backend,
+                     max_num_seqs=1 if one_row_gemv else 12, cuda_graphs=cuda_graphs, async_scheduling=look_ahead,
+                     one_row_gemv=one_row_gemv),
     )  # fmt: skip
     assert run(engine, prompts) == reference
     assert (engine.num_lookahead_steps > 0) == look_ahead
     graphs = engine.runner.decode_graphs
     assert (graphs is not None and len(graphs.graphs) == len(graphs.sizes) and graphs.num_runs > 0) == cuda_graphs
+    assert all(layer.one_row_gemv == one_row_gemv for layer in engine.model.model.layers)

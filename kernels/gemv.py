@@ -1,0 +1,189 @@
+"""One-row GEMV for a batch-1 decode step, with the small op before each projection fused in.
+
+Why: at batch 1 a CogVLM-17B decode step reads 12.9 GB of weights and does little else. On an
+H200 (RESULTS.md, 2026-11-27) cuBLAS's one-row GEMVs reach 73% to 90% of copy bandwidth and
+alone take 1.20x the HBM floor; the RMSNorms around them (65 launches, 0.14 ms a step), silu*up
+(0.04 ms) and cuBLAS's split-K reduces (0.11 ms) come on top. Here each program streams
+BLOCK_N whole weight rows once (no split-K, so no atomics: a row's sum is the same every run),
+and the op before the projection runs in the prologue, on the input row each program reads
+from L2 (8 to 44 KB against the 128 KB or more of weights a program streams):
+
+    plain:          out = W @ x
+    rms_norm:       h = x + residual (rounded as the eager add; program 0 writes it back),
+                    out = W @ rms_norm(h)                  (RMSNorm as kernels/rms_norm.py rounds it)
+    silu_and_mul:   x = [gate | up], the fused gate_up output,
+                    out = W @ (silu(gate) * up)            (rounded as kernels/activation.py)
+
+so a decoder layer's four projections take four launches where they took eight to ten.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.rms_norm import rms_norm_ref
+from kernels.tma import has_tma, set_tma_allocator, tma_ready
+
+PLAIN, RMS_NORM, SILU_AND_MUL = 0, 1, 2  # the prologue
+
+
+def _config(bn: int, bk: int, warps: int, stages: int, tma: int = 0) -> triton.Config:
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "TMA": tma}, num_warps=warps, num_stages=stages)
+
+
+# Candidates for Hopper, not yet measured (benchmarks/kernels/bench_gemv.py times each one on the
+# four CogVLM-17B shapes). Each holds BLOCK_N x BLOCK_K / threads = 64 fp32 products a thread.
+# TMA boxes are at most 256 elements a side. Small BLOCK_N keeps the 4096-row projections at
+# 128 to 512 programs for 132 SMs.
+GPU_CONFIGS = [
+    _config(8, 1024, 4, 3),
+    _config(16, 512, 4, 3),
+    _config(32, 256, 4, 4),
+    _config(64, 128, 4, 4),
+    _config(32, 512, 8, 3),
+    _config(16, 256, 4, 4, tma=1),
+    _config(32, 256, 8, 4, tma=1),
+    _config(64, 128, 4, 5, tma=1),
+]
+SAFE_CONFIG = _config(16, 128, 4, 2, tma=1)  # the interpreter's and the tests' config; TMA where TMA_OK
+# Tests set this False to cover the pointer loads; COGSERVE_GEMV_TMA=0 turns TMA off.
+ALLOW_TMA = os.environ.get("COGSERVE_GEMV_TMA", "1") != "0"
+
+
+def _configs() -> list[triton.Config]:
+    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+        return [SAFE_CONFIG]  # NOTE: the interpreter cannot autotune over several configs
+    if os.environ.get("COGSERVE_AUTOTUNE", "1") == "0":
+        return [SAFE_CONFIG]
+    return GPU_CONFIGS
+
+
+def _prune(configs, named_args, **kwargs):
+    allowed = named_args.get("TMA_OK", kwargs.get("TMA_OK", False))
+    # a TMA config where TMA is not allowed would run as its pointer twin: a duplicate
+    return [c for c in configs if allowed or not c.kwargs["TMA"]] or [SAFE_CONFIG]
+
+
+@triton.jit
+def _residual_sum(x_ptr, residual_ptr, k, k_ok, HAS_RESIDUAL: tl.constexpr):
+    x = tl.load(x_ptr + k, mask=k_ok, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + k, mask=k_ok, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded like the eager add
+    return x
+
+
+@triton.autotune(configs=_configs(), key=["N", "K", "PROLOGUE", "HAS_RESIDUAL"],
+                 prune_configs_by={"early_config_prune": _prune})  # fmt: skip
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, out_ptr, residual_ptr, residual_out_ptr, norm_ptr,
+    N, K, stride_wn, eps,
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, TMA_OK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """out[rows] = W[rows] @ prologue(x) for this program's BLOCK_N rows."""
+    pid = tl.program_id(0)
+    n0 = pid * BLOCK_N
+    rows = n0 + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    cols = tl.arange(0, BLOCK_K)
+    inv_rms = 1.0
+    if PROLOGUE == 1:  # a first pass over the row for its mean square
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + cols
+            h = _residual_sum(x_ptr, residual_ptr, k, k < K, HAS_RESIDUAL)
+            if HAS_RESIDUAL:
+                tl.store(residual_out_ptr + k, h, mask=(k < K) & (pid == 0))
+            h32 = h.to(tl.float32)
+            squares += h32 * h32
+        inv_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+    if TMA and TMA_OK:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + cols
+        k_ok = k < K
+        if PROLOGUE == 0:
+            a = tl.load(x_ptr + k, mask=k_ok, other=0.0)
+        elif PROLOGUE == 1:
+            h = _residual_sum(x_ptr, residual_ptr, k, k_ok, HAS_RESIDUAL)
+            weight = tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            a = (weight * (h.to(tl.float32) * inv_rms)).to(h.dtype)
+        else:
+            gate = tl.load(x_ptr + k, mask=k_ok, other=0.0)
+            up = tl.load(x_ptr + K + k, mask=k_ok, other=0.0)
+            g32 = gate.to(tl.float32)
+            silu = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype)
+            a = (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+        if TMA and TMA_OK:
+            w = w_desc.load([n0, k0])  # [BN, BK]; past an edge reads zeros
+        else:
+            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + k[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+        acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
+    tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0):
+    in_features = x.shape[1] // 2 if prologue == SILU_AND_MUL else x.shape[1]
+    if x.dim() != 2 or x.shape[0] != 1 or not x.is_contiguous():
+        raise ValueError(f"gemv takes one contiguous row [1, K], got {tuple(x.shape)} (strides {x.stride()})")
+    if weight.dim() != 2 or weight.shape[1] != in_features or weight.stride(1) != 1 or weight.dtype != x.dtype:
+        raise ValueError(f"weight must be [N, {in_features}] {x.dtype} with contiguous rows, "
+                         f"got {tuple(weight.shape)} {weight.dtype} (strides {weight.stride()})")  # fmt: skip
+    for name, t, shape in (("residual", residual, x.shape), ("norm weight", norm_weight, (in_features,))):
+        if t is not None and (t.shape != shape or not t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous {tuple(shape)}, got {tuple(t.shape)}")
+    if residual is not None and residual.dtype != x.dtype:
+        raise ValueError(f"residual must be {x.dtype} like x, got {residual.dtype}")
+    out_features = weight.shape[0]
+    out = torch.empty(1, out_features, dtype=x.dtype, device=x.device)
+    residual_out = torch.empty_like(x) if residual is not None else None
+    tma_ok = ALLOW_TMA and has_tma(x.device) and tma_ready(weight)
+    if tma_ok:
+        set_tma_allocator(x.device)
+    # absent residual and norm arguments are never read: any tensor stands in
+    _gemv_kernel[lambda meta: (triton.cdiv(out_features, meta["BLOCK_N"]),)](
+        x, weight, out, residual if residual is not None else x, residual_out if residual is not None else out,
+        norm_weight if norm_weight is not None else x, out_features, in_features, weight.stride(0), eps,
+        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, TMA_OK=tma_ok,
+    )  # fmt: skip
+    return out, residual_out
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # [1, K] @ [N, K]^T -> [1, N]
+    return _launch(x, weight, PLAIN)[0]
+
+
+def rms_norm_gemv(
+    x: torch.Tensor,  # [1, K]
+    residual: torch.Tensor | None,  # [1, K]: added to x first; None: x is the residual stream
+    norm_weight: torch.Tensor,  # [K]
+    eps: float,
+    weight: torch.Tensor,  # [N, K]
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # W @ rms_norm(x + residual) [1, N]; x + residual (None without)
+    return _launch(x, weight, RMS_NORM, residual, norm_weight, eps)
+
+
+def silu_and_mul_gemv(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # [1, 2K], [N, K] -> [1, N]
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        raise ValueError(f"gate_up must be [1, 2K], got {tuple(gate_up.shape)}")
+    return _launch(gate_up, weight, SILU_AND_MUL)[0]
+
+
+def rms_norm_gemv_ref(x, residual, norm_weight, eps, weight):
+    """The unfused ops, as the model runs them without this kernel."""
+    normed, summed = rms_norm_ref(x, norm_weight, eps, residual)
+    return F.linear(normed, weight), summed
+
+
+def silu_and_mul_gemv_ref(gate_up, weight):
+    gate, up = gate_up.chunk(2, dim=1)
+    return F.linear(F.silu(gate) * up, weight)

@@ -1,0 +1,111 @@
+"""The one-row decode GEMV and its fused prologues against a float64 oracle (interpreter on CPU,
+compiled with CUDA). Tolerance as for every kernel here: at most 2x plain torch's error in the
+same dtype (torch: the unfused ops the model runs without this kernel)."""
+
+import pytest
+import torch
+
+import kernels.gemv as gemv_module
+from kernels.gemv import (
+    GPU_CONFIGS,
+    gemv,
+    rms_norm_gemv,
+    rms_norm_gemv_ref,
+    silu_and_mul_gemv,
+    silu_and_mul_gemv_ref,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+SHAPES = [(200, 72), (33, 1000), (130, 256)]  # (N, K): K past a tile edge, one tile, whole tiles
+
+
+def check_close(got, exact, torch_result):
+    torch_error = (torch_result.double() - exact).abs().max().item()
+    error = (got.double() - exact).abs().max().item()
+    assert error <= 2 * torch_error + 1e-5, (error, torch_error)
+
+
+def inputs(n, k, dtype, width=None):
+    x = (torch.randn(1, width or k) * 2).to(DEVICE, dtype)
+    w = (torch.randn(n, k) / k**0.5).to(DEVICE, dtype)
+    return x, w
+
+
+def f64(*tensors):
+    return [None if t is None else t.double() for t in tensors]
+
+
+@pytest.fixture(params=[True, False], ids=["tma", "pointer"])
+def tma(request, monkeypatch):
+    monkeypatch.setattr(gemv_module, "ALLOW_TMA", request.param)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n, k", SHAPES)
+def test_plain_gemv(tma, dtype, n, k):
+    x, w = inputs(n, k, dtype)
+    check_close(gemv(x, w), x.double() @ w.double().T, x @ w.T)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n, k", SHAPES)
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "first-layer"])
+def test_rms_norm_prologue(tma, dtype, n, k, with_residual):
+    """W @ rms_norm(x + residual), and x + residual rounded exactly as the eager add."""
+    x, w = inputs(n, k, dtype)
+    residual = torch.randn(1, k).to(DEVICE, dtype) if with_residual else None
+    norm_weight = (1 + torch.randn(k) * 0.2).to(DEVICE, dtype)
+    out, summed = rms_norm_gemv(x, residual, norm_weight, 1e-5, w)
+    want, want_sum = rms_norm_gemv_ref(x, residual, norm_weight, 1e-5, w)
+    exact, _ = rms_norm_gemv_ref(*f64(x, residual), norm_weight.double(), 1e-5, w.double())
+    check_close(out, exact, want)
+    if with_residual:
+        assert torch.equal(summed, want_sum)
+    else:
+        assert summed is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n, k", SHAPES)
+def test_silu_and_mul_prologue(tma, dtype, n, k):
+    gate_up, w = inputs(n, k, dtype, width=2 * k)
+    exact = silu_and_mul_gemv_ref(gate_up.double(), w.double())
+    check_close(silu_and_mul_gemv(gate_up, w), exact, silu_and_mul_gemv_ref(gate_up, w))
+
+
+def test_rejects_what_it_cannot_run():
+    x, w = inputs(64, 32, torch.float32)
+    with pytest.raises(ValueError, match="one contiguous row"):
+        gemv(torch.cat([x, x]), w)  # two rows
+    with pytest.raises(ValueError, match="one contiguous row"):
+        gemv(torch.randn(1, 64, device=DEVICE)[:, ::2], w)
+    with pytest.raises(ValueError, match=r"weight must be \[N, 32\]"):
+        gemv(x, w[:, :16])
+    with pytest.raises(ValueError, match="weight"):
+        gemv(x, w.half())
+    with pytest.raises(ValueError, match="norm weight"):
+        rms_norm_gemv(x, None, torch.ones(31, device=DEVICE), 1e-5, w)
+    with pytest.raises(ValueError, match="residual"):
+        rms_norm_gemv(x, x.half(), torch.ones(32, device=DEVICE), 1e-5, w)
+    with pytest.raises(ValueError, match="gate_up"):
+        silu_and_mul_gemv(torch.randn(1, 63, device=DEVICE), w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", GPU_CONFIGS, ids=str)
+def test_every_gpu_config_is_correct(monkeypatch, config):
+    """The autotuner may pick any config; each must compute the same function, every prologue."""
+    kernel = gemv_module._gemv_kernel
+    monkeypatch.setattr(kernel, "configs", [config])
+    monkeypatch.setattr(kernel, "cache", {})
+    for n, k in [(300, 72), (4096, 1024)]:
+        x, w = inputs(n, k, torch.bfloat16)
+        check_close(gemv(x, w), x.double() @ w.double().T, x @ w.T)
+        residual, norm_weight = torch.randn_like(x), torch.rand(k, device=DEVICE, dtype=torch.bfloat16)
+        out, _ = rms_norm_gemv(x, residual, norm_weight, 1e-5, w)
+        exact, _ = rms_norm_gemv_ref(*f64(x, residual, norm_weight), 1e-5, w.double())
+        check_close(out, exact, rms_norm_gemv_ref(x, residual, norm_weight, 1e-5, w)[0])
+        gate_up = torch.randn(1, 2 * k, device=DEVICE, dtype=torch.bfloat16)
+        exact = silu_and_mul_gemv_ref(gate_up.double(), w.double())
+        check_close(silu_and_mul_gemv(gate_up, w), exact, silu_and_mul_gemv_ref(gate_up, w))
