@@ -5,7 +5,9 @@ flash-attn's block-table API reads). A sequence's tokens live in the blocks of i
 token i of a sequence sits in block block_table[i // block_size], row i % block_size.
 
 The torch backend is the reference and the CPU path: it gathers each sequence's blocks into a
-padded [B, S] view and runs one SDPA call for the whole batch.
+padded [B, S] view and runs one SDPA call for the whole batch. The triton backend (CUDA's
+default) reads the blocks in place with our kernels; flash_attn hands them to flash-attn's
+varlen kernel (the [gpu] extra).
 """
 
 from __future__ import annotations
@@ -88,6 +90,46 @@ class TritonPagedAttention:
                                self.query_start_loc, self.max_query_len)  # fmt: skip
 
 
+class FlashAttnPagedAttention:
+    """flash-attn's varlen kernel over the paged cache: our fused kernel rotates q and k and
+    writes K/V into their slots, then one flash_attn_varlen_func call per layer reads each
+    sequence's blocks through the block table (causal, aligned to the bottom right: a chunk's
+    queries are the sequence's newest tokens, as in our kernel).
+
+    Upstream flash-attn 2 reads a paged cache only in pages of a multiple of 256 tokens (its
+    flash_api.cpp checks it; vLLM's 16-token pages use vLLM's own fork), so this backend needs
+    --block-size 256: prefix caching then shares prompts in steps of 256 tokens, not 16."""
+
+    PAGE_MULTIPLE = 256
+
+    def __init__(self, cache: PagedKVCache, varlen_func):
+        if cache.block_size % self.PAGE_MULTIPLE:
+            raise ValueError(f"attention backend flash_attn reads the KV cache in pages of a multiple of "
+                             f"{self.PAGE_MULTIPLE} tokens (upstream flash-attn 2): use --block-size 256, "
+                             f"got {cache.block_size}")  # fmt: skip
+        self.cache = cache
+        self.varlen_func = varlen_func  # flash_attn.flash_attn_varlen_func
+
+    def prepare(self, meta: PagedAttentionMetadata) -> None:
+        device = meta.slot_mapping.device
+        starts_q, starts_k = [0], [0]
+        for q_len, s_len in zip(meta.query_lens, meta.seq_lens, strict=True):
+            starts_q.append(starts_q[-1] + q_len)
+            starts_k.append(starts_k[-1] + s_len)
+        self.slot_mapping = meta.slot_mapping
+        self.block_tables = meta.block_tables.to(torch.int32)
+        self.cu_seqlens_q = to_device(starts_q, device, torch.int32)
+        self.cu_seqlens_k = to_device(starts_k, device, torch.int32)
+        self.max_seqlen_q, self.max_seqlen_k = max(meta.query_lens), max(meta.seq_lens)
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin) -> torch.Tensor:
+        k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        rotary_and_write_kv_(q, k, v, *cos_sin, k_cache, v_cache, self.slot_mapping)
+        out = self.varlen_func(q, k_cache, v_cache, self.cu_seqlens_q, self.cu_seqlens_k, self.max_seqlen_q,
+                               self.max_seqlen_k, causal=True, block_table=self.block_tables)  # fmt: skip
+        return out.reshape(q.shape[0], -1)  # [T, H * D]
+
+
 def make_attention_backend(name: str, cache: PagedKVCache, device: torch.device):
     """'auto': the Triton kernels on CUDA, the torch reference on CPU."""
     if name == "auto":
@@ -96,7 +138,15 @@ def make_attention_backend(name: str, cache: PagedKVCache, device: torch.device)
         return TorchPagedAttention(cache)
     if name == "triton":
         return TritonPagedAttention(cache)
-    raise ValueError(f"attention backend must be auto, torch or triton, got {name!r}")
+    if name == "flash_attn":
+        if device.type != "cuda":
+            raise ValueError(f"attention backend flash_attn runs on CUDA only, the model is on {device.type}")
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except ImportError as err:
+            raise ValueError("attention backend flash_attn needs the flash-attn package: pip install '.[gpu]'") from err
+        return FlashAttnPagedAttention(cache, flash_attn_varlen_func)
+    raise ValueError(f"attention backend must be auto, torch, triton or flash_attn, got {name!r}")
 
 
 class TorchPagedAttention:

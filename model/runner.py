@@ -30,7 +30,7 @@ class RunnerConfig:
     num_blocks: int  # KV blocks in the pool (from the memory budget)
     block_size: int = 16  # tokens per KV block
     encoder_cache_size: int = 64  # images whose features are kept (LRU)
-    attention_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | torch | triton
+    attention_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | torch | triton | flash_attn
     one_row_gemv: bool = False  # CUDA: batch-1 text decodes through kernels/gemv.py (norms fused in)
 
 

@@ -105,8 +105,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory-fraction", type=float, default=d.gpu_memory_fraction,
                         help="share of free GPU memory (after loading) for the KV pool")  # fmt: skip
     parser.add_argument("--no-prefix-caching", action="store_true", help="disable KV reuse across requests")
-    parser.add_argument("--attention-backend", default=d.attention_backend, choices=["auto", "torch", "triton"],
-                        help="auto: triton on CUDA, torch on CPU")  # fmt: skip
+    parser.add_argument(
+        "--attention-backend",
+        default=d.attention_backend,
+        choices=["auto", "torch", "triton", "flash_attn"],
+        help="auto: triton on CUDA, torch on CPU; flash_attn: [gpu] extra + --block-size 256",
+    )
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no CUDA graphs: decode steps run eagerly (slower; for debugging)")  # fmt: skip
     parser.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],

@@ -50,7 +50,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides both budgets (tests: a tiny pool forces preemption)
     enable_prefix_caching: bool = True
     encoder_cache_size: int = 64  # images whose vision features are kept
-    attention_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | torch | triton
+    attention_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | torch | triton | flash_attn
     cuda_graphs: bool = True  # CUDA: decode steps replay CUDA graphs (model/decode_graphs.py)
     async_scheduling: bool | None = None  # look-ahead steps (module docstring); None: on with CUDA
     # CUDA: batch-1 text decodes through kernels/gemv.py, norms and silu*up fused into the GEMVs.

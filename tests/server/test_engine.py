@@ -198,6 +198,47 @@ def test_one_row_gemv_decodes_give_the_same_tokens(monkeypatch, tiny_checkpoint,
     assert engine.runner.decode_graphs.num_runs == decodes and len(calls) == decodes * model.config.num_layers
 
 
+def test_flash_attn_backend_gives_the_same_tokens(monkeypatch, setup, prompts_and_reference):
+    """The flash_attn backend's calls (a stand-in of flash-attn's varlen kernel that checks its
+    contract; no flash-attn wheel exists for this CPU machine or the lent GPU's image), with
+    256-token pages, chunked prefill and mixed decode + prefill steps."""
+    import sys
+
+    from model.paged_attention import FlashAttnPagedAttention, make_attention_backend
+    from tests.server import flash_attn_stand_in
+
+    prompts, reference = prompts_and_reference
+    engine = setup.engine(attention_backend="triton", block_size=256, num_kv_blocks=16, max_num_batched_tokens=40)
+    monkeypatch.setitem(sys.modules, "flash_attn", flash_attn_stand_in)
+    cache = engine.runner.kv_cache
+    engine.runner.attention = make_attention_backend("flash_attn", cache, torch.device("cuda"))  # CUDA's path
+    assert isinstance(engine.runner.attention, FlashAttnPagedAttention)
+    flash_attn_stand_in.calls.clear()
+    picked = [0, 1, 2, 3, 4]
+    assert run(engine, [prompts[i] for i in picked]) == [reference[i] for i in picked]
+    calls = set(flash_attn_stand_in.calls)
+    assert any(q == 1 for q, _ in calls) and any(q == 40 for q, _ in calls)  # decodes, and full chunks
+
+
+def test_flash_attn_backend_refuses_what_it_cannot_run(monkeypatch, setup):
+    import sys
+
+    from model.paged_attention import PagedKVCache, make_attention_backend
+    from tests.server import flash_attn_stand_in
+
+    cache = PagedKVCache(1, 4, 16, 2, 8, torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="CUDA only"):
+        make_attention_backend("flash_attn", cache, torch.device("cpu"))
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed
+    with pytest.raises(ValueError, match="needs the flash-attn package"):
+        make_attention_backend("flash_attn", cache, torch.device("cuda"))
+    monkeypatch.setitem(sys.modules, "flash_attn", flash_attn_stand_in)
+    with pytest.raises(ValueError, match="--block-size 256"):
+        make_attention_backend("flash_attn", cache, torch.device("cuda"))
+    with pytest.raises(ValueError, match="auto, torch, triton or flash_attn"):
+        make_attention_backend("xformers", cache, torch.device("cuda"))
+
+
 def test_decode_graph_sizes():
     assert capture_sizes(1) == [1]
     assert capture_sizes(5) == [1, 2, 4, 5]
