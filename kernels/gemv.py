@@ -37,17 +37,17 @@ def _config(bn: int, bk: int, warps: int, stages: int, tma: int = 0) -> triton.C
 
 
 # Candidates for Hopper, not yet measured (benchmarks/kernels/bench_gemv.py times each one on the
-# four CogVLM-17B shapes). Each holds BLOCK_N x BLOCK_K / threads = 64 fp32 products a thread.
-# TMA boxes are at most 256 elements a side. Small BLOCK_N keeps the 4096-row projections at
-# 128 to 512 programs for 132 SMs.
+# four CogVLM-17B shapes). Each holds BLOCK_N x BLOCK_K / threads <= 64 fp32 partial sums a thread.
+# TMA tiles keep 256-byte rows (as the Triton tutorials' bf16 descriptors do) and go deeper in
+# stages instead. Small BLOCK_N keeps the 4096-row projections at 64 to 512 programs for 132 SMs.
 GPU_CONFIGS = [
     _config(8, 1024, 4, 3),
     _config(16, 512, 4, 3),
     _config(32, 256, 4, 4),
     _config(64, 128, 4, 4),
     _config(32, 512, 8, 3),
-    _config(16, 256, 4, 4, tma=1),
-    _config(32, 256, 8, 4, tma=1),
+    _config(16, 128, 4, 8, tma=1),
+    _config(32, 128, 4, 6, tma=1),
     _config(64, 128, 4, 5, tma=1),
 ]
 SAFE_CONFIG = _config(16, 128, 4, 2, tma=1)  # the interpreter's and the tests' config; TMA where TMA_OK
@@ -84,7 +84,7 @@ def _residual_sum(x_ptr, residual_ptr, k, k_ok, HAS_RESIDUAL: tl.constexpr):
 def _gemv_kernel(
     x_ptr, w_ptr, out_ptr, residual_ptr, residual_out_ptr, norm_ptr,
     N, K, stride_wn, eps,
-    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, TMA_OK: tl.constexpr,
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, TMA_OK: tl.constexpr, K_POW2: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """out[rows] = W[rows] @ prologue(x) for this program's BLOCK_N rows."""
@@ -94,19 +94,18 @@ def _gemv_kernel(
     row_ok = rows < N
     cols = tl.arange(0, BLOCK_K)
     inv_rms = 1.0
-    if PROLOGUE == 1:  # a first pass over the row for its mean square
-        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + cols
-            h = _residual_sum(x_ptr, residual_ptr, k, k < K, HAS_RESIDUAL)
-            if HAS_RESIDUAL:
-                tl.store(residual_out_ptr + k, h, mask=(k < K) & (pid == 0))
-            h32 = h.to(tl.float32)
-            squares += h32 * h32
-        inv_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+    if PROLOGUE == 1:  # the row's mean square first, from one load of the whole row (one L2 latency, not K / BLOCK_K)
+        whole = tl.arange(0, K_POW2)
+        h = _residual_sum(x_ptr, residual_ptr, whole, whole < K, HAS_RESIDUAL)
+        if HAS_RESIDUAL:
+            tl.store(residual_out_ptr + whole, h, mask=(whole < K) & (pid == 0))
+        h32 = h.to(tl.float32)
+        inv_rms = 1.0 / tl.sqrt(tl.sum(h32 * h32, axis=0) / K + eps)
     if TMA and TMA_OK:
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # NOTE: products accumulate per lane and reduce across lanes once, after the loop: a reduce
+    # per tile would put warp shuffles between consecutive weight loads
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + cols
         k_ok = k < K
@@ -127,8 +126,8 @@ def _gemv_kernel(
         else:
             w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + k[None, :],
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-        acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
-    tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
+        acc += w.to(tl.float32) * a.to(tl.float32)[None, :]
+    tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
 def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0):
@@ -154,6 +153,7 @@ def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0):
         x, weight, out, residual if residual is not None else x, residual_out if residual is not None else out,
         norm_weight if norm_weight is not None else x, out_features, in_features, weight.stride(0), eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, TMA_OK=tma_ok,
+        K_POW2=triton.next_power_of_2(in_features) if prologue == RMS_NORM else 1,  # one compile for the others
     )  # fmt: skip
     return out, residual_out
 
