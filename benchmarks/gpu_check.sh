@@ -20,7 +20,7 @@ tests_rc=0 bench_rc=0 decode_rc=0 gemv_rc=0
 # the kernels, the model and the engine; the HTTP tests run on CPU in CI.
 if want tests; then
     echo "== GPU tests (compiled kernels) =="
-    timeout 240 $PY -m pytest -rf --tb=short tests/kernels tests/model tests/server/test_engine.py \
+    timeout 300 $PY -m pytest -rf --tb=short tests/kernels tests/model tests/server/test_engine.py \
         tests/server/test_scheduler.py tests/server/test_detokenizer.py \
         tests/server/test_async_scheduling.py::test_lookahead_on_cuda_gives_the_same_outputs \
         2>&1 | tee "$OUT/tests.log" | tail -n 40

@@ -99,7 +99,7 @@ def test_every_gpu_config_is_correct(monkeypatch, config):
     kernel = gemv_module._gemv_kernel
     monkeypatch.setattr(kernel, "configs", [config])
     monkeypatch.setattr(kernel, "cache", {})
-    for n, k in [(300, 72), (4096, 1024)]:
+    for n, k in [(300, 1000)]:  # past a row tile and a K tile, 16-byte aligned rows (TMA)
         x, w = inputs(n, k, torch.bfloat16)
         check_close(gemv(x, w), x.double() @ w.double().T, x @ w.T)
         residual, norm_weight = torch.randn_like(x), torch.rand(k, device=DEVICE, dtype=torch.bfloat16)
