@@ -78,7 +78,7 @@ def _residual_sum(x_ptr, residual_ptr, k, k_ok, HAS_RESIDUAL: tl.constexpr):
     return x
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "PROLOGUE", "HAS_RESIDUAL"],
+@triton.autotune(configs=_configs(), key=["N", "K", "PROLOGUE", "HAS_RESIDUAL", "TMA_OK"],
                  prune_configs_by={"early_config_prune": _prune})  # fmt: skip
 @triton.jit
 def _gemv_kernel(

@@ -1,9 +1,9 @@
 """Attention backends: what a decoder layer calls once it has q, k, v for its tokens.
 
 A backend owns the KV cache and the causal structure of the batch; the layer only knows its
-index. The backend applies rotary itself, so the paged GPU backend can rotate K on its way into
-the cache (one launch for both). The contiguous cache here is the one-sequence reference (the numerics oracle); the
-paged backends of the engine implement the same `attend`.
+index. The backend applies rotary itself, so the paged GPU backends rotate K on its way into the
+cache (one launch for both). The contiguous cache here is the one-sequence reference (the
+numerics oracle); the paged backends of the engine implement the same `attend`.
 """
 
 from __future__ import annotations
