@@ -72,9 +72,29 @@ class ModelRunner:
         image_rows, image_features = [], []
         fed_rows, fed_from = [], []  # rows whose token is on the device, and where it is there
         self._encode_missing_images(out)
+        sampling, last_rows = [], []  # sequences that sample this step, and the row each samples from
         for s in out.scheduled:
             seq, start, end = s.seq, s.start, s.end
             row0 = len(input_ids)
+            prompt = seq.prompt
+            num_prompt = len(prompt.input_ids)
+            num_tokens = num_prompt + len(seq.output_token_ids)  # seq.num_tokens
+            if end - start == 1 and start >= num_prompt:
+                # NOTE: one text token past the prompt (a decode, or a recompute after preemption),
+                # most rows of most steps: the general path's list building cost ~3 us a row on CPU
+                if start == num_tokens:  # s.is_fed
+                    fed_rows.append(row0)
+                    fed_from.append(feed.feed[1][seq.request_id])
+                    input_ids.append(0)  # replaced on the device
+                else:
+                    input_ids.append(seq.output_token_ids[start - num_prompt])
+                positions.append(prompt.position_ids[-1] + 1 + start - num_prompt)  # as seq.positions
+                vision_mask.append(False)
+                slots.append(s.block_ids[start // block_size] * block_size + start % block_size)
+                if end >= num_tokens:  # s.needs_sample: not a recompute row short of the end
+                    sampling.append(s)
+                    last_rows.append(row0)
+                continue
             if s.is_fed:
                 fed_rows.append(row0)
                 fed_from.append(feed.feed[1][seq.request_id])
@@ -82,7 +102,7 @@ class ModelRunner:
             else:
                 input_ids += seq.token_ids(start, end)
             positions += seq.positions(start, end)
-            if start + 1 >= len(seq.prompt.token_type_ids):  # past the prompt: text, on the language expert
+            if start + 1 >= len(prompt.token_type_ids):  # past the prompt: text, on the language expert
                 vision_mask += [False] * (end - start)
             else:
                 vision_mask += [
@@ -90,24 +110,20 @@ class ModelRunner:
                     for i in range(start, end)
                 ]
             slots += [s.block_ids[i // block_size] * block_size + i % block_size for i in range(start, end)]
-            prompt = seq.prompt
             if prompt.image_slots:
                 first, last = prompt.image_slots[0], prompt.image_slots[-1] + 1
                 lo, hi = max(start, first), min(end, last)
                 if lo < hi:  # this chunk holds image slots lo..hi-1
                     image_rows += range(row0 + lo - start, row0 + hi - start)
                     image_features.append(self.encoder_cache[prompt.image_hash][lo - first : hi - first])
+            if s.needs_sample:
+                sampling.append(s)
+                last_rows.append(len(input_ids) - 1)
         fed = None
         if fed_rows:  # [F] rows of this batch, [F] their tokens from the step in flight
             fed = (to_device(fed_rows, device, torch.long), feed.feed[0][to_device(fed_from, device, torch.long)])
         # NOTE: a fed row is a one-token decode, so it samples: the sampler sees fed[1] too
 
-        sampling = [s for s in out.scheduled if s.needs_sample]
-        last_rows, row = [], 0
-        for s in out.scheduled:
-            row += s.num_new_tokens
-            if s.needs_sample:
-                last_rows.append(row - 1)
         max_blocks = max(len(s.block_ids) for s in out.scheduled)
         graphs = self.decode_graphs
         # NOTE: no image rows means no vision-expert row either (the mask is only ever true on image slots)

@@ -46,6 +46,32 @@ def test_preemption_keeps_tokens_and_frees_everything(setup, prompts_and_referen
     assert engine.kv.num_free_blocks == 14
 
 
+def test_recompute_after_preemption_samples_only_at_its_end(setup, prompts_and_reference):
+    """A preempted request recomputes prompt + generated tokens. With a budget of one token its
+    generated tokens come back one per step, past the prompt: rows that look like decodes but
+    must not sample (only the step that reaches the sequence's end does)."""
+    prompts, reference = prompts_and_reference
+    engine = setup.engine(max_num_batched_tokens=1)
+    engine.add_request("r", prompts[3], greedy(MAX_TOKENS))  # short, text only
+    tokens = []
+    while len(tokens) < 3:
+        tokens += [t for o in engine.step() for t in o.new_token_ids]
+    engine.scheduler._preempt(engine.scheduler.running.pop())
+    recomputed = []  # starts of one-token rows past the prompt that end short of the sequence
+    original = engine.runner.execute
+
+    def execute(out, feed=None):
+        prompt_len = len(prompts[3].input_ids)
+        recomputed.extend(s.start for s in out.scheduled if prompt_len <= s.start < s.seq.num_tokens - 1)
+        return original(out, feed)
+
+    engine.runner.execute = execute
+    while engine.has_unfinished:
+        tokens += [t for o in engine.step() for t in o.new_token_ids]
+    assert tokens == reference[3]
+    assert len(recomputed) >= 2  # one-token rows past the prompt that did not sample
+
+
 def test_prefix_cache_hits_give_the_same_tokens(setup):
     image_prompts = [p for p in setup.prompts(6) if p.pixels is not None]
     same = image_prompts[0]
