@@ -58,20 +58,25 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / (ms / 1e3)
 
 
-def decode_step_ms(engine: Engine, steps: int) -> float:
+def decode_step_ms(engine: Engine, steps: int, tokens: list[int] | None = None) -> float:
     """Mean wall time per step over `steps` decode steps in a row: with look-ahead a step's host
-    work overlaps the previous step's GPU work, so steps are timed back to back, not one by one."""
+    work overlaps the previous step's GPU work, so steps are timed back to back, not one by one.
+    `tokens` collects every token the steps put out (a batch-1 run: that request's)."""
+    outputs = []
     while any(r.num_computed_tokens < r.seq.num_prompt_tokens for r in engine.scheduler.running) or \
             engine.scheduler.waiting:  # fmt: skip
-        engine.step()
+        outputs += engine.step()
     for _ in range(3):  # into the steady state (look-ahead starts from the second decode step)
-        engine.step()
+        outputs += engine.step()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        engine.step()
+        outputs += engine.step()
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3 / steps
+    elapsed = time.perf_counter() - start
+    if tokens is not None:
+        tokens += [t for o in outputs for t in o.new_token_ids]
+    return elapsed * 1e3 / steps
 
 
 def kernel_times(replay, steps: int = 5, rows: int = 12) -> str:
@@ -111,33 +116,43 @@ def main() -> None:
         "cuda graphs + look-ahead + one-row GEMV": (True, True, True),
         "cuda graphs": (True, False, False),
     }  # eager (no graphs): 15.7 ms a step at batch 1 on an H200 (RESULTS.md); not rerun, to keep gpu_check short
+    batch1_tokens = {}  # greedy tokens of the batch-1 run per mode: the GEMV paths should agree
     for mode, (cuda_graphs, look_ahead, one_row_gemv) in modes.items():
         config = EngineConfig(max_num_seqs=64, gpu_memory_fraction=0.5, cuda_graphs=cuda_graphs,
                               async_scheduling=look_ahead, one_row_gemv=one_row_gemv)  # fmt: skip
-        engine = Engine(model, processor, config)
-        engine.add_request("warmup", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
-        while engine.has_unfinished:
-            engine.step()
-        engine.add_request("one", prompt, params)
-        batch1_ms = decode_step_ms(engine, args.steps)
-        engine.abort("one")
-        for i in range(64):
-            engine.add_request(f"b{i}", prompt, params)
-        results[mode] = (batch1_ms, decode_step_ms(engine, args.steps))
-        graphs = engine.runner.decode_graphs
-        if graphs is not None and look_ahead:  # the GPU time of the step itself; the rest of a step is the host's
-            replays[mode] = {b: triton.testing.do_bench(graphs.graphs[b].replay, warmup=5, rep=50,
-                                                        return_mode="median") for b in (1, 64)}  # fmt: skip
-            kernel_tables[mode] = kernel_times(graphs.graphs[1].replay)
+        try:  # a mode that fails (a new kernel on a new machine) is reported; the others still run
+            engine = Engine(model, processor, config)
+            engine.add_request("warmup", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+            while engine.has_unfinished:
+                engine.step()
+            engine.add_request("one", prompt, params)
+            batch1_tokens[mode] = []
+            batch1_ms = decode_step_ms(engine, args.steps, batch1_tokens[mode])
+            engine.abort("one")
             for i in range(64):
-                engine.abort(f"b{i}")
-            # an image prompt's length (1227 patches + text): the attention kernel's share grows
-            engine.add_request("long", long_prompt, params)
-            long_ms[mode] = decode_step_ms(engine, args.steps)
-            engine.abort("long")
-        del engine
+                engine.add_request(f"b{i}", prompt, params)
+            results[mode] = (batch1_ms, decode_step_ms(engine, args.steps))
+            graphs = engine.runner.decode_graphs
+            if graphs is not None and look_ahead:  # the GPU time of the step itself; the rest is the host's
+                replays[mode] = {b: triton.testing.do_bench(graphs.graphs[b].replay, warmup=5, rep=50,
+                                                            return_mode="median") for b in (1, 64)}  # fmt: skip
+                kernel_tables[mode] = kernel_times(graphs.graphs[1].replay)
+                for i in range(64):
+                    engine.abort(f"b{i}")
+                # an image prompt's length (1227 patches + text): the attention kernel's share grows
+                engine.add_request("long", long_prompt, params)
+                long_ms[mode] = decode_step_ms(engine, args.steps)
+                engine.abort("long")
+        except Exception as err:  # noqa: BLE001
+            print(f"mode {mode!r} failed: {type(err).__name__}: {str(err)[:300]}")
+        engine = None
         gc.collect()
         torch.cuda.empty_cache()
+    base = batch1_tokens.get("cuda graphs + look-ahead", [])
+    for mode, tokens in batch1_tokens.items():
+        n = min(len(tokens), len(base))
+        same = next((i for i in range(n) if tokens[i] != base[i]), n)
+        print(f"batch-1 greedy tokens, {mode}: the first {same} of {len(tokens)} equal the default mode's")
 
     print(f"\ndecode, CogVLM-17B architecture, random bf16 weights, {torch.cuda.get_device_name()}")
     print(
@@ -150,8 +165,8 @@ def main() -> None:
     for mode, replay in replays.items():
         print(f"graph replay alone (GPU time of a step), {mode}: batch 1 {replay[1]:.2f} ms "
               f"({replay[1] / floor_ms:.2f}x the floor), batch 64 {replay[64]:.2f} ms; batch 1 at "
-              f"{long_prompt.num_tokens} tokens of context: {long_ms[mode]:.2f} ms a step "
-              f"({long_ms[mode] / floor_ms:.2f}x)")  # fmt: skip
+              f"{long_prompt.num_tokens} tokens of context: {long_ms.get(mode, float('nan')):.2f} ms a step "
+              f"({long_ms.get(mode, float('nan')) / floor_ms:.2f}x)")  # fmt: skip
     print("the rest of a step is host work (scheduler, inputs, sampler, detokenizer)")
     print("| mode | batch 1 ms/step | vs floor | batch 64 ms/step | batch 64 tokens/s |")
     print("|---|---|---|---|---|")

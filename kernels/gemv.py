@@ -53,6 +53,9 @@ GPU_CONFIGS = [
 SAFE_CONFIG = _config(16, 128, 4, 2, tma=1)  # the interpreter's and the tests' config; TMA where TMA_OK
 # Tests set this False to cover the pointer loads; COGSERVE_GEMV_TMA=0 turns TMA off.
 ALLOW_TMA = os.environ.get("COGSERVE_GEMV_TMA", "1") != "0"
+# Programmatic dependent launch (sm_90+): each GEMV starts loading weights while the kernel before
+# it drains. COGSERVE_GEMV_PDL=0 turns it off (bench_gemv times both).
+ALLOW_PDL = os.environ.get("COGSERVE_GEMV_PDL", "1") != "0"
 
 
 def _configs() -> list[triton.Config]:
@@ -78,6 +81,36 @@ def _residual_sum(x_ptr, residual_ptr, k, k_ok, HAS_RESIDUAL: tl.constexpr):
     return x
 
 
+@triton.jit
+def _input_chunk(x_ptr, residual_ptr, norm_ptr, k, k_ok, K, inv_rms, PROLOGUE: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr):  # fmt: skip
+    """[BK] of the projection's input, the prologue applied, rounded to the model dtype."""
+    if PROLOGUE == 0:
+        a = tl.load(x_ptr + k, mask=k_ok, other=0.0)
+    elif PROLOGUE == 1:
+        h = _residual_sum(x_ptr, residual_ptr, k, k_ok, HAS_RESIDUAL)
+        weight = tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        a = (weight * (h.to(tl.float32) * inv_rms)).to(h.dtype)
+    else:
+        gate = tl.load(x_ptr + k, mask=k_ok, other=0.0)
+        up = tl.load(x_ptr + K + k, mask=k_ok, other=0.0)
+        g32 = gate.to(tl.float32)
+        silu = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype)
+        a = (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+    return a
+
+
+@triton.jit
+def _weight_tile(w_ptr, w_desc, rows, row_ok, n0, k0, k, k_ok, stride_wn, USE_DESC: tl.constexpr):
+    """[BN, BK] of W; by TMA past an edge reads zeros."""
+    if USE_DESC:
+        w = w_desc.load([n0, k0])
+    else:
+        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + k[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)  # fmt: skip
+    return w
+
+
 @triton.autotune(configs=_configs(), key=["N", "K", "PROLOGUE", "HAS_RESIDUAL", "TMA_OK"],
                  prune_configs_by={"early_config_prune": _prune})  # fmt: skip
 @triton.jit
@@ -85,6 +118,7 @@ def _gemv_kernel(
     x_ptr, w_ptr, out_ptr, residual_ptr, residual_out_ptr, norm_ptr,
     N, K, stride_wn, eps,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, TMA_OK: tl.constexpr, K_POW2: tl.constexpr,
+    PDL: tl.constexpr,  # launched as a programmatic dependent launch: wait before reading inputs
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """out[rows] = W[rows] @ prologue(x) for this program's BLOCK_N rows."""
@@ -93,40 +127,36 @@ def _gemv_kernel(
     rows = n0 + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     cols = tl.arange(0, BLOCK_K)
+    USE_DESC: tl.constexpr = TMA and TMA_OK
+    if USE_DESC:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        w_desc = w_ptr  # unused
+    # The first weight tile reads nothing an earlier kernel writes, so under PDL it loads while
+    # the kernel before this one drains; everything after the wait may read that kernel's output.
+    w = _weight_tile(w_ptr, w_desc, rows, row_ok, n0, 0, cols, cols < K, stride_wn, USE_DESC)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     inv_rms = 1.0
-    if PROLOGUE == 1:  # the row's mean square first, from one load of the whole row (one L2 latency, not K / BLOCK_K)
+    if PROLOGUE == 1:  # the row's mean square first, from one load of the whole row (one L2 latency)
         whole = tl.arange(0, K_POW2)
         h = _residual_sum(x_ptr, residual_ptr, whole, whole < K, HAS_RESIDUAL)
         if HAS_RESIDUAL:
             tl.store(residual_out_ptr + whole, h, mask=(whole < K) & (pid == 0))
         h32 = h.to(tl.float32)
         inv_rms = 1.0 / tl.sqrt(tl.sum(h32 * h32, axis=0) / K + eps)
-    if TMA and TMA_OK:
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
     # NOTE: products accumulate per lane and reduce across lanes once, after the loop: a reduce
     # per tile would put warp shuffles between consecutive weight loads
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    a = _input_chunk(x_ptr, residual_ptr, norm_ptr, cols, cols < K, K, inv_rms, PROLOGUE, HAS_RESIDUAL)
+    acc = w.to(tl.float32) * a.to(tl.float32)[None, :]  # [BN, BK]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + cols
         k_ok = k < K
-        if PROLOGUE == 0:
-            a = tl.load(x_ptr + k, mask=k_ok, other=0.0)
-        elif PROLOGUE == 1:
-            h = _residual_sum(x_ptr, residual_ptr, k, k_ok, HAS_RESIDUAL)
-            weight = tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            a = (weight * (h.to(tl.float32) * inv_rms)).to(h.dtype)
-        else:
-            gate = tl.load(x_ptr + k, mask=k_ok, other=0.0)
-            up = tl.load(x_ptr + K + k, mask=k_ok, other=0.0)
-            g32 = gate.to(tl.float32)
-            silu = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype)
-            a = (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
-        if TMA and TMA_OK:
-            w = w_desc.load([n0, k0])  # [BN, BK]; past an edge reads zeros
-        else:
-            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + k[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+        a = _input_chunk(x_ptr, residual_ptr, norm_ptr, k, k_ok, K, inv_rms, PROLOGUE, HAS_RESIDUAL)
+        w = _weight_tile(w_ptr, w_desc, rows, row_ok, n0, k0, k, k_ok, stride_wn, USE_DESC)
         acc += w.to(tl.float32) * a.to(tl.float32)[None, :]
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its own weight loads
     tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
@@ -148,12 +178,15 @@ def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0):
     tma_ok = ALLOW_TMA and has_tma(x.device) and tma_ready(weight)
     if tma_ok:
         set_tma_allocator(x.device)
+    pdl = ALLOW_PDL and x.is_cuda and has_tma(x.device)  # PDL is Hopper's too (sm_90)
+    launch = {"launch_pdl": True} if pdl else {}
     # absent residual and norm arguments are never read: any tensor stands in
     _gemv_kernel[lambda meta: (triton.cdiv(out_features, meta["BLOCK_N"]),)](
         x, weight, out, residual if residual is not None else x, residual_out if residual is not None else out,
         norm_weight if norm_weight is not None else x, out_features, in_features, weight.stride(0), eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, TMA_OK=tma_ok,
         K_POW2=triton.next_power_of_2(in_features) if prologue == RMS_NORM else 1,  # one compile for the others
+        PDL=pdl, **launch,
     )  # fmt: skip
     return out, residual_out
 

@@ -12,7 +12,9 @@ layer runs before it today, and the fused kernel that replaces both:
 
 Timing as in a decode step: every variant runs over 32 different weight matrices (one per
 layer, so L2 never holds the next one) inside one CUDA graph (no launch gaps), replay time / 32.
-Each config of kernels/gemv.py is timed alone (the autotuner picks the best of them).
+Each config of kernels/gemv.py is timed alone (the autotuner picks the best of them), with
+programmatic dependent launch (each GEMV loads its first weight tile while the one before
+drains), and the best one again without it.
 
     python benchmarks/kernels/bench_gemv.py [--json out.json]
 """
@@ -87,9 +89,17 @@ def bench_shape(name: str, n: int, k: int, op: str | None) -> dict:
             print(f"  {name} {config}: WRONG (max error {(got - want).abs().max().item():.3g})")
             continue
         row["configs"][str(config)] = per_layer_us(lambda: [ours(w) for w in weights])
-    kernel.configs, kernel.cache = all_configs, {}
     row["best"] = min(row["configs"], key=row["configs"].get) if row["configs"] else None
     row["ours"] = row["configs"].get(row["best"])
+    row["ours_no_pdl"] = None
+    if row["best"] is not None:  # the best config again, launched without PDL (each GEMV waits for the last)
+        kernel.configs, kernel.cache = [c for c in GPU_CONFIGS if str(c) == row["best"]], {}
+        gemv_module.ALLOW_PDL = False
+        try:
+            row["ours_no_pdl"] = per_layer_us(lambda: [ours(w) for w in weights])
+        finally:
+            gemv_module.ALLOW_PDL = True
+    kernel.configs, kernel.cache = all_configs, {}
     return row
 
 
@@ -108,14 +118,16 @@ def main() -> None:
         share = lambda us: n * k * 2 / (us / 1e6) / bandwidth  # noqa: E731, B023
         for config, us in sorted(rows[-1]["configs"].items(), key=lambda item: item[1]):
             print(f"  {name} {config}: {us:.1f} us ({share(us):.2f})")
-    print("\n| proj | N x K | op before | cuBLAS us | share | op + cuBLAS us | ours us | share | vs op + cuBLAS |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| proj | N x K | op before | cuBLAS us | share | op + cuBLAS us | ours us | share | vs op + cuBLAS "
+          "| ours without PDL us |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     unfused_total = ours_total = 0.0
     for r in rows:
         share = lambda us, r=r: r["n"] * r["k"] * 2 / (us / 1e6) / bandwidth  # noqa: E731
         ours = f"{r['ours']:.1f} | {share(r['ours']):.2f} | {r['ours'] / r['unfused']:.2f}x" if r["ours"] else "-|-|-"
+        no_pdl = r["ours_no_pdl"] or float("nan")
         print(f"| {r['proj']} | {r['n']} x {r['k']} | {r['op'] or '-'} | {r['cublas']:.1f} | "
-              f"{share(r['cublas']):.2f} | {r['unfused']:.1f} | {ours} |")  # fmt: skip
+              f"{share(r['cublas']):.2f} | {r['unfused']:.1f} | {ours} | {no_pdl:.1f} |")  # fmt: skip
         unfused_total += r["unfused"]
         ours_total += r["ours"] or float("nan")
     print(f"a layer's four projections: op + cuBLAS {unfused_total:.1f} us, ours {ours_total:.1f} us "
