@@ -23,6 +23,7 @@ per expert would either rename the checkpoint keys or hold a second copy of 2 x 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ class ExpertRouting:
     vision_mask: torch.Tensor  # [T] bool
     sorted_rows: torch.Tensor  # [num_slots] int32: original row of each slot, -1 for padding
     vision_start: torch.Tensor  # [1] int32, on device: first slot of the vision region
+    num_language: torch.Tensor  # [1] int32, on device: language rows (the stream-K tail counts tiles)
 
     @property
     def num_slots(self) -> int:  # host-known upper bound: cdiv(T, ALIGN_M) * ALIGN_M + ALIGN_M
@@ -68,13 +70,14 @@ def route_by_expert(vision_mask: torch.Tensor) -> ExpertRouting:
     num_slots = triton.cdiv(num_tokens, ALIGN_M) * ALIGN_M + ALIGN_M
     sorted_rows = torch.full((num_slots,), -1, dtype=torch.int32, device=device)
     sorted_rows.scatter_(0, slot.long(), row_ids)
-    return ExpertRouting(vision_mask.to(torch.bool), sorted_rows, vision_start.reshape(1))
+    return ExpertRouting(vision_mask.to(torch.bool), sorted_rows, vision_start.reshape(1), num_language.reshape(1))
 
 
-def _config(bm: int, bn: int, bk: int, warps: int, stages: int, tma: int = 0) -> triton.Config:
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int, tma: int = 0, sk: int = 0) -> triton.Config:
     return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "TMA": tma}, num_warps=warps, num_stages=stages
-    )
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "TMA": tma, "SK": sk},
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
 
 
 # TMA (the config's "TMA" key): how the operand tiles reach shared memory.
@@ -98,10 +101,18 @@ GPU_CONFIGS = [
     _config(64, 256, 64, 4, 4, tma=2),
     _config(256, 128, 64, 8, 3, tma=2),
     _config(128, 256, 64, 8, 3, tma=1),
+    # SK: one program per SM, whole tiles while they fill every SM, the last partial wave's tiles
+    # split along K (see _expert_linear_kernel). Candidates, not yet measured on a GPU.
+    _config(128, 256, 64, 8, 3, tma=2, sk=1),
+    _config(128, 128, 64, 8, 4, tma=2, sk=1),
 ]
 # Fits every dtype and both variants: the interpreter's config, the tests' config on GPU, and
 # the fallback when pruning leaves nothing. Its TMA level is capped by the call's TMA_LIMIT.
 SAFE_CONFIG = _config(64, 64, 32, 4, 3, tma=2)
+SAFE_SK_CONFIG = _config(64, 64, 32, 4, 3, tma=2, sk=1)  # the tests' stream-K config
+# Programs of a stream-K launch: the SM count on CUDA; tests set a small number so a handful of
+# tiles already leave a partial wave.
+SK_PROGRAMS: int | None = None
 SHARED_MEMORY_BUDGET = 200 * 1024  # of ~227 KB a block may have on Hopper; 196 KB configs ran on an H200
 # Tests lower this (0 or 1) to cover every path; COGSERVE_EXPERT_TMA=0 turns TMA off.
 MAX_TMA = int(os.environ.get("COGSERVE_EXPERT_TMA", "2"))
@@ -144,16 +155,16 @@ def _prune_configs(configs, named_args, **kwargs):
 
 @triton.jit
 def _tile_product(
-    x_ptr, w_ptr, w2_ptr, rows64, row0, n0, num_rows, N, K,
+    x_ptr, w_ptr, w2_ptr, rows64, row0, n0, k_lo, k_hi, num_rows, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk,
     A_TMA: tl.constexpr, B_TMA: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
-    """(acc, acc2), fp32 [BLOCK_M, BLOCK_N]: acc = x[rows] @ W[n0 : n0 + BLOCK_N].T, acc2 the
-    same with W2 when GATED. A_TMA: the rows are x[row0 : row0 + BLOCK_M] (one run; rows past
-    the tile's last valid one are computed and never stored), else gathered through rows64.
-    TMA reads past an edge return zeros, so those loads need no masks."""
-    offs_k = tl.arange(0, BLOCK_K)
+    """(acc, acc2), fp32 [BLOCK_M, BLOCK_N]: acc = x[rows, K tiles k_lo..k_hi-1] @ W[n0 : n0 +
+    BLOCK_N, same K].T, acc2 the same with W2 when GATED. A_TMA: the rows are x[row0 : row0 +
+    BLOCK_M] (one run; rows past the tile's last valid one are computed and never stored), else
+    gathered through rows64. TMA reads past an edge return zeros, so those loads need no masks."""
+    offs_k = k_lo * BLOCK_K + tl.arange(0, BLOCK_K)
     if A_TMA:
         x_desc = tl.make_tensor_descriptor(
             x_ptr, shape=[num_rows, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K]
@@ -175,7 +186,8 @@ def _tile_product(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATED:
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    offs_k = tl.arange(0, BLOCK_K)
+    for k in range(k_lo, k_hi):
         k0 = k * BLOCK_K
         if A_TMA:
             a = x_desc.load([row0, k0])
@@ -208,6 +220,73 @@ def _tile_product(
     return acc, acc2
 
 
+@triton.jit
+def _routed_tile(
+    x_ptr, w_lang_ptr, w_vis_ptr, w2_lang_ptr, w2_vis_ptr, sorted_rows_ptr, slot0, is_vision, n0, k_lo, k_hi,
+    num_rows, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+    GATED: tl.constexpr, PRECISION: tl.constexpr, LEVEL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    """One tile of one expert over K tiles k_lo..k_hi-1: (acc, acc2, rows64, row_valid)."""
+    if is_vision:
+        w_ptr = w_vis_ptr
+        w2_ptr = w2_vis_ptr
+    else:
+        w_ptr = w_lang_ptr
+        w2_ptr = w2_lang_ptr
+    rows = tl.load(sorted_rows_ptr + slot0 + tl.arange(0, BLOCK_M))  # [BM], ascending, padding (-1) last
+    row_valid = rows >= 0
+    rows64 = tl.where(row_valid, rows, 0).to(tl.int64)  # padding rows read row 0, never stored
+    row0 = tl.load(sorted_rows_ptr + slot0)
+    # fmt: off
+    if LEVEL == 2:
+        # one run of x iff the rows span exactly as many rows as the tile holds
+        if tl.max(rows) - row0 == tl.sum(row_valid.to(tl.int32)) - 1:
+            acc, acc2 = _tile_product(
+                x_ptr, w_ptr, w2_ptr, rows64, row0, n0, k_lo, k_hi, num_rows, N, K, stride_xm, stride_xk, stride_wn,
+                stride_wk, True, True, GATED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+        else:
+            acc, acc2 = _tile_product(
+                x_ptr, w_ptr, w2_ptr, rows64, row0, n0, k_lo, k_hi, num_rows, N, K, stride_xm, stride_xk, stride_wn,
+                stride_wk, False, True, GATED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+    else:
+        acc, acc2 = _tile_product(
+            x_ptr, w_ptr, w2_ptr, rows64, row0, n0, k_lo, k_hi, num_rows, N, K, stride_xm, stride_xk, stride_wn,
+            stride_wk, False, LEVEL == 1, GATED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+    # fmt: on
+    return acc, acc2, rows64, row_valid
+
+
+@triton.jit
+def _store_tile(
+    out_ptr, acc, acc2, rows64, row_valid, n0, N, b_lang_ptr, b_vis_ptr, is_vision, stride_om, stride_on,
+    HAS_BIAS_LANG: tl.constexpr, HAS_BIAS_VIS: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The epilogue: silu(acc) * acc2 (GATED) or acc + the expert's bias, written to the tile's rows."""
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc2  # silu(gate) * up, in fp32
+    offs_n_out = n0 + tl.arange(0, BLOCK_N)
+    offs_n = offs_n_out % N
+    if HAS_BIAS_VIS:
+        if is_vision:
+            acc += tl.load(b_vis_ptr + offs_n).to(tl.float32)[None, :]
+    if HAS_BIAS_LANG:
+        if not is_vision:
+            acc += tl.load(b_lang_ptr + offs_n).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + rows64[:, None] * stride_om + offs_n_out[None, :].to(tl.int64) * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & (offs_n_out[None, :] < N))
+
+
+@triton.jit
+def _grouped(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(m, n) of a linear tile index, in groups of GROUP_M row tiles that share each weight tile
+    while it is in L2."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_m = (tile // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (tile % num_pid_in_group) % group_size_m, (tile % num_pid_in_group) // group_size_m
+
+
 # NOTE: tuned per weight shape and per power-of-two bucket of rows, not per exact row count:
 # serving sees a new count every step, and retuning costs about a second.
 @triton.autotune(
@@ -220,7 +299,7 @@ def _tile_product(
 def _expert_linear_kernel(
     # pointers
     x_ptr, out_ptr, w_lang_ptr, w_vis_ptr, w2_lang_ptr, w2_vis_ptr, b_lang_ptr, b_vis_ptr,
-    sorted_rows_ptr, vision_start_ptr,
+    sorted_rows_ptr, vision_start_ptr, num_language_ptr, partial_ptr, arrivals_ptr,
     # sizes
     num_rows, N, K, num_slots, M_BUCKET,  # M_BUCKET: autotune key only
     # strides
@@ -229,73 +308,111 @@ def _expert_linear_kernel(
     HAS_BIAS_LANG: tl.constexpr, HAS_BIAS_VIS: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
     TMA_LIMIT: tl.constexpr,  # the highest TMA level these tensors allow (tma_limit)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    TMA: tl.constexpr, EVEN_K: tl.constexpr,
+    TMA: tl.constexpr, SK: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
-    """One [BLOCK_M, BLOCK_N] output tile of one expert.
+    """[BLOCK_M, BLOCK_N] output tiles, each of one expert:
 
     acc = x[rows] @ W_e[n_block].T  (and acc2 = x[rows] @ W2_e[n_block].T when GATED)
     out[rows, n_block] = acc + b_e                 (not GATED)
     out[rows, n_block] = silu(acc) * acc2          (GATED: W = gate, W2 = up)
     where rows = sorted_rows[tile] and e is the tile's expert (tile start >= vision_start).
+
+    SK = 0: one program per tile slot (empty slots exit at once).
+    SK = 1: one program per SM. Whole tiles round-robin while they fill every program; the tiles
+    of the last partial wave (a one-image batch: 176 tiles of 128 x 256 on 132 SMs leave 44)
+    are split along K into `splits` parts, one per program, so that wave takes 1 / splits of a
+    tile's time instead of a whole one. Each part writes fp32 partial sums; the part that
+    arrives last (an atomic count, no waiting) adds all parts in order, so results are the same
+    every run, and writes the tile.
     """
     pid = tl.program_id(0)
-    num_pid_m = num_slots // BLOCK_M
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # grouped order: GROUP_M row tiles share each weight tile while it is in L2
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
-    slot0 = pid_m * BLOCK_M
-    row0 = tl.load(sorted_rows_ptr + slot0)
-    if row0 < 0:
-        return  # an empty tile: regions fill from their start, so its first slot is padding
     vision_start = tl.load(vision_start_ptr)
-    is_vision = slot0 >= vision_start
-    is_language = slot0 < vision_start
-    if is_vision:
-        w_ptr = w_vis_ptr
-        w2_ptr = w2_vis_ptr
-    else:
-        w_ptr = w_lang_ptr
-        w2_ptr = w2_lang_ptr
-
-    rows = tl.load(sorted_rows_ptr + slot0 + tl.arange(0, BLOCK_M))  # [BM], ascending, padding (-1) last
-    row_valid = rows >= 0
-    rows64 = tl.where(row_valid, rows, 0).to(tl.int64)  # padding rows read row 0, never stored
-    n0 = pid_n * BLOCK_N
     LEVEL: tl.constexpr = TMA if TMA < TMA_LIMIT else TMA_LIMIT  # the config's level, capped
-    # fmt: off
-    if LEVEL == 2:
-        # one run of x iff the rows span exactly as many rows as the tile holds
-        if tl.max(rows) - row0 == tl.sum(row_valid.to(tl.int32)) - 1:
-            acc, acc2 = _tile_product(
-                x_ptr, w_ptr, w2_ptr, rows64, row0, n0, num_rows, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-                True, True, GATED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
-        else:
-            acc, acc2 = _tile_product(
-                x_ptr, w_ptr, w2_ptr, rows64, row0, n0, num_rows, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-                False, True, GATED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    if SK == 0:
+        pid_m, pid_n = _grouped(pid, num_slots // BLOCK_M, num_pid_n, GROUP_M)
+        slot0 = pid_m * BLOCK_M
+        if tl.load(sorted_rows_ptr + slot0) < 0:
+            return  # an empty tile: regions fill from their start, so its first slot is padding
+        is_vision = slot0 >= vision_start
+        n0 = pid_n * BLOCK_N
+        acc, acc2, rows64, row_valid = _routed_tile(
+            x_ptr, w_lang_ptr, w_vis_ptr, w2_lang_ptr, w2_vis_ptr, sorted_rows_ptr, slot0, is_vision, n0, 0, k_tiles,
+            num_rows, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+            GATED, PRECISION, LEVEL, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)  # fmt: skip
+        _store_tile(out_ptr, acc, acc2, rows64, row_valid, n0, N, b_lang_ptr, b_vis_ptr, is_vision,
+                    stride_om, stride_on, HAS_BIAS_LANG, HAS_BIAS_VIS, GATED, BLOCK_N)  # fmt: skip
     else:
-        acc, acc2 = _tile_product(
-            x_ptr, w_ptr, w2_ptr, rows64, row0, n0, num_rows, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-            False, LEVEL == 1, GATED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
-    # fmt: on
+        num_programs = tl.num_programs(0)
+        num_language = tl.load(num_language_ptr)
+        language_m = tl.cdiv(num_language, BLOCK_M)  # row tiles with rows only: no empty ones here
+        num_pid_m = language_m + tl.cdiv(num_rows - num_language, BLOCK_M)
+        num_tiles = num_pid_m * num_pid_n
+        tail = num_tiles % num_programs  # tiles of the last partial wave
+        splits = num_programs // tl.maximum(tail, 1)
+        tail = tl.where(splits >= 2, tail, 0)  # a tail too wide to split runs as whole tiles
+        whole = num_tiles - tail
+        for tile in range(pid, whole, num_programs):
+            pid_m, pid_n = _grouped(tile, num_pid_m, num_pid_n, GROUP_M)
+            is_vision = pid_m >= language_m
+            slot0 = tl.where(is_vision, vision_start + (pid_m - language_m) * BLOCK_M, pid_m * BLOCK_M)
+            n0 = pid_n * BLOCK_N
+            acc, acc2, rows64, row_valid = _routed_tile(
+                x_ptr, w_lang_ptr, w_vis_ptr, w2_lang_ptr, w2_vis_ptr, sorted_rows_ptr, slot0, is_vision, n0, 0,
+                k_tiles, num_rows, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                GATED, PRECISION, LEVEL, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)  # fmt: skip
+            _store_tile(out_ptr, acc, acc2, rows64, row_valid, n0, N, b_lang_ptr, b_vis_ptr, is_vision,
+                        stride_om, stride_on, HAS_BIAS_LANG, HAS_BIAS_VIS, GATED, BLOCK_N)  # fmt: skip
+        if pid < tail * splits:
+            tail_index = pid // splits
+            per_part = tl.cdiv(k_tiles, splits)
+            k_lo = tl.minimum((pid % splits) * per_part, k_tiles)
+            k_hi = tl.minimum(k_lo + per_part, k_tiles)  # may be empty: then the part adds zeros
+            pid_m, pid_n = _grouped(whole + tail_index, num_pid_m, num_pid_n, GROUP_M)
+            is_vision = pid_m >= language_m
+            slot0 = tl.where(is_vision, vision_start + (pid_m - language_m) * BLOCK_M, pid_m * BLOCK_M)
+            n0 = pid_n * BLOCK_N
+            acc, acc2, rows64, row_valid = _routed_tile(
+                x_ptr, w_lang_ptr, w_vis_ptr, w2_lang_ptr, w2_vis_ptr, sorted_rows_ptr, slot0, is_vision, n0, k_lo,
+                k_hi, num_rows, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                GATED, PRECISION, LEVEL, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)  # fmt: skip
+            tile_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # [BM, BN]
+            part_size = BLOCK_M * BLOCK_N
+            tl.store(partial_ptr + pid * part_size + tile_offs, acc)
+            if GATED:
+                tl.store(partial_ptr + (num_programs + pid) * part_size + tile_offs, acc2)
+            tl.debug_barrier()  # every thread's partial sums are written before the count says so
+            arrived = tl.atomic_add(arrivals_ptr + tail_index, 1, sem="acq_rel", scope="gpu")
+            if arrived == splits - 1:  # the last part of this tile: add all parts, in order
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for part in range(0, splits):
+                    unit = tail_index * splits + part  # the program that computed that part
+                    acc += tl.load(partial_ptr + unit * part_size + tile_offs, cache_modifier=".cg")
+                    if GATED:
+                        acc2 += tl.load(partial_ptr + (num_programs + unit) * part_size + tile_offs,
+                                        cache_modifier=".cg")  # fmt: skip
+                if not GATED:
+                    acc2 = acc
+                _store_tile(out_ptr, acc, acc2, rows64, row_valid, n0, N, b_lang_ptr, b_vis_ptr, is_vision,
+                            stride_om, stride_on, HAS_BIAS_LANG, HAS_BIAS_VIS, GATED, BLOCK_N)  # fmt: skip
+                tl.atomic_xchg(arrivals_ptr + tail_index, 0)  # zero again for the next launch
 
-    if GATED:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc2  # silu(gate) * up, in fp32
-    offs_n_out = n0 + tl.arange(0, BLOCK_N)
-    offs_n = offs_n_out % N
-    if HAS_BIAS_VIS:
-        if is_vision:
-            acc += tl.load(b_vis_ptr + offs_n).to(tl.float32)[None, :]
-    if HAS_BIAS_LANG:
-        if is_language:
-            acc += tl.load(b_lang_ptr + offs_n).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + rows64[:, None] * stride_om + offs_n_out[None, :].to(tl.int64) * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & (offs_n_out[None, :] < N))
+
+@functools.cache
+def _arrivals(device: torch.device, num_programs: int) -> torch.Tensor:
+    """The stream-K tail's arrival counts, one per tail tile (at most num_programs / 2). Zero
+    between launches: the last part of each tile resets its count."""
+    return torch.zeros(num_programs, dtype=torch.int32, device=device)
+
+
+def _num_sk_programs(device: torch.device) -> int:
+    if SK_PROGRAMS is not None:
+        return SK_PROGRAMS
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 6
 
 
 def _launch(x, routing, w_lang, w_vis, w2_lang, w2_vis, b_lang, b_vis, gated: bool) -> torch.Tensor:
@@ -325,14 +442,25 @@ def _launch(x, routing, w_lang, w_vis, w2_lang, w2_vis, b_lang, b_vis, gated: bo
     if limit:
         set_tma_allocator(x.device)
 
+    num_sk = _num_sk_programs(x.device)
+    configs = _expert_linear_kernel.configs
+    if any(c.kwargs["SK"] for c in configs):  # fp32 partial sums, one tile (two when gated) per program
+        tile = max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in configs if c.kwargs["SK"])
+        partial = torch.empty(num_sk * tile * (2 if gated else 1), dtype=torch.float32, device=x.device)
+    else:
+        partial = out  # never read or written
+    arrivals = _arrivals(x.device, num_sk)
+
     def grid(meta):
+        if meta["SK"]:
+            return (num_sk,)
         return (routing.num_slots // meta["BLOCK_M"] * triton.cdiv(out_features, meta["BLOCK_N"]),)
 
     # fmt: off
     _expert_linear_kernel[grid](
         x, out, w_lang, w_vis, w2_lang if gated else w_lang, w2_vis if gated else w_vis,
         b_lang if b_lang is not None else w_lang, b_vis if b_vis is not None else w_vis,  # unused when absent
-        routing.sorted_rows, routing.vision_start,
+        routing.sorted_rows, routing.vision_start, routing.num_language, partial, arrivals,
         num_tokens, out_features, in_features, routing.num_slots, triton.next_power_of_2(routing.num_slots),
         x.stride(0), x.stride(1), out.stride(0), out.stride(1), w_lang.stride(0), w_lang.stride(1),
         HAS_BIAS_LANG=b_lang is not None, HAS_BIAS_VIS=b_vis is not None, GATED=gated, PRECISION=precision,

@@ -61,7 +61,8 @@ def bench(fn) -> float:
 
 def tile_of(config) -> str:
     k = config.kwargs
-    return f"{k['BLOCK_M']}, {k['BLOCK_N']}, {k['BLOCK_K']}, {config.num_warps}, {config.num_stages}, {k['TMA']}"
+    sk = ", SK" if k.get("SK") else ""  # the stream-K tail (see the kernel's docstring)
+    return f"{k['BLOCK_M']}, {k['BLOCK_N']}, {k['BLOCK_K']}, {config.num_warps}, {config.num_stages}, {k['TMA']}{sk}"
 
 
 def tuning_times() -> dict:
@@ -73,10 +74,11 @@ def tuning_times() -> dict:
 
 
 def best_by_tma_level(times: dict) -> dict:
-    """{TMA level: best time (ms)} from tuning_times()."""
+    """{TMA level, "+SK" for stream-K tail configs: best time (ms)} from tuning_times()."""
     best = {}
     for tile, t in times.items():
-        level = int(tile.rsplit(", ", 1)[1])
+        parts = tile.split(", ")
+        level = parts[5] + ("+SK" if len(parts) > 6 else "")
         best[level] = min(best.get(level, float("inf")), t)
     return best
 

@@ -11,6 +11,7 @@ import kernels.expert_linear as kernel_module
 from kernels.expert_linear import (
     ALIGN_M,
     GPU_CONFIGS,
+    SAFE_SK_CONFIG,
     expert_gated_up,
     expert_gated_up_ref,
     expert_linear,
@@ -140,6 +141,45 @@ def test_tma_limit_follows_alignment(monkeypatch):
     assert kernel_module.tma_limit(torch.randn(10, 60, device=DEVICE, dtype=torch.float16), [w, w]) == min(level, 1)
     monkeypatch.setattr(kernel_module, "MAX_TMA", 0)
     assert kernel_module.tma_limit(x, [w, w]) == 0
+
+
+@pytest.mark.parametrize(
+    "programs, num_tokens, n_out, mask_name",
+    [
+        (5, 300, 96, "long_run"),  # 12 tiles of 64 x 64 on 5 programs: 10 whole, 2 tail tiles in 2 parts
+        (8, 300, 96, "two_runs"),  # 4 tail tiles in 2 parts; the tail tiles straddle the image gap
+        (7, 300, 96, "long_run"),  # 5 tail tiles on 7 programs: too wide to split, all whole
+        (6, 300, 96, "alternating"),  # 12 tiles on 6: no tail
+        (16, 100, 40, "random"),  # 4 tiles or fewer on 16: all tail, 4+ parts of 3 K tiles (empty parts)
+    ],
+)
+@pytest.mark.parametrize("gated", [False, True], ids=["linear", "gated"])
+def test_stream_k_tail_matches_reference(monkeypatch, programs, num_tokens, n_out, mask_name, gated):
+    """SK = 1: whole tiles round-robin over the programs, the last partial wave split along K,
+    the last part of each tile adding all parts. Same function as the reference, the same bits
+    every run, and the arrival counts back at zero."""
+    monkeypatch.setattr(kernel_module, "SK_PROGRAMS", programs)
+    kernel = kernel_module._expert_linear_kernel
+    monkeypatch.setattr(kernel, "configs", [SAFE_SK_CONFIG])
+    monkeypatch.setattr(kernel, "cache", {})
+    dtype = torch.float16
+    x = torch.randn(num_tokens, 72, device=DEVICE).to(dtype)  # 3 K tiles of 32
+    mask = pattern(mask_name, num_tokens)
+    if gated:
+        gl, ul, gv, uv = (weights(n_out, 72, dtype)[0] for _ in range(4))
+        out = expert_gated_up(x, mask, gl, ul, gv, uv)
+        again = expert_gated_up(x, mask, gl, ul, gv, uv)
+        ref64 = expert_gated_up_ref(x.double(), mask, gl.double(), ul.double(), gv.double(), uv.double())
+        check_close(out, ref64, expert_gated_up_ref(x, mask, gl, ul, gv, uv))
+    else:
+        w_lang, w_vis, b_lang, b_vis = weights(n_out, 72, dtype, bias_on=("vision",))
+        out = expert_linear(x, mask, w_lang, w_vis, b_lang, b_vis)
+        again = expert_linear(x, mask, w_lang, w_vis, b_lang, b_vis)
+        f64 = [t.double() if t is not None else None for t in (x, w_lang, w_vis, b_lang, b_vis)]
+        check_close(out, expert_linear_ref(f64[0], mask, *f64[1:]), expert_linear_ref(x, mask, w_lang, w_vis, b_lang,
+                                                                                       b_vis))  # fmt: skip
+    assert torch.equal(out, again)
+    assert not kernel_module._arrivals(x.device, programs).any()
 
 
 def test_rows_go_to_their_own_expert_exactly_once():
