@@ -15,6 +15,10 @@ On Hopper the weight tiles come through the bulk tensor copy engine (TMA), and s
 activation tiles whose rows are one contiguous run of x (most tiles, since images are long
 runs); only tiles that straddle two runs gather their rows by pointer.
 
+A one-image batch is a few waves of tiles on 132 SMs, and a partial last wave costs a whole
+tile's time (1267 rows x 4096 outputs: 176 tiles of 128 x 256, 1.33 waves). The stream-K
+configs (SK) run one program per SM and split that last wave's tiles along K instead.
+
 The gated MLP variant reads the gate and up tiles of the same expert in one K loop and writes
 silu(gate) * up once. It takes gate and up as two tensors: concatenating them into one weight
 per expert would either rename the checkpoint keys or hold a second copy of 2 x 11008 x 4096 x
