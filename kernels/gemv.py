@@ -100,17 +100,6 @@ def _input_chunk(x_ptr, residual_ptr, norm_ptr, k, k_ok, K, inv_rms, PROLOGUE: t
     return a
 
 
-@triton.jit
-def _weight_tile(w_ptr, w_desc, rows, row_ok, n0, k0, k, k_ok, stride_wn, USE_DESC: tl.constexpr):
-    """[BN, BK] of W; by TMA past an edge reads zeros."""
-    if USE_DESC:
-        w = w_desc.load([n0, k0])
-    else:
-        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + k[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0)  # fmt: skip
-    return w
-
-
 @triton.autotune(configs=_configs(), key=["N", "K", "PROLOGUE", "HAS_RESIDUAL", "TMA_OK"],
                  prune_configs_by={"early_config_prune": _prune})  # fmt: skip
 @triton.jit
@@ -127,14 +116,15 @@ def _gemv_kernel(
     rows = n0 + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     cols = tl.arange(0, BLOCK_K)
-    USE_DESC: tl.constexpr = TMA and TMA_OK
-    if USE_DESC:
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
-    else:
-        w_desc = w_ptr  # unused
+    w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]  # [BN, BK], pointer loads
     # The first weight tile reads nothing an earlier kernel writes, so under PDL it loads while
     # the kernel before this one drains; everything after the wait may read that kernel's output.
-    w = _weight_tile(w_ptr, w_desc, rows, row_ok, n0, 0, cols, cols < K, stride_wn, USE_DESC)
+    # (TMA reads past an edge return zeros; pointer loads are masked.)
+    if TMA and TMA_OK:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+        w = w_desc.load([n0, 0])
+    else:
+        w = tl.load(w_ptrs, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
     if PDL:
         tl.extra.cuda.gdc_wait()
     inv_rms = 1.0
@@ -153,7 +143,10 @@ def _gemv_kernel(
         k = k0 + cols
         k_ok = k < K
         a = _input_chunk(x_ptr, residual_ptr, norm_ptr, k, k_ok, K, inv_rms, PROLOGUE, HAS_RESIDUAL)
-        w = _weight_tile(w_ptr, w_desc, rows, row_ok, n0, k0, k, k_ok, stride_wn, USE_DESC)
+        if TMA and TMA_OK:
+            w = w_desc.load([n0, k0])
+        else:
+            w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         acc += w.to(tl.float32) * a.to(tl.float32)[None, :]
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its own weight loads
