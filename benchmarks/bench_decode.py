@@ -111,15 +111,16 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=args.steps + 16, ignore_eos=True)
 
     results, replays, kernel_tables, long_ms = {}, {}, {}, {}
-    modes = {  # cuda graphs, look-ahead, one-row GEMV (kernels/gemv.py at batch 1)
-        "cuda graphs + look-ahead": (True, True, False),
-        "cuda graphs + look-ahead + one-row GEMV": (True, True, True),
-        "cuda graphs": (True, False, False),
+    modes = {  # cuda graphs, look-ahead, one-row GEMV (kernels/gemv.py at batch 1), PDL (kernels/pdl.py)
+        "cuda graphs + look-ahead": (True, True, False, False),
+        "cuda graphs + look-ahead + one-row GEMV": (True, True, True, False),
+        "cuda graphs + look-ahead + one-row GEMV + PDL": (True, True, True, True),
+        "cuda graphs": (True, False, False, False),
     }  # eager (no graphs): 15.7 ms a step at batch 1 on an H200 (RESULTS.md); not rerun, to keep gpu_check short
     batch1_tokens = {}  # greedy tokens of the batch-1 run per mode: the GEMV paths should agree
-    for mode, (cuda_graphs, look_ahead, one_row_gemv) in modes.items():
+    for mode, (cuda_graphs, look_ahead, one_row_gemv, pdl) in modes.items():
         config = EngineConfig(max_num_seqs=64, gpu_memory_fraction=0.5, cuda_graphs=cuda_graphs,
-                              async_scheduling=look_ahead, one_row_gemv=one_row_gemv)  # fmt: skip
+                              async_scheduling=look_ahead, one_row_gemv=one_row_gemv, pdl=pdl)  # fmt: skip
         try:  # a mode that fails (a new kernel on a new machine) is reported; the others still run
             engine = Engine(model, processor, config)
             engine.add_request("warmup", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))

@@ -15,6 +15,9 @@ from L2 (8 to 44 KB against the 128 KB or more of weights a program streams):
                     out = W @ (silu(gate) * up)            (rounded as kernels/activation.py)
 
 so a decoder layer's four projections take four launches where they took eight to ten.
+
+With `pdl` each launch is a programmatic dependent launch (kernels/pdl.py): the first weight
+tile loads while the kernel before drains, and the input is read only after the wait.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_launch
 from kernels.rms_norm import rms_norm_ref
 from kernels.tma import has_tma, set_tma_allocator, tma_ready
 
@@ -53,9 +57,6 @@ GPU_CONFIGS = [
 SAFE_CONFIG = _config(16, 128, 4, 2, tma=1)  # the interpreter's and the tests' config; TMA where TMA_OK
 # Tests set this False to cover the pointer loads; COGSERVE_GEMV_TMA=0 turns TMA off.
 ALLOW_TMA = os.environ.get("COGSERVE_GEMV_TMA", "1") != "0"
-# Programmatic dependent launch (sm_90+): each GEMV starts loading weights while the kernel before
-# it drains. COGSERVE_GEMV_PDL=0 turns it off (bench_gemv times both).
-ALLOW_PDL = os.environ.get("COGSERVE_GEMV_PDL", "1") != "0"
 
 
 def _configs() -> list[triton.Config]:
@@ -153,7 +154,7 @@ def _gemv_kernel(
     tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0):
+def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0, pdl=False):
     in_features = x.shape[1] // 2 if prologue == SILU_AND_MUL else x.shape[1]
     if x.dim() != 2 or x.shape[0] != 1 or not x.is_contiguous():
         raise ValueError(f"gemv takes one contiguous row [1, K], got {tuple(x.shape)} (strides {x.stride()})")
@@ -171,8 +172,7 @@ def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0):
     tma_ok = ALLOW_TMA and has_tma(x.device) and tma_ready(weight)
     if tma_ok:
         set_tma_allocator(x.device)
-    pdl = ALLOW_PDL and x.is_cuda and has_tma(x.device)  # PDL is Hopper's too (sm_90)
-    launch = {"launch_pdl": True} if pdl else {}
+    pdl, launch = pdl_launch(pdl, x.device)
     # absent residual and norm arguments are never read: any tensor stands in
     _gemv_kernel[lambda meta: (triton.cdiv(out_features, meta["BLOCK_N"]),)](
         x, weight, out, residual if residual is not None else x, residual_out if residual is not None else out,
@@ -184,8 +184,8 @@ def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0):
     return out, residual_out
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # [1, K] @ [N, K]^T -> [1, N]
-    return _launch(x, weight, PLAIN)[0]
+def gemv(x: torch.Tensor, weight: torch.Tensor, pdl: bool = False) -> torch.Tensor:  # [1, K] @ [N, K]^T -> [1, N]
+    return _launch(x, weight, PLAIN, pdl=pdl)[0]
 
 
 def rms_norm_gemv(
@@ -194,14 +194,16 @@ def rms_norm_gemv(
     norm_weight: torch.Tensor,  # [K]
     eps: float,
     weight: torch.Tensor,  # [N, K]
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # W @ rms_norm(x + residual) [1, N]; x + residual (None without)
-    return _launch(x, weight, RMS_NORM, residual, norm_weight, eps)
+    return _launch(x, weight, RMS_NORM, residual, norm_weight, eps, pdl)
 
 
-def silu_and_mul_gemv(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # [1, 2K], [N, K] -> [1, N]
+def silu_and_mul_gemv(gate_up: torch.Tensor, weight: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+    """[1, 2K] (gate | up), [N, K] -> [1, N]"""
     if gate_up.dim() != 2 or gate_up.shape[1] % 2:
         raise ValueError(f"gate_up must be [1, 2K], got {tuple(gate_up.shape)}")
-    return _launch(gate_up, weight, SILU_AND_MUL)[0]
+    return _launch(gate_up, weight, SILU_AND_MUL, pdl=pdl)[0]
 
 
 def rms_norm_gemv_ref(x, residual, norm_weight, eps, weight):

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_launch
+
 
 # fmt: off
 @triton.jit
@@ -35,9 +37,12 @@ def _paged_attention_kernel(
     stride_kb, stride_ks, stride_kh, stride_bt,
     # constexpr
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     # fmt: on
+    if PDL:  # q and this step's K/V come from the kernel before (kernels/pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_tile = tl.program_id(2)
@@ -96,8 +101,12 @@ def _decode_split_kernel(
     scale, num_q_heads_per_kv,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # fmt: on
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
@@ -137,7 +146,10 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, stride_ot, stride_oh, query_start_ptr,
-                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):  # fmt: skip
+                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     part = (seq * tl.num_programs(1) + head) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)  # [S]
@@ -168,6 +180,7 @@ def paged_attention(
     seq_lens: torch.Tensor,  # [B] int32: tokens in the cache per sequence, this step's included
     query_start_loc: torch.Tensor,  # [B + 1] int32: cumulative new-token counts
     max_query_len: int,  # host-side, from the scheduler: sizes the grid without a sync
+    pdl: bool = False,  # programmatic dependent launches (kernels/pdl.py)
 ) -> torch.Tensor:  # [T, num_heads * head_dim]
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
@@ -179,6 +192,7 @@ def paged_attention(
         raise ValueError("k_cache and v_cache need the same strides and contiguous head_dim; q too")
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     num_seqs = block_tables.shape[0]
+    pdl, launch = pdl_launch(pdl, q.device)
     splits = decode_splits(num_seqs, num_heads) if max_query_len == 1 else 1
     if splits > 1:  # decode with few programs: split each sequence's keys, then merge (flash-decoding)
         part_acc = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
@@ -187,11 +201,13 @@ def paged_attention(
             q, k_cache, v_cache, part_acc, part_ml, block_tables, seq_lens, query_start_loc,
             head_dim**-0.5, num_heads // num_kv_heads,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-            HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=max(64, block_size), NUM_SPLITS=splits,
+            HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=max(64, block_size), NUM_SPLITS=splits, PDL=pdl,
+            **launch,
         )  # fmt: skip
         _decode_reduce_kernel[(num_seqs, num_heads)](
-            part_acc, part_ml, out, out.stride(0), out.stride(1), query_start_loc, HEAD_DIM=head_dim, NUM_SPLITS=splits
-        )
+            part_acc, part_ml, out, out.stride(0), out.stride(1), query_start_loc, HEAD_DIM=head_dim, NUM_SPLITS=splits,
+            PDL=pdl, **launch,
+        )  # fmt: skip
         return out.reshape(num_tokens, num_heads * head_dim)
     block_q = 16 if max_query_len <= 16 else 64  # decode: small tiles; prefill chunks: bigger
     grid = (num_seqs, num_heads, triton.cdiv(max_query_len, block_q))
@@ -202,6 +218,7 @@ def paged_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_N=max(64, block_size),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32: the oracle runs in it
+        PDL=pdl, **launch,
     )  # fmt: skip
     return out.reshape(num_tokens, num_heads * head_dim)
 

@@ -16,15 +16,20 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_launch
+
 
 @triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     num_heads, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
     stride_slot, stride_cache_h,
-    HALF: tl.constexpr, WRITE_KV: tl.constexpr,
+    HALF: tl.constexpr, WRITE_KV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (token, head): heads below num_heads are q's, the rest k's (and v's)."""
+    if PDL:  # everything here reads the QKV projection's output (kernels/pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     dims = tl.arange(0, HALF)
@@ -72,7 +77,7 @@ def rotary_embedding_(
     if num_tokens:  # the v and cache arguments are unused without WRITE_KV
         _rotary_kernel[(num_tokens, num_heads + k.shape[1])](
             q, k, k, cos, sin, k, k, cos, num_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), 0, 0,
-            cos.stride(0), 0, 0, HALF=head_dim // 2, WRITE_KV=False, num_warps=1,
+            cos.stride(0), 0, 0, HALF=head_dim // 2, WRITE_KV=False, PDL=False, num_warps=1,
         )  # fmt: skip
 
 
@@ -85,6 +90,7 @@ def rotary_and_write_kv_(
     k_cache: torch.Tensor,  # [num_blocks, block_size, KV, D], contiguous
     v_cache: torch.Tensor,  # same
     slot_mapping: torch.Tensor,  # [T] int64: block * block_size + row of each token
+    pdl: bool = False,  # a programmatic dependent launch (kernels/pdl.py)
 ) -> None:
     """Rotary on q and k, and this step's K/V into their cache slots, in one launch."""
     _check(q, k, cos, sin)
@@ -99,8 +105,9 @@ def rotary_and_write_kv_(
     if slot_mapping.shape != (num_tokens,):
         raise ValueError(f"slot_mapping must have one slot per token ({num_tokens}), got {tuple(slot_mapping.shape)}")
     if num_tokens:
+        pdl, launch = pdl_launch(pdl, q.device)
         _rotary_kernel[(num_tokens, num_heads + num_kv_heads)](
             q, k, v, cos, sin, k_cache, v_cache, slot_mapping,
             num_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
-            num_kv_heads * head_dim, head_dim, HALF=head_dim // 2, WRITE_KV=True, num_warps=1,
+            num_kv_heads * head_dim, head_dim, HALF=head_dim // 2, WRITE_KV=True, PDL=pdl, num_warps=1, **launch,
         )  # fmt: skip

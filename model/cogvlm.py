@@ -29,6 +29,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = VisionExpertMLP(cfg.hidden_size, cfg.intermediate_size)
         self.one_row_gemv = False  # see CogVLMForCausalLM.fuse_for_inference
+        self.pdl = False
 
     def forward(
         self,
@@ -58,12 +59,13 @@ class DecoderLayer(nn.Module):
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         qkv_weight = attn.language_expert_query_key_value.weight
-        qkv, summed = rms_norm_gemv(hidden, residual, norm1.weight, norm1.eps, qkv_weight)
+        pdl = self.pdl
+        qkv, summed = rms_norm_gemv(hidden, residual, norm1.weight, norm1.eps, qkv_weight, pdl)
         residual = hidden if residual is None else summed
         ctx = attn.attend(qkv, cos_sin, attention)  # [1, H * D]
-        attn_out = gemv(ctx.contiguous(), attn.language_expert_dense.weight)
-        gate_up, residual = rms_norm_gemv(attn_out, residual, norm2.weight, norm2.eps, mlp.language_gate_up)
-        return silu_and_mul_gemv(gate_up, mlp.language_mlp.down_proj.weight), residual
+        attn_out = gemv(ctx.contiguous(), attn.language_expert_dense.weight, pdl)
+        gate_up, residual = rms_norm_gemv(attn_out, residual, norm2.weight, norm2.eps, mlp.language_gate_up, pdl)
+        return silu_and_mul_gemv(gate_up, mlp.language_mlp.down_proj.weight, pdl), residual
 
 
 class CogVLMModel(nn.Module):
@@ -120,12 +122,14 @@ class CogVLMForCausalLM(nn.Module):
             hidden, residual = layer(hidden, residual, cos_sin, routing, attention)
         return self.model.norm(hidden, residual)[0]
 
-    def fuse_for_inference(self, one_row_gemv: bool = False) -> None:
+    def fuse_for_inference(self, one_row_gemv: bool = False, pdl: bool = False) -> None:
         """Weight layouts for the fast paths (see VisionExpertMLP.fuse_language_gate_up); with
-        one_row_gemv, batch-1 text decodes take DecoderLayer._forward_one_text_row."""
+        one_row_gemv, batch-1 text decodes take DecoderLayer._forward_one_text_row, whose GEMVs
+        launch as programmatic dependent launches with pdl (kernels/pdl.py)."""
         for layer in self.model.layers:
             layer.mlp.fuse_language_gate_up()
             layer.one_row_gemv = one_row_gemv
+            layer.pdl = pdl
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32
         return self.lm_head(hidden).float()

@@ -38,13 +38,14 @@ def capture_sizes(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: CogVLMForCausalLM, kv_cache: PagedKVCache, max_batch: int, max_blocks_per_seq: int,
-                 capture: bool = True):  # fmt: skip
+                 capture: bool = True, pdl: bool = False):  # fmt: skip
         device = model.device
         self.model = model
         self.kv_cache = kv_cache
         self.sizes = capture_sizes(max_batch)
         self.max_batch = self.sizes[-1]
         self.max_blocks_per_seq = max_blocks_per_seq
+        self.pdl = pdl  # the attention kernels as programmatic dependent launches (kernels/pdl.py)
         n, scratch = self.max_batch, kv_cache.scratch_block
         self.scratch_slot = scratch * kv_cache.block_size
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
@@ -95,7 +96,7 @@ class DecodeGraphs:
         return self._forward(size)[:batch]
 
     def _forward(self, size: int) -> torch.Tensor:  # [size, vocab]: the step a graph records
-        attention = TritonPagedAttention(self.kv_cache)
+        attention = TritonPagedAttention(self.kv_cache, self.pdl)
         attention.bind(self.slot_mapping[:size], self.block_tables[:size], self.seq_lens[:size],
                        self.query_start_loc[: size + 1], max_query_len=1)  # fmt: skip
         model = self.model

@@ -54,8 +54,9 @@ class TritonPagedAttention:
     """GPU backend: one launch rotates q and k and writes K/V into their slots, then one reads
     the blocks through the block table (kernels/paged_attention.py); nothing is gathered or padded."""
 
-    def __init__(self, cache: PagedKVCache):
+    def __init__(self, cache: PagedKVCache, pdl: bool = False):
         self.cache = cache
+        self.pdl = pdl  # launch the kernels as programmatic dependent launches (kernels/pdl.py)
 
     def prepare(self, meta: PagedAttentionMetadata) -> None:
         device = meta.slot_mapping.device
@@ -85,9 +86,9 @@ class TritonPagedAttention:
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin) -> torch.Tensor:
         k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        rotary_and_write_kv_(q, k, v, *cos_sin, k_cache, v_cache, self.slot_mapping)
+        rotary_and_write_kv_(q, k, v, *cos_sin, k_cache, v_cache, self.slot_mapping, pdl=self.pdl)
         return paged_attention(q, k_cache, v_cache, self.block_tables, self.seq_lens,
-                               self.query_start_loc, self.max_query_len)  # fmt: skip
+                               self.query_start_loc, self.max_query_len, pdl=self.pdl)  # fmt: skip
 
 
 class FlashAttnPagedAttention:
@@ -130,14 +131,15 @@ class FlashAttnPagedAttention:
         return out.reshape(q.shape[0], -1)  # [T, H * D]
 
 
-def make_attention_backend(name: str, cache: PagedKVCache, device: torch.device):
-    """'auto': the Triton kernels on CUDA, the torch reference on CPU."""
+def make_attention_backend(name: str, cache: PagedKVCache, device: torch.device, pdl: bool = False):
+    """'auto': the Triton kernels on CUDA, the torch reference on CPU. pdl: the Triton backend's
+    kernels launch as programmatic dependent launches (kernels/pdl.py)."""
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
         return TorchPagedAttention(cache)
     if name == "triton":
-        return TritonPagedAttention(cache)
+        return TritonPagedAttention(cache, pdl)
     if name == "flash_attn":
         if device.type != "cuda":
             raise ValueError(f"attention backend flash_attn runs on CUDA only, the model is on {device.type}")

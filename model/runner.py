@@ -32,6 +32,7 @@ class RunnerConfig:
     encoder_cache_size: int = 64  # images whose features are kept (LRU)
     attention_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | torch | triton | flash_attn
     one_row_gemv: bool = False  # CUDA: batch-1 text decodes through kernels/gemv.py (norms fused in)
+    pdl: bool = False  # CUDA sm_90+: our decode kernels as programmatic dependent launches (kernels/pdl.py)
 
 
 class ModelRunner:
@@ -40,10 +41,10 @@ class ModelRunner:
         self.model = model
         self.config = config
         if model.device.type == "cuda":
-            model.fuse_for_inference(config.one_row_gemv)
+            model.fuse_for_inference(config.one_row_gemv, config.pdl)
         self.kv_cache = PagedKVCache(cfg.num_layers, config.num_blocks, config.block_size, cfg.num_kv_heads,
                                      cfg.head_dim, model.dtype, model.device)  # fmt: skip
-        self.attention = make_attention_backend(config.attention_backend, self.kv_cache, model.device)
+        self.attention = make_attention_backend(config.attention_backend, self.kv_cache, model.device, config.pdl)
         self.sampler = Sampler(cfg.eos_token_ids)
         self.encoder_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # image hash -> [N_img, hidden]
         self.num_images_encoded = 0  # for tests and metrics: vision tower runs, one per image
@@ -56,7 +57,7 @@ class ModelRunner:
         """Pure decode steps of up to max_batch sequences replay CUDA graphs (model/decode_graphs.py).
         They read the cache through the Triton attention kernel, whatever the eager backend is."""
         max_blocks = -(-max_model_len // self.config.block_size)
-        self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, max_batch, max_blocks, capture)
+        self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, max_batch, max_blocks, capture, self.config.pdl)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, feed: RunnerOutput | None = None) -> RunnerOutput:

@@ -56,6 +56,9 @@ class EngineConfig:
     # CUDA: batch-1 text decodes through kernels/gemv.py, norms and silu*up fused into the GEMVs.
     # Off until a GPU run shows it beats cuBLAS (benchmarks/bench_decode.py compares both).
     one_row_gemv: bool = False
+    # CUDA sm_90+: our decode kernels launch as programmatic dependent launches (kernels/pdl.py).
+    # Off until a GPU run measures it (benchmarks/bench_decode.py).
+    pdl: bool = False
 
 
 @dataclass
@@ -93,7 +96,7 @@ class Engine:
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         num_blocks = self._num_blocks(model, config)
         runner_config = RunnerConfig(num_blocks, config.block_size, config.encoder_cache_size, config.attention_backend,
-                                     config.one_row_gemv)  # fmt: skip
+                                     config.one_row_gemv, config.pdl)  # fmt: skip
         self.runner = ModelRunner(model, runner_config)
         if config.cuda_graphs and model.device.type == "cuda":
             self.runner.enable_decode_graphs(min(config.max_num_seqs, MAX_GRAPH_BATCH), self.max_model_len)

@@ -58,13 +58,13 @@ def variants(n: int, k: int, op: str | None, dev: str = "cuda", dt: torch.dtype 
     plain = x[:, :k].contiguous()
     if op == "rms_norm":
         unfused = lambda w: F.linear(rms_norm(x, norm, EPS, residual)[0], w)  # noqa: E731
-        ours = lambda w: rms_norm_gemv(x, residual, norm, EPS, w)[0]  # noqa: E731
+        ours = lambda w, pdl=True: rms_norm_gemv(x, residual, norm, EPS, w, pdl)[0]  # noqa: E731
     elif op == "silu_and_mul":
         unfused = lambda w: F.linear(silu_and_mul(x[:, :k], x[:, k:]), w)  # noqa: E731
-        ours = lambda w: silu_and_mul_gemv(x, w)  # noqa: E731
+        ours = lambda w, pdl=True: silu_and_mul_gemv(x, w, pdl)  # noqa: E731
     else:
         unfused = lambda w: F.linear(plain, w)  # noqa: E731
-        ours = lambda w: gemv(plain, w)  # noqa: E731
+        ours = lambda w, pdl=True: gemv(plain, w, pdl)  # noqa: E731
     return (lambda w: F.linear(plain, w)), unfused, ours
 
 
@@ -94,11 +94,7 @@ def bench_shape(name: str, n: int, k: int, op: str | None) -> dict:
     row["ours_no_pdl"] = None
     if row["best"] is not None:  # the best config again, launched without PDL (each GEMV waits for the last)
         kernel.configs, kernel.cache = [c for c in GPU_CONFIGS if str(c) == row["best"]], {}
-        gemv_module.ALLOW_PDL = False
-        try:
-            row["ours_no_pdl"] = per_layer_us(lambda: [ours(w) for w in weights])
-        finally:
-            gemv_module.ALLOW_PDL = True
+        row["ours_no_pdl"] = per_layer_us(lambda: [ours(w, pdl=False) for w in weights])
     kernel.configs, kernel.cache = all_configs, {}
     return row
 

@@ -112,7 +112,7 @@ def test_every_gpu_config_is_correct(monkeypatch, config):
 
 
 @pytest.mark.gpu
-def test_dependent_chain_under_pdl_matches_waiting_launches(monkeypatch):
+def test_dependent_chain_under_pdl_matches_waiting_launches():
     """Each GEMV reads the one before's output: under programmatic dependent launch a read before
     the wait would race. A chain of 24, eager and replayed from a CUDA graph, must equal the
     same chain launched without PDL, bit for bit (one config: the tests' SAFE_CONFIG)."""
@@ -120,26 +120,24 @@ def test_dependent_chain_under_pdl_matches_waiting_launches(monkeypatch):
     weights = [(torch.randn(k, k, device=DEVICE) / k**0.5).to(torch.bfloat16) for _ in range(3)]
     norm = torch.rand(k, device=DEVICE, dtype=torch.bfloat16) + 0.5
 
-    def chain(x):
+    def chain(x, pdl):
         residual = None
         for i in range(8):
-            h, residual = rms_norm_gemv(x, residual, norm, 1e-5, weights[0])  # reads x and the last sum
+            h, residual = rms_norm_gemv(x, residual, norm, 1e-5, weights[0], pdl)  # reads x and the last sum
             if residual is None:
                 residual = x
-            x = gemv(h, weights[1])
-            x = silu_and_mul_gemv(torch.cat([x, h], dim=1), weights[2]) if i % 2 else x
+            x = gemv(h, weights[1], pdl)
+            x = silu_and_mul_gemv(torch.cat([x, h], dim=1), weights[2], pdl) if i % 2 else x
         return x, residual
 
     x0 = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
-    monkeypatch.setattr(gemv_module, "ALLOW_PDL", False)
-    want = chain(x0)
-    monkeypatch.setattr(gemv_module, "ALLOW_PDL", True)
+    want = chain(x0, pdl=False)
     for _ in range(3):
-        got = chain(x0)
+        got = chain(x0, pdl=True)
         assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = chain(x0)
+        captured = chain(x0, pdl=True)
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()

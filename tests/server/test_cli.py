@@ -160,9 +160,11 @@ def test_async_scheduling_flag(flag, want):
     assert engine_config(args).async_scheduling is want
 
 
-def test_one_row_gemv_flag_is_off_unless_asked():
+def test_one_row_gemv_and_pdl_flags_are_off_unless_asked():
     from server.cli import build_parser, engine_config
 
     parser = build_parser()
-    assert engine_config(parser.parse_args(["serve", "--model", "m"])).one_row_gemv is False
-    assert engine_config(parser.parse_args(["serve", "--model", "m", "--one-row-gemv"])).one_row_gemv is True
+    default = engine_config(parser.parse_args(["serve", "--model", "m"]))
+    assert default.one_row_gemv is False and default.pdl is False
+    asked = engine_config(parser.parse_args(["serve", "--model", "m", "--one-row-gemv", "--pdl"]))
+    assert asked.one_row_gemv is True and asked.pdl is True

@@ -274,16 +274,18 @@ def test_decode_graph_sizes():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "backend, cuda_graphs, look_ahead, one_row_gemv",
-    [("triton", True, True, False), ("triton", False, True, False), ("torch", True, True, False),
-     ("triton", True, False, False), ("triton", True, True, True), ("triton", False, True, True)],
+    "backend, cuda_graphs, look_ahead, one_row_gemv, pdl",
+    [("triton", True, True, False, False), ("triton", False, True, False, False), ("torch", True, True, False, False),
+     ("triton", True, False, False, False), ("triton", True, True, True, False), ("triton", False, True, True, False),
+     ("triton", True, True, True, True), ("triton", True, True, False, True)],
 )  # fmt: skip
 def test_engine_on_cuda_matches_the_cpu_reference(
-    tiny_checkpoint, prompts_and_reference, backend, cuda_graphs, look_ahead, one_row_gemv
+    tiny_checkpoint, prompts_and_reference, backend, cuda_graphs, look_ahead, one_row_gemv, pdl
 ):
     """fp32 on CUDA: Triton expert and paged-attention kernels, compiled, chunked prefill, decode
     steps replayed from CUDA graphs (or eager), look-ahead decode steps (or not); with
-    one_row_gemv, one request at a time, so every decode takes kernels/gemv.py's layers."""
+    one_row_gemv, one request at a time, so every decode takes kernels/gemv.py's layers; with
+    pdl, our decode kernels as programmatic dependent launches."""
     from model.weights import load_model
     from server.engine import Engine, EngineConfig
     from tests.server.engine_helpers import make_setup
@@ -295,10 +297,11 @@ def test_engine_on_cuda_matches_the_cpu_reference(
         cpu.processor,
         EngineConfig(num_kv_blocks=512, max_num_batched_tokens=40, attention_backend=backend,
                      max_num_seqs=1 if one_row_gemv else 12, cuda_graphs=cuda_graphs, async_scheduling=look_ahead,
-                     one_row_gemv=one_row_gemv),
+                     one_row_gemv=one_row_gemv, pdl=pdl),
     )  # fmt: skip
     assert run(engine, prompts) == reference
     assert (engine.num_lookahead_steps > 0) == look_ahead
     graphs = engine.runner.decode_graphs
     assert (graphs is not None and len(graphs.graphs) == len(graphs.sizes) and graphs.num_runs > 0) == cuda_graphs
-    assert all(layer.one_row_gemv == one_row_gemv for layer in engine.model.model.layers)
+    assert all(layer.one_row_gemv == one_row_gemv and layer.pdl == pdl for layer in engine.model.model.layers)
+    assert getattr(engine.runner.attention, "pdl", False) == pdl and (graphs is None or graphs.pdl == pdl)

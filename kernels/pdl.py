@@ -1,0 +1,24 @@
+"""Programmatic dependent launch (PDL, sm_90+): a kernel launched this way may start while the
+kernel before it in the stream drains, and must execute griddepcontrol.wait
+(`tl.extra.cuda.gdc_wait()`) before it reads anything an earlier kernel wrote.
+
+Why: a batch-1 CogVLM-17B decode step is ~220 kernels inside one CUDA graph, and each boundary
+idles the GPU while one kernel's last blocks finish and the next one's first blocks start. With
+PDL the next kernel is already resident at that point (a GEMV even loads its first weight tile).
+
+The kernels here take `pdl` from the caller (EngineConfig.pdl, off by default until a GPU run
+measures it) and pass `PDL` to the kernel as a constexpr, so the interpreter (no inline PTX)
+and GPUs before Hopper never see the instruction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.tma import has_tma
+
+
+def pdl_launch(pdl: bool, device: torch.device) -> tuple[bool, dict]:
+    """(the kernel's PDL constexpr, the launch keyword arguments) for a call on `device`."""
+    on = pdl and device.type == "cuda" and has_tma(device)  # sm_90+, the same test as TMA's
+    return on, ({"launch_pdl": True} if on else {})
