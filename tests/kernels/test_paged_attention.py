@@ -79,3 +79,25 @@ def test_rejects_shapes_it_cannot_tile():
     args, max_q = make_batch([5], [5], 4, 4, 16, torch.float32, block_size=8)
     with pytest.raises(ValueError, match="block_size"):
         paged_attention(*args, max_q)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq_lens, query_lens", [([300], [1]), ([17, 40, 5, 33], [1, 1, 1, 1]), ([70, 90], [22, 1])])
+def test_programmatic_dependent_launch_changes_nothing(seq_lens, query_lens):
+    """pdl=True (sm_90+): split decode, merge and the one-pass kernel wait before reading; the
+    same bits as ordinary launches, eager and replayed from a CUDA graph behind a kernel that
+    writes q (a wait in the wrong place would read the old q)."""
+    args, max_q = make_batch(seq_lens, query_lens, 4, 2, 64, torch.bfloat16, num_blocks=200)
+    want = paged_attention(*args, max_q)
+    q_new = args[0].clone()
+    q = torch.zeros_like(q_new)
+    run = lambda: (q.copy_(q_new), paged_attention(q, *args[1:], max_q, pdl=True))[1]  # noqa: E731
+    assert torch.equal(run(), want)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for _ in range(3):
+        q.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)
