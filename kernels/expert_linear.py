@@ -17,7 +17,8 @@ runs); only tiles that straddle two runs gather their rows by pointer.
 
 A one-image batch is a few waves of tiles on 132 SMs, and a partial last wave costs a whole
 tile's time (1267 rows x 4096 outputs: 176 tiles of 128 x 256, 1.33 waves). The stream-K
-configs (SK) run one program per SM and split that last wave's tiles along K instead.
+configs (SK; tuned only with COGSERVE_EXPERT_SK=1 until a GPU run measures them) run one program
+per SM and split that last wave's tiles along K instead.
 
 The gated MLP variant reads the gate and up tiles of the same expert in one K loop and writes
 silu(gate) * up once. It takes gate and up as two tensors: concatenating them into one weight
@@ -105,8 +106,11 @@ GPU_CONFIGS = [
     _config(64, 256, 64, 4, 4, tma=2),
     _config(256, 128, 64, 8, 3, tma=2),
     _config(128, 256, 64, 8, 3, tma=1),
-    # SK: one program per SM, whole tiles while they fill every SM, the last partial wave's tiles
-    # split along K (see _expert_linear_kernel). Candidates, not yet measured on a GPU.
+]
+# SK: one program per SM, whole tiles while they fill every SM, the last partial wave's tiles
+# split along K (see _expert_linear_kernel). Candidates not yet compiled or measured on a GPU, so
+# the autotuner sees them only with COGSERVE_EXPERT_SK=1 (benchmarks/gpu_check.sh sets it).
+SK_CONFIGS = [
     _config(128, 256, 64, 8, 3, tma=2, sk=1),
     _config(128, 128, 64, 8, 4, tma=2, sk=1),
 ]
@@ -127,7 +131,7 @@ def _configs() -> list[triton.Config]:
         return [SAFE_CONFIG]  # NOTE: the interpreter cannot autotune over several configs
     if os.environ.get("COGSERVE_AUTOTUNE", "1") == "0":
         return [SAFE_CONFIG]  # tests: one compile per shape instead of nine
-    return GPU_CONFIGS
+    return GPU_CONFIGS + (SK_CONFIGS if os.environ.get("COGSERVE_EXPERT_SK") == "1" else [])
 
 
 def fits(config: triton.Config, element_size: int, gated: bool) -> bool:
