@@ -1,6 +1,6 @@
 """One-row GEMV for a batch-1 decode step, with the small op before each projection fused in.
 
-Why: at batch 1 a CogVLM-17B decode step reads 12.9 GB of weights and does little else. On an
+Why: at batch 1 a CogVLM-17B decode step reads 12.3 GiB of weights and does little else. On an
 H200 (RESULTS.md, 2026-11-27) cuBLAS's one-row GEMVs reach 73% to 90% of copy bandwidth and
 alone take 1.20x the HBM floor; the RMSNorms around them (65 launches, 0.14 ms a step), silu*up
 (0.04 ms) and cuBLAS's split-K reduces (0.11 ms) come on top. Here each program streams

@@ -2,7 +2,7 @@
 kernel before it in the stream drains, and must execute griddepcontrol.wait
 (`tl.extra.cuda.gdc_wait()`) before it reads anything an earlier kernel wrote.
 
-Why: a batch-1 CogVLM-17B decode step is ~220 kernels inside one CUDA graph, and each boundary
+Why: a batch-1 CogVLM-17B decode step is 220 to 400 kernels in one CUDA graph, and each boundary
 idles the GPU while one kernel's last blocks finish and the next one's first blocks start. With
 PDL the next kernel is already resident at that point (a GEMV even loads its first weight tile).
 
