@@ -46,5 +46,12 @@ if want kernels; then
         | tee "$OUT/bench.log" | tail -n 40
     bench_rc=${PIPESTATUS[0]}
 fi
+# The short table, last: what each part measured, from its log in $OUT.
+echo "== summary =="
+cat "$OUT/gpu.txt"
+[[ -f "$OUT/tests.log" ]] && grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -n 12
+[[ -f "$OUT/bench_gemv.log" ]] && grep -E "^\||^a layer" "$OUT/bench_gemv.log"
+[[ -f "$OUT/bench_decode.log" ]] && grep -E "^\||^HBM floor|^graph replay|^batch-1 greedy|failed:" "$OUT/bench_decode.log"
+[[ -f "$OUT/bench.log" ]] && grep -E "^geomean|^by batch" "$OUT/bench.log"
 echo "tests exit $tests_rc, kernel benchmark exit $bench_rc, decode benchmark exit $decode_rc, gemv exit $gemv_rc"
 exit $(( tests_rc || bench_rc || decode_rc || gemv_rc ))
