@@ -5,7 +5,7 @@ decode step reads, i.e. the language experts, norms and lm_head, over the bandwi
 device-to-device copy measured in the same run; target within 1.2x), and output tokens/s at
 batch 64.
 
-    python benchmarks/bench_decode.py [--steps 30]
+    python benchmarks/bench_decode.py [--steps 30] [--modes PDL,one-row]
 """
 
 from __future__ import annotations
@@ -98,6 +98,8 @@ def kernel_times(replay, steps: int = 5, rows: int = 12) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--modes", default="", help="comma-separated substrings: run only the modes whose name "
+                        "contains one (e.g. 'PDL,one-row'); the default mode always runs, as the baseline")  # fmt: skip
     args = parser.parse_args()
     model = random_model()
     language_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
@@ -117,6 +119,9 @@ def main() -> None:
         "cuda graphs + look-ahead + one-row GEMV + PDL": (True, True, True, True),
         "cuda graphs": (True, False, False, False),
     }  # eager (no graphs): 15.7 ms a step at batch 1 on an H200 (RESULTS.md); not rerun, to keep gpu_check short
+    if args.modes:
+        wanted = [w.strip() for w in args.modes.split(",") if w.strip()]
+        modes = {m: v for i, (m, v) in enumerate(modes.items()) if i == 0 or any(w in m for w in wanted)}
     batch1_tokens = {}  # greedy tokens of the batch-1 run per mode: the GEMV paths should agree
     for mode, (cuda_graphs, look_ahead, one_row_gemv, pdl) in modes.items():
         config = EngineConfig(max_num_seqs=64, gpu_memory_fraction=0.5, cuda_graphs=cuda_graphs,
