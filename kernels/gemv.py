@@ -155,9 +155,9 @@ def _gemv_kernel(
 
 
 def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0, pdl=False):
-    in_features = x.shape[1] // 2 if prologue == SILU_AND_MUL else x.shape[1]
     if x.dim() != 2 or x.shape[0] != 1 or not x.is_contiguous():
         raise ValueError(f"gemv takes one contiguous row [1, K], got {tuple(x.shape)} (strides {x.stride()})")
+    in_features = x.shape[1] // 2 if prologue == SILU_AND_MUL else x.shape[1]
     if weight.dim() != 2 or weight.shape[1] != in_features or weight.stride(1) != 1 or weight.dtype != x.dtype:
         raise ValueError(f"weight must be [N, {in_features}] {x.dtype} with contiguous rows, "
                          f"got {tuple(weight.shape)} {weight.dtype} (strides {weight.stride()})")  # fmt: skip

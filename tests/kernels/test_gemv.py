@@ -79,6 +79,8 @@ def test_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="one contiguous row"):
         gemv(torch.cat([x, x]), w)  # two rows
     with pytest.raises(ValueError, match="one contiguous row"):
+        rms_norm_gemv(x[0], None, torch.ones(32, device=DEVICE), 1e-5, w)  # a vector, not a row
+    with pytest.raises(ValueError, match="one contiguous row"):
         gemv(torch.randn(1, 64, device=DEVICE)[:, ::2], w)
     with pytest.raises(ValueError, match=r"weight must be \[N, 32\]"):
         gemv(x, w[:, :16])
