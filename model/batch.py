@@ -69,11 +69,6 @@ class ScheduledSequence:
         # still in flight sampled, not yet in output_token_ids (server/engine.py)
         return self.end >= self.seq.num_tokens
 
-    @property
-    def is_fed(self) -> bool:
-        """The input token is the previous step's sample, read on the device (look-ahead)."""
-        return self.start == self.seq.num_tokens
-
 
 @dataclass
 class SchedulerOutput:

@@ -13,6 +13,7 @@ varlen kernel (the [gpu] extra).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -60,9 +61,7 @@ class TritonPagedAttention:
 
     def prepare(self, meta: PagedAttentionMetadata) -> None:
         device = meta.slot_mapping.device
-        starts = [0]
-        for n in meta.query_lens:
-            starts.append(starts[-1] + n)
+        starts = list(accumulate(meta.query_lens, initial=0))
         self.bind(
             slot_mapping=meta.slot_mapping,
             block_tables=meta.block_tables.to(torch.int32),
@@ -113,14 +112,10 @@ class FlashAttnPagedAttention:
 
     def prepare(self, meta: PagedAttentionMetadata) -> None:
         device = meta.slot_mapping.device
-        starts_q, starts_k = [0], [0]
-        for q_len, s_len in zip(meta.query_lens, meta.seq_lens, strict=True):
-            starts_q.append(starts_q[-1] + q_len)
-            starts_k.append(starts_k[-1] + s_len)
         self.slot_mapping = meta.slot_mapping
         self.block_tables = meta.block_tables.to(torch.int32)
-        self.cu_seqlens_q = to_device(starts_q, device, torch.int32)
-        self.cu_seqlens_k = to_device(starts_k, device, torch.int32)
+        self.cu_seqlens_q = to_device(list(accumulate(meta.query_lens, initial=0)), device, torch.int32)
+        self.cu_seqlens_k = to_device(list(accumulate(meta.seq_lens, initial=0)), device, torch.int32)
         self.max_seqlen_q, self.max_seqlen_k = max(meta.query_lens), max(meta.seq_lens)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin) -> torch.Tensor:

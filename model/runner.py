@@ -63,7 +63,8 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput, feed: RunnerOutput | None = None) -> RunnerOutput:
         """Queue the step on the device and return at once: the sampled tokens are read when the
         caller resolves the output. `feed`: the output of the step still in flight, whose
-        sampled tokens are the inputs of this step's look-ahead rows (ScheduledSequence.is_fed)."""
+        sampled tokens are the inputs of this step's look-ahead ("fed") rows: rows that start at
+        the sequence's known token count, whose input is the token still in flight."""
         for request_id in out.finished_request_ids:
             self.sampler.forget(request_id)
         if not out.scheduled:
@@ -73,53 +74,49 @@ class ModelRunner:
         image_rows, image_features = [], []
         fed_rows, fed_from = [], []  # rows whose token is on the device, and where it is there
         self._encode_missing_images(out)
-        sampling, last_rows = [], []  # sequences that sample this step, and the row each samples from
+        sampling, last_rows, in_flight = [], [], []  # per sampling sequence: it, its row, is it fed
         for s in out.scheduled:
             seq, start, end = s.seq, s.start, s.end
             row0 = len(input_ids)
             prompt = seq.prompt
             num_prompt = len(prompt.input_ids)
-            num_tokens = num_prompt + len(seq.output_token_ids)  # seq.num_tokens
-            if end - start == 1 and start >= num_prompt:
-                # NOTE: one text token past the prompt (a decode, or a recompute after preemption),
-                # most rows of most steps: the general path's list building cost ~3 us a row on CPU
-                if start == num_tokens:  # s.is_fed
-                    fed_rows.append(row0)
-                    fed_from.append(feed.feed[1][seq.request_id])
-                    input_ids.append(0)  # replaced on the device
-                else:
-                    input_ids.append(seq.output_token_ids[start - num_prompt])
-                positions.append(prompt.position_ids[-1] + 1 + start - num_prompt)  # as seq.positions
-                vision_mask.append(False)
-                slots.append(s.block_ids[start // block_size] * block_size + start % block_size)
-                if end >= num_tokens:  # s.needs_sample: not a recompute row short of the end
-                    sampling.append(s)
-                    last_rows.append(row0)
-                continue
-            if s.is_fed:
+            num_tokens = num_prompt + len(seq.output_token_ids)  # seq.num_tokens, read once
+            is_fed = start == num_tokens  # a look-ahead row (always one token past the prompt)
+            # NOTE: one text token past the prompt (a decode, or a recompute after preemption) is
+            # most rows of most steps: the general path's list building cost ~3 us a row on CPU
+            one_text_token = end - start == 1 and start >= num_prompt
+            if is_fed:
                 fed_rows.append(row0)
                 fed_from.append(feed.feed[1][seq.request_id])
                 input_ids.append(0)  # replaced on the device
+            elif one_text_token:
+                input_ids.append(seq.output_token_ids[start - num_prompt])
             else:
                 input_ids += seq.token_ids(start, end)
-            positions += seq.positions(start, end)
-            if start + 1 >= len(prompt.token_type_ids):  # past the prompt: text, on the language expert
-                vision_mask += [False] * (end - start)
+            if one_text_token:
+                positions.append(prompt.position_ids[-1] + 1 + start - num_prompt)  # as seq.positions
+                vision_mask.append(False)
+                slots.append(s.block_ids[start // block_size] * block_size + start % block_size)
             else:
-                vision_mask += [
-                    seq.token_type(i) == VISION_TOKEN_TYPE and seq.token_type(i + 1) == VISION_TOKEN_TYPE
-                    for i in range(start, end)
-                ]
-            slots += [s.block_ids[i // block_size] * block_size + i % block_size for i in range(start, end)]
-            if prompt.image_slots:
-                first, last = prompt.image_slots[0], prompt.image_slots[-1] + 1
-                lo, hi = max(start, first), min(end, last)
-                if lo < hi:  # this chunk holds image slots lo..hi-1
-                    image_rows += range(row0 + lo - start, row0 + hi - start)
-                    image_features.append(self.encoder_cache[prompt.image_hash][lo - first : hi - first])
-            if s.needs_sample:
+                positions += seq.positions(start, end)
+                if start + 1 >= len(prompt.token_type_ids):  # past the prompt: text, on the language expert
+                    vision_mask += [False] * (end - start)
+                else:
+                    vision_mask += [
+                        seq.token_type(i) == VISION_TOKEN_TYPE and seq.token_type(i + 1) == VISION_TOKEN_TYPE
+                        for i in range(start, end)
+                    ]
+                slots += [s.block_ids[i // block_size] * block_size + i % block_size for i in range(start, end)]
+                if prompt.image_slots:
+                    first, last = prompt.image_slots[0], prompt.image_slots[-1] + 1
+                    lo, hi = max(start, first), min(end, last)
+                    if lo < hi:  # this chunk holds image slots lo..hi-1
+                        image_rows += range(row0 + lo - start, row0 + hi - start)
+                        image_features.append(self.encoder_cache[prompt.image_hash][lo - first : hi - first])
+            if end >= num_tokens:  # s.needs_sample: not a chunk, nor a recompute row, short of the end
                 sampling.append(s)
                 last_rows.append(len(input_ids) - 1)
+                in_flight.append(is_fed)  # its newest token is the one in flight
         fed = None
         if fed_rows:  # [F] rows of this batch, [F] their tokens from the step in flight
             fed = (to_device(fed_rows, device, torch.long), feed.feed[0][to_device(fed_from, device, torch.long)])
@@ -156,7 +153,6 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[sample_rows])  # [B_sample, V] fp32
         if not sampling:
             return RunnerOutput()
-        in_flight = [s.is_fed for s in sampling]  # rows whose newest token is the one in flight
         in_flight_tokens = None
         if fed is not None:  # [B_sample] int64: that token on the device, -1 elsewhere
             in_flight_tokens = torch.full((len(sampling),), -1, dtype=torch.long, device=device)

@@ -13,7 +13,5 @@ def test_fused_variant_computes_the_unfused_one(op):
     cublas, unfused, ours = variants(96, 80, op, device, torch.float32)
     w = torch.randn(96, 80, device=device) / 9
     torch.testing.assert_close(ours(w), unfused(w), rtol=1e-4, atol=1e-4)
-    if op is None:
-        torch.testing.assert_close(cublas(w), unfused(w))
-    else:  # the op changes the input: the plain GEMV differs
+    if op is not None:  # the op changes the input: the plain GEMV differs (with none, both are one call)
         assert not torch.allclose(cublas(w), unfused(w), atol=1e-3)

@@ -20,9 +20,7 @@ from kernels.expert_linear import (
     fits,
     route_by_expert,
 )
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+from tests.kernels.error_bound import DEVICE, DTYPES, check_close
 
 
 def pattern(name: str, n: int) -> torch.Tensor:
@@ -44,16 +42,6 @@ def pattern(name: str, n: int) -> torch.Tensor:
     else:
         raise ValueError(name)
     return mask.to(DEVICE)
-
-
-def check_close(out, ref64, baseline):
-    """kernel error <= 2x torch's error at the same dtype (plus a hair for ~exact cases)."""
-    assert out.dtype == baseline.dtype and out.shape == ref64.shape
-    assert torch.isfinite(out).all()
-    err = (out.double() - ref64).abs().max().item()
-    torch_err = (baseline.double() - ref64).abs().max().item()
-    scale = ref64.abs().max().item()
-    assert err <= 2 * torch_err + 1e-6 * scale, (err, torch_err)
 
 
 def weights(n_out, n_in, dtype, bias_on=()):

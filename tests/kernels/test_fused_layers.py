@@ -10,15 +10,7 @@ from kernels.activation import silu_and_mul
 from kernels.rms_norm import rms_norm, rms_norm_ref
 from kernels.rotary import rotary_and_write_kv_, rotary_embedding_
 from model.rotary import apply_rotary, rotary_cos_sin
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-
-
-def assert_within_twice_torch_error(got, want, exact):
-    torch_error = (want.float() - exact).abs().max().item()
-    error = (got.float() - exact).abs().max().item()
-    assert error <= 2 * torch_error + 1e-6, (error, torch_error)
+from tests.kernels.error_bound import DEVICE, DTYPES, check_close
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -31,7 +23,7 @@ def test_rms_norm_matches_eager(dtype, num_tokens, hidden, with_residual):
     out, summed = rms_norm(x, weight, 1e-5, residual)
     want, want_sum = rms_norm_ref(x, weight, 1e-5, residual)
     exact, _ = rms_norm_ref(x.double(), weight.double(), 1e-5, None if residual is None else residual.double())
-    assert_within_twice_torch_error(out, want, exact.float())
+    check_close(out, exact.float(), want)
     if with_residual:
         assert torch.equal(summed, want_sum)  # the residual stream is rounded exactly as eager's add
     else:
@@ -61,8 +53,8 @@ def test_rotary_in_place_on_qkv_views_matches_eager(dtype, num_tokens, heads, he
     want_q, want_k, v_before = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.clone()
     exact_q, exact_k = (apply_rotary(t.double(), cos.double(), sin.double()).float() for t in (q, k))
     rotary_embedding_(q, k, cos, sin)
-    assert_within_twice_torch_error(q, want_q, exact_q)
-    assert_within_twice_torch_error(k, want_k, exact_k)
+    check_close(q, exact_q, want_q)
+    check_close(k, exact_k, want_k)
     assert torch.equal(v, v_before)  # v is not touched
 
 
@@ -82,9 +74,9 @@ def test_rotary_and_kv_write_puts_rotated_k_and_v_in_their_slots(dtype, num_toke
     k_cache, v_cache = (torch.zeros(6, 16, num_kv_heads, head_dim, device=DEVICE, dtype=dtype) for _ in range(2))
     slots = torch.randperm(96, device=DEVICE)[:num_tokens]
     rotary_and_write_kv_(q, k, v, cos, sin, k_cache, v_cache, slots)
-    assert_within_twice_torch_error(q, want_q, exact_q)
+    check_close(q, exact_q, want_q)
     cached_k, cached_v = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
-    assert_within_twice_torch_error(cached_k[slots], want_k, exact_k)
+    check_close(cached_k[slots], exact_k, want_k)
     assert torch.equal(cached_v[slots], v_before)
     untouched = torch.ones(96, dtype=torch.bool, device=DEVICE)
     untouched[slots] = False
@@ -103,7 +95,7 @@ def test_silu_and_mul_matches_eager(dtype, shape):
     up = torch.randn(shape).to(DEVICE, dtype)
     want = F.silu(gate) * up
     exact = F.silu(gate.double()) * up.double()
-    assert_within_twice_torch_error(silu_and_mul(gate, up), want, exact.float())
+    check_close(silu_and_mul(gate, up), exact.float(), want)
     gate_up = torch.cat([gate, up], dim=1)  # the fused GEMM's output: halves with strided rows
     assert torch.equal(silu_and_mul(gate_up[:, : shape[1]], gate_up[:, shape[1] :]), silu_and_mul(gate, up))
     with pytest.raises(ValueError, match="contiguous"):

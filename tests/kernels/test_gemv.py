@@ -14,16 +14,9 @@ from kernels.gemv import (
     silu_and_mul_gemv,
     silu_and_mul_gemv_ref,
 )
+from tests.kernels.error_bound import DEVICE, DTYPES, check_close
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 SHAPES = [(200, 72), (33, 1000), (130, 256)]  # (N, K): K past a tile edge, one tile, whole tiles
-
-
-def check_close(got, exact, torch_result):
-    torch_error = (torch_result.double() - exact).abs().max().item()
-    error = (got.double() - exact).abs().max().item()
-    assert error <= 2 * torch_error + 1e-5, (error, torch_error)
 
 
 def inputs(n, k, dtype, width=None):

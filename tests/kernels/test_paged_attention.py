@@ -5,9 +5,7 @@ import pytest
 import torch
 
 from kernels.paged_attention import decode_splits, paged_attention, paged_attention_ref
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+from tests.kernels.error_bound import DEVICE, DTYPES
 
 
 def make_batch(seq_lens, query_lens, num_heads, num_kv_heads, head_dim, dtype, block_size=16, num_blocks=64):

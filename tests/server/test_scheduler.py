@@ -109,6 +109,18 @@ def test_image_content_is_part_of_the_block_key():
     assert out.scheduled[0].start == 16
 
 
+def add_or_abort(scheduler, op: str, size: int, pick: int, index: int) -> bool:
+    """The random workloads' add and abort operations; False for a step (or an abort of nothing)."""
+    if op == "add":
+        scheduler.add(make_request(f"r{index}", size, max_tokens=1 + pick, first_token=pick % 3))
+        return True
+    if op == "abort" and scheduler.requests:
+        ids = sorted(scheduler.requests)
+        scheduler.finish(ids[pick % len(ids)], "abort")
+        return True
+    return False
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(
@@ -118,15 +130,8 @@ def test_image_content_is_part_of_the_block_key():
 def test_random_workloads_never_leak_or_double_free_blocks(ops):
     scheduler, runner = make(num_blocks=16, budget=24, max_seqs=5)
     pool = scheduler.kv.pool
-    next_id = 0
-    for op, size, pick in ops:
-        if op == "add":
-            scheduler.add(make_request(f"r{next_id}", size, max_tokens=1 + pick, first_token=pick % 3))
-            next_id += 1
-        elif op == "abort" and scheduler.requests:
-            ids = sorted(scheduler.requests)
-            scheduler.finish(ids[pick % len(ids)], "abort")
-        else:
+    for index, (op, size, pick) in enumerate(ops):
+        if not add_or_abort(scheduler, op, size, pick, index):
             step(scheduler, runner)
         assert_blocks_consistent(scheduler)
     for request_id in list(scheduler.requests):
@@ -149,15 +154,9 @@ def test_random_workloads_with_look_ahead_never_leak_or_double_free_blocks(ops):
     scheduler, runner = make(num_blocks=16, budget=24, max_seqs=5)
     runner.stop_every = 7
     pool = scheduler.kv.pool
-    in_flight, next_id = None, 0
-    for op, size, pick in ops:
-        if op == "add":
-            scheduler.add(make_request(f"r{next_id}", size, max_tokens=1 + pick, first_token=pick % 3))
-            next_id += 1
-        elif op == "abort" and scheduler.requests:
-            ids = sorted(scheduler.requests)
-            scheduler.finish(ids[pick % len(ids)], "abort")
-        else:
+    in_flight = None
+    for index, (op, size, pick) in enumerate(ops):
+        if not add_or_abort(scheduler, op, size, pick, index):
             ahead = scheduler.schedule(ahead=True) if in_flight else None
             if ahead is not None and ahead.scheduled:
                 assert ahead.num_tokens <= 24
