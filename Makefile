@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL ?= models/cogvlm-tiny-shapes
 
-.PHONY: install test serve generate lint format bench train evaluate clean
+.PHONY: install test serve generate lint format bench compile-check compile-check-triton36 train evaluate clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,18 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/api_overhead.py
 	$(BIN)/python benchmarks/load_weights.py
 
+# Every Triton kernel and config the GPU path launches, compiled for sm_90 on this machine (no GPU needed).
+compile-check: $(STAMP)
+	env -u TRITON_INTERPRET $(BIN)/python -m tests.kernels.hopper_compile
+
+# The same with the Triton of the lent GPU machines (3.6), installed beside the venv's.
+TRITON36 := .triton36
+$(TRITON36)/triton/__init__.py:
+	$(BIN)/pip install -q --no-deps --target $(TRITON36) "triton==3.6.0"
+
+compile-check-triton36: $(STAMP) $(TRITON36)/triton/__init__.py
+	env -u TRITON_INTERPRET PYTHONPATH=$(TRITON36) $(BIN)/python -m tests.kernels.hopper_compile
+
 # Retrain the embedded model (28 minutes on one CPU thread, then a held-out score on the reference path);
 # `make evaluate` scores it through the server.
 train: $(STAMP)
@@ -52,4 +64,4 @@ evaluate: $(STAMP)
 	$(BIN)/python -m training.evaluate --model $(MODEL) --per-task 500 --json $(MODEL)/eval.json
 
 clean:
-	rm -rf $(VENV) checkpoints
+	rm -rf $(VENV) checkpoints $(TRITON36)

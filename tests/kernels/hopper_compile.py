@@ -1,0 +1,292 @@
+"""Compile every Triton kernel the GPU path launches, for Hopper (sm_90), on a machine without a GPU.
+
+Why: this project gets a GPU rarely and for 15 minutes at a time, and a kernel that fails to compile
+there (a TMA descriptor, PDL's inline PTX, a config over the shared memory limit) costs a device
+call. Triton compiles to a cubin without a device (ptxas ships in its wheel); only loading and
+launching need one. `HopperStandIn` takes the place of Triton's CUDA driver: it reports sm_90 as the
+current target, refuses what the real loader refuses (shared memory over 227 KB), reads registers
+and spills from the cubin with cuobjdump, and launches nothing.
+
+The calls go through the real host wrappers with CPU tensors of CogVLM-17B and CogVLM2 shapes, so
+the arguments, constexprs and config pruning are production's. Two things are forced the way an
+H100 decides them: PDL (the wrappers launch it only on CUDA) and the autotuned kernels' candidate
+lists (the GPU lists; the tests' single config elsewhere).
+
+    python -m tests.kernels.hopper_compile          # every config of every call, bf16 and fp16
+    python -m tests.kernels.hopper_compile --quick  # one config per TMA level and variant, bf16
+
+Run it in a process of its own: TRITON_INTERPRET must be unset when the kernel modules import.
+The same check runs against the GPU machine's Triton with `make compile-check-triton36`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+
+# The H100's limits the CUDA loader checks (cudaDevAttrMaxSharedMemoryPerBlockOptin: 227 KB).
+H100_PROPERTIES = {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+MAX_THREADS = 1024
+
+
+@dataclasses.dataclass
+class Compiled:
+    call: str  # which production call asked for it
+    kernel: str
+    config: str  # the constexprs and launch options that select this binary
+    shared: int = 0  # bytes
+    registers: int = 0  # a thread
+    spill_bytes: int = 0  # stack frame a thread: spilled registers, slow; nonzero means the config is too big
+    error: str = ""
+
+
+class HopperStandIn:
+    """Triton's driver interface, as far as compiling needs it."""
+
+    def __init__(self):
+        self.utils = self
+        self.records: dict[tuple[str, str], Compiled] = {}
+        self.call = ""
+        self.requested: Compiled | None = None  # the compile in progress (set by the JIT's cache hook)
+
+    # --- what the JIT and the autotuner ask the driver
+    def is_active(self):
+        return True
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def map_python_to_cpp_type(self, ty: str) -> str:
+        return ty
+
+    def get_device_properties(self, device):
+        return H100_PROPERTIES
+
+    def get_benchmarker(self):
+        """The autotuner 'times' each candidate: compile it, note a failure under its name, and let
+        the autotuner treat it as it would on a GPU (a refused config is skipped)."""
+
+        def bench(kernel_call, quantiles=None, **_):
+            try:
+                kernel_call()
+            except Exception as e:
+                self.fail(e)
+                raise
+            return [1.0, 1.0, 1.0] if quantiles else 1.0
+
+        return bench
+
+    # --- compile, load, launch
+    def cache_hook(self, fn, compile, **_):
+        """knobs.runtime.jit_cache_hook: called before each compile; returning False lets it go on."""
+        names = fn.jit_function.arg_names
+        constexprs = {names[path[0]]: value for path, value in compile["constants"].items() if len(path) == 1}
+        # strides specialised to 1 are constexprs too; they select nothing a reader would tune
+        shown = " ".join(f"{k}={v}" for k, v in constexprs.items() if not k.startswith("stride"))
+        element = next(ty for ty in compile["signature"].values() if str(ty).startswith("*"))  # the first pointer's
+        config = f"{element[1:]} {shown} warps={compile['num_warps']} stages={compile['num_stages']}"
+        self.requested = self.records.setdefault((fn.name, config), Compiled(self.call, fn.name, config))
+        return False
+
+    def launcher_cls(self, src, metadata):
+        if self.requested is not None:
+            self.requested.shared = metadata.shared
+        return lambda *args: None  # launches nothing
+
+    def load_binary(self, name, cubin, shared, device):
+        if self.requested is not None:
+            self.requested.registers, self.requested.spill_bytes = _resource_usage(cubin)
+            self.requested = None
+        return None, None, 0, 0, MAX_THREADS
+
+    def fail(self, error: Exception) -> None:
+        if self.requested is not None and not self.requested.error:
+            self.requested.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:200]}"
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack-frame bytes) a thread, from cuobjdump (ships with Triton, like ptxas).
+    Triton kernels keep no local arrays, so a stack frame is spilled registers."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    fields = dict(word.split(":", 1) for line in text.splitlines() if "REG:" in line for word in line.split())
+    return int(fields["REG"]), int(fields["STACK"])
+
+
+def install() -> HopperStandIn:
+    """Make sm_90 the target of every Triton launch in this process, and PDL launchable."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("hopper_compile needs a process without TRITON_INTERPRET=1 (the interpreter runs kernels)")
+    stand_in = HopperStandIn()
+    driver.set_active(stand_in)
+    triton.knobs.runtime.jit_cache_hook = stand_in.cache_hook
+
+    import kernels.gemv
+    import kernels.paged_attention
+    import kernels.rotary
+
+    def pdl_launch(pdl, device):  # kernels/pdl.py's decision on an sm_90 device
+        return pdl, ({"launch_pdl": True} if pdl else {})
+
+    for module in (kernels.gemv, kernels.paged_attention, kernels.rotary):
+        module.pdl_launch = pdl_launch
+    return stand_in
+
+
+# --- the production calls
+
+
+def _choose(configs: list, quick: bool, keys: tuple[str, ...], variants=(lambda c: True,)) -> list:
+    """Quick: for each variant (a predicate a call's pruning applies), the first config it keeps
+    of each combination of `keys` (TMA level, stream-K)."""
+    if not quick:
+        return configs
+    chosen = {}  # (variant, kind) -> config
+    for i, keeps in enumerate(variants):
+        for c in configs:
+            if keeps(c):
+                chosen.setdefault((i, *(c.kwargs[k] for k in keys)), c)
+    return list(dict.fromkeys(chosen.values()))  # one config may serve several variants
+
+
+def _calls(quick: bool, dtype: torch.dtype):
+    """(label, thunk) for each call the CUDA engine makes, at full-size shapes."""
+    from kernels import expert_linear, gemv, paged_attention, rms_norm, rotary
+    from kernels.activation import silu_and_mul
+
+    size = torch.tensor([], dtype=dtype).element_size()
+    expert_linear._expert_linear_kernel.configs = _choose(
+        expert_linear.GPU_CONFIGS + expert_linear.SK_CONFIGS, quick, ("TMA", "SK"),
+        [lambda c, gated=gated: expert_linear.fits(c, size, gated) for gated in (False, True)],
+    )  # fmt: skip
+    gemv._gemv_kernel.configs = _choose(gemv.GPU_CONFIGS, quick, ("TMA",))
+    pdl_modes = (True,) if quick else (False, True)  # PDL only adds an instruction: quick takes the superset
+
+    def t(*shape):
+        return torch.empty(*shape, dtype=dtype)
+
+    hidden, tokens = 4096, 1227 + 40  # one image of CogVLM-17B and a question
+    mask = torch.zeros(tokens, dtype=torch.bool)
+    mask[5:1232] = True
+    x, row, norm = t(tokens, hidden), t(1, hidden), t(hidden)
+
+    def projections(qkv: int, intermediate: int, vision_bias: bool):
+        expert_linear.expert_linear(x, mask, t(qkv, hidden), t(qkv, hidden), None, t(qkv) if vision_bias else None)
+        expert_linear.expert_gated_up(x, mask, *(t(intermediate, hidden) for _ in range(4)))
+        expert_linear.expert_linear(t(tokens, intermediate), mask, t(hidden, intermediate), t(hidden, intermediate))
+
+    def one_row(pdl: bool):
+        gemv.gemv(row, t(hidden, hidden), pdl=pdl)  # o_proj
+        gemv.rms_norm_gemv(row, row, norm, 1e-5, t(3 * hidden, hidden), pdl=pdl)  # qkv, gate_up
+        gemv.rms_norm_gemv(row, None, norm, 1e-5, t(3 * hidden, hidden), pdl=pdl)  # the first layer's qkv
+        gemv.silu_and_mul_gemv(t(1, 2 * 11008), t(hidden, 11008), pdl=pdl)  # down
+
+    def attention(seqs: int, query_len: int, kv_heads: int, block_size: int, pdl: bool):
+        context = tokens + 64
+        blocks = triton.cdiv(context, block_size)
+        cache = t(seqs * blocks, block_size, kv_heads, 128)
+        tables = torch.arange(seqs * blocks, dtype=torch.int32).reshape(seqs, blocks)
+        lens = torch.full((seqs,), context, dtype=torch.int32)
+        starts = torch.arange(seqs + 1, dtype=torch.int32) * query_len
+        q = t(seqs * query_len, 32, 128)
+        paged_attention.paged_attention(q, cache, cache, tables, lens, starts, query_len, pdl)
+
+    def rotate(kv_heads: int, pdl: bool):
+        q, k, cos = t(64, 32, 128), t(64, kv_heads, 128), t(64, 1, 128)
+        cache = t(8, 16, kv_heads, 128)
+        rotary.rotary_and_write_kv_(q, k, k.clone(), cos, cos.clone(), cache, cache.clone(), torch.arange(64), pdl)
+
+    calls = [
+        ("17B projections", lambda: projections(3 * hidden, 11008, False)),
+        ("CogVLM2 projections", lambda: projections(hidden + 2 * 1024, 14336, True)),  # 8 KV heads, vision QKV bias
+    ]
+    for pdl in pdl_modes:
+        calls.append((f"one-row GEMVs pdl={pdl}", lambda pdl=pdl: one_row(pdl)))
+        for kv in (32, 8):  # 17B, CogVLM2 (GQA)
+            calls += [
+                (f"attention decode batch 1 kv={kv} pdl={pdl}", lambda kv=kv, pdl=pdl: attention(1, 1, kv, 16, pdl)),
+                (f"attention decode batch 64 kv={kv} pdl={pdl}", lambda kv=kv, pdl=pdl: attention(64, 1, kv, 16, pdl)),
+                (f"attention prefill chunk kv={kv} pdl={pdl}", lambda kv=kv, pdl=pdl: attention(2, 512, kv, 16, pdl)),
+            ]
+        calls += [
+            (f"attention block 256 pdl={pdl}", lambda pdl=pdl: attention(4, 1, 32, 256, pdl)),
+            (f"rotary and K/V write pdl={pdl}", lambda pdl=pdl: rotate(32, pdl)),
+            (f"rotary and K/V write GQA pdl={pdl}", lambda pdl=pdl: rotate(8, pdl)),
+        ]
+    calls += [
+        ("rotary alone", lambda: rotary.rotary_embedding_(t(64, 32, 128), t(64, 8, 128), t(64, 1, 128), t(64, 1, 128))),
+        ("rms_norm", lambda: rms_norm.rms_norm(x, norm, 1e-5)),
+        ("rms_norm residual", lambda: rms_norm.rms_norm(x, norm, 1e-5, x.clone())),
+        ("silu_and_mul", lambda: silu_and_mul(t(tokens, 11008), t(tokens, 11008))),
+    ]
+    return calls
+
+
+def compile_all(quick: bool) -> list[Compiled]:
+    stand_in = install()
+    from kernels import expert_linear, gemv
+
+    for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16):
+        for label, call in _calls(quick, dtype):
+            stand_in.call = f"{label} {str(dtype).removeprefix('torch.')}"
+            for autotuned in (expert_linear._expert_linear_kernel, gemv._gemv_kernel):
+                autotuned.cache.clear()  # an earlier call's choice (its key lacks PDL) would skip the candidates
+            try:
+                call()
+            except Exception as e:  # a refused autotune candidate is noted by the benchmarker, not raised
+                stand_in.fail(e)
+                if stand_in.requested is None:  # failed before any compile: the call itself is broken
+                    stand_in.records[(label, "")] = Compiled(stand_in.call, "(host)", "", error=repr(e)[:300])
+            stand_in.requested = None
+    return list(stand_in.records.values())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one config per TMA level and variant, bf16 only")
+    parser.add_argument("--json", help="also write the records here (the test reads them)")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    records = compile_all(args.quick)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in records], f, indent=1)
+    print("| kernel | config | shared KB | registers | spill bytes | first call | result |")
+    print("|---|---|---|---|---|---|---|")
+    for r in records:
+        row = (r.kernel, r.config, f"{r.shared / 1024:.0f}", r.registers, r.spill_bytes, r.call, r.error or "ok")
+        print("| " + " | ".join(map(str, row)) + " |")
+    failed = [r for r in records if r.error]
+    spilled = [r for r in records if r.spill_bytes and not r.error]
+    print(
+        f"\ntriton {triton.__version__}, sm_90: {len(records)} binaries, {len(failed)} refused, "
+        f"{len(spilled)} spilling registers, {time.perf_counter() - start:.0f} s"
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

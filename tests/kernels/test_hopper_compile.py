@@ -1,0 +1,97 @@
+"""Every kernel the GPU path launches compiles for sm_90 (tests/kernels/hopper_compile.py), checked
+on this machine without a GPU, so a kernel that no longer compiles for Hopper fails here and not in
+a 15-minute device session."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, not interpret
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hopper") / "records.json"
+    done = _run(["-m", "tests.kernels.hopper_compile", "--quick", "--json", str(out)])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_every_kernel_compiles_for_sm90(records):
+    assert not [r for r in records if r["error"]]
+    names = {r["kernel"] for r in records}
+    assert names == {
+        "_expert_linear_kernel", "_gemv_kernel", "_paged_attention_kernel", "_decode_split_kernel",
+        "_decode_reduce_kernel", "_rotary_kernel", "_rms_norm_kernel", "_silu_and_mul_kernel",
+    }  # fmt: skip
+    for r in records:
+        assert r["shared"] <= 232448 and 0 < r["registers"] <= 255, r
+
+
+def test_the_hopper_paths_are_the_ones_compiled(records):
+    """TMA levels, stream-K, the gated MLP and PDL each reached the compiler (a wrapper that quietly
+    took its pointer or non-PDL path on the stand-in would leave them unchecked)."""
+    expert = [r["config"] for r in records if r["kernel"] == "_expert_linear_kernel"]
+    for needle in ("TMA=0 SK=0", "TMA=1 SK=0", "TMA=2 SK=0", "TMA=2 SK=1", "GATED=True", "HAS_BIAS_VIS=True"):
+        assert any(needle in c for c in expert), needle
+    for kernel in ("_gemv_kernel", "_rotary_kernel", "_paged_attention_kernel", "_decode_split_kernel"):
+        assert any("PDL=True" in r["config"] for r in records if r["kernel"] == kernel), kernel
+    gemv = [r["config"] for r in records if r["kernel"] == "_gemv_kernel"]
+    assert {f"PROLOGUE={p}" for p in range(3)} <= {w for c in gemv for w in c.split()}
+    assert any("TMA=1" in c for c in gemv)
+
+
+def test_the_stand_in_refuses_what_an_h100_refuses(tmp_path):
+    """A tile over the H100's 227 KB of shared memory is refused as the CUDA loader would refuse it,
+    and a thread holding more values than it has registers shows its spills."""
+    script = tmp_path / "oversized.py"
+    script.write_text(
+        textwrap.dedent("""
+        import torch, triton, triton.language as tl
+        from tests.kernels.hopper_compile import install
+
+        @triton.jit
+        def running_product(x_ptr, out_ptr, steps, N: tl.constexpr):
+            i = tl.arange(0, N)
+            acc = tl.zeros([N], dtype=tl.float32)
+            for s in range(steps):
+                acc = (acc + tl.load(x_ptr + s * N + i)) * tl.load(x_ptr + i + 1)
+            tl.store(out_ptr + i, acc)
+
+        stand_in = install()
+        from kernels import expert_linear
+        x, mask, w = torch.empty(300, 256), torch.arange(300) % 3 == 0, torch.empty(512, 256)
+        too_big = expert_linear._config(256, 256, 64, 8, 4, tma=2)
+        for label, config in (("fits", expert_linear.SAFE_CONFIG), ("too-big", too_big)):
+            expert_linear._expert_linear_kernel.configs = [config]  # one config: the autotuner's pruning is skipped
+            stand_in.call = label
+            try:
+                expert_linear.expert_linear(x.half(), mask, w.half(), w.half())
+            except Exception as e:
+                stand_in.fail(e)
+        x = torch.empty(1 << 15)
+        for label, n in (("1024-a-warp", 1024), ("8192-a-warp", 8192)):  # 32 and 256 fp32 values a thread
+            stand_in.call = label
+            running_product[(1,)](x, x, 4, N=n, num_warps=1)
+        for r in stand_in.records.values():
+            print(r.call, r.shared, r.spill_bytes, r.error.split(":")[0] or "ok")
+    """)
+    )
+    done = _run([str(script)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()}
+    assert rows["fits"][2] == "ok" and rows["too-big"][2] == "OutOfResources"
+    assert int(rows["too-big"][0]) > 232448 >= int(rows["fits"][0])  # 4 stages x (256 + 256) x 64 x 2 bytes
+    assert rows["1024-a-warp"][1:] == ["0", "ok"]
+    assert int(rows["8192-a-warp"][1]) > 0 and rows["8192-a-warp"][2] == "ok"
