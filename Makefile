@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL ?= models/cogvlm-tiny-shapes
+# The lent GPUs' Triton (3.6) beside the venv's (3.7): the tests compile every kernel for sm_90 with both.
+TRITON36 := .triton36
 
 .PHONY: install test serve generate lint format bench compile-check compile-check-triton36 train evaluate clean
 
@@ -16,7 +18,10 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-test: $(STAMP)
+$(TRITON36)/triton/__init__.py: | $(STAMP)
+	$(BIN)/pip install -q --no-deps --target $(TRITON36) "triton==3.6.0"
+
+test: $(STAMP) $(TRITON36)/triton/__init__.py
 	$(BIN)/python -m pytest
 
 # The OpenAI-compatible server on the embedded model: http://127.0.0.1:8000/v1/chat/completions
@@ -46,11 +51,7 @@ bench: $(STAMP)
 compile-check: $(STAMP)
 	env -u TRITON_INTERPRET $(BIN)/python -m tests.kernels.hopper_compile
 
-# The same with the Triton of the lent GPU machines (3.6), installed beside the venv's.
-TRITON36 := .triton36
-$(TRITON36)/triton/__init__.py:
-	$(BIN)/pip install -q --no-deps --target $(TRITON36) "triton==3.6.0"
-
+# The same with the lent GPU machines' Triton (3.6).
 compile-check-triton36: $(STAMP) $(TRITON36)/triton/__init__.py
 	env -u TRITON_INTERPRET PYTHONPATH=$(TRITON36) $(BIN)/python -m tests.kernels.hopper_compile
 
