@@ -61,6 +61,23 @@ class ExpertRouting:
         return self.sorted_rows.shape[0]
 
 
+def _num_slots(num_tokens: int) -> int:
+    """Routed row slots for num_tokens rows: each expert's region rounded up to ALIGN_M."""
+    return triton.cdiv(num_tokens, ALIGN_M) * ALIGN_M + ALIGN_M
+
+
+def tuning_bucket(num_tokens: int) -> int:
+    """The row bucket (M_BUCKET) of the autotuning key for a call with num_tokens rows."""
+    return triton.next_power_of_2(_num_slots(num_tokens))
+
+
+def tuning_row_counts(max_rows: int) -> list[int]:
+    """One row count per tuning bucket that calls of 1..max_rows rows fall in (the largest of each):
+    a scheduler whose steps hold at most max_rows tokens makes no call outside these buckets."""
+    largest = {tuning_bucket(rows): rows for rows in range(1, max_rows + 1)}  # later rows overwrite
+    return sorted(largest.values())
+
+
 def route_by_expert(vision_mask: torch.Tensor) -> ExpertRouting:
     """A few elementwise ops and one scatter; no host synchronisation."""
     num_tokens = vision_mask.shape[0]
@@ -72,7 +89,7 @@ def route_by_expert(vision_mask: torch.Tensor) -> ExpertRouting:
     num_language = num_tokens - is_vision.sum(dtype=torch.int32)  # device scalar
     vision_start = (num_language + ALIGN_M - 1) // ALIGN_M * ALIGN_M
     slot = torch.where(vision_mask.to(torch.bool), vision_start + vision_rank, language_rank)
-    num_slots = triton.cdiv(num_tokens, ALIGN_M) * ALIGN_M + ALIGN_M
+    num_slots = _num_slots(num_tokens)
     sorted_rows = torch.full((num_slots,), -1, dtype=torch.int32, device=device)
     sorted_rows.scatter_(0, slot.long(), row_ids)
     return ExpertRouting(vision_mask.to(torch.bool), sorted_rows, vision_start.reshape(1), num_language.reshape(1))
@@ -296,7 +313,8 @@ def _grouped(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 # NOTE: tuned per weight shape and per power-of-two bucket of rows, not per exact row count:
-# serving sees a new count every step, and retuning costs about a second.
+# serving sees a new count every step, and retuning costs about a second. The engine tunes every
+# bucket its token budget reaches at start (ModelRunner.tune_expert_kernels), not mid-serving.
 @triton.autotune(
     configs=_configs(),
     key=["N", "K", "GATED", "M_BUCKET", "TMA_LIMIT"],
@@ -472,7 +490,7 @@ def _launch(x, routing, w_lang, w_vis, w2_lang, w2_vis, b_lang, b_vis, gated: bo
         x, out, w_lang, w_vis, w2_lang if gated else w_lang, w2_vis if gated else w_vis,
         b_lang if b_lang is not None else w_lang, b_vis if b_vis is not None else w_vis,  # unused when absent
         routing.sorted_rows, routing.vision_start, routing.num_language, partial, arrivals,
-        num_tokens, out_features, in_features, routing.num_slots, triton.next_power_of_2(routing.num_slots),
+        num_tokens, out_features, in_features, routing.num_slots, tuning_bucket(num_tokens),
         x.stride(0), x.stride(1), out.stride(0), out.stride(1), w_lang.stride(0), w_lang.stride(1),
         HAS_BIAS_LANG=b_lang is not None, HAS_BIAS_VIS=b_vis is not None, GATED=gated, PRECISION=precision,
         TMA_LIMIT=limit,

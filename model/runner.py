@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.expert_linear import tuning_row_counts
 from model.batch import RunnerOutput, SchedulerOutput
 from model.cogvlm import CogVLMForCausalLM
 from model.decode_graphs import DecodeGraphs
+from model.experts import routed_linear, routing_for
 from model.paged_attention import PagedAttentionMetadata, PagedKVCache, make_attention_backend
 from model.processor import VISION_TOKEN_TYPE
 from model.sampler import Sampler
@@ -58,6 +60,26 @@ class ModelRunner:
         They read the cache through the Triton attention kernel, whatever the eager backend is."""
         max_blocks = -(-max_model_len // self.config.block_size)
         self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, max_batch, max_blocks, capture, self.config.pdl)
+
+    @torch.inference_mode()
+    def tune_expert_kernels(self, max_rows: int) -> list[int]:
+        """Run the routed expert projections once for each autotuning bucket (kernels/expert_linear.py)
+        a step of up to max_rows tokens falls in, so the autotuner benchmarks its configs now: on
+        the first image step of each bucket it would take about a second a projection shape,
+        stalling every running request. All layers share the shapes: layer 0's weights serve.
+        Returns the row counts run."""
+        layer, cfg = self.model.model.layers[0], self.model.config
+        device, dtype = self.model.device, self.model.dtype
+        attn = layer.self_attn
+        row_counts = tuning_row_counts(max_rows)
+        for rows in row_counts:
+            routing = routing_for(torch.arange(rows, device=device) >= rows // 2)  # both experts
+            hidden = torch.zeros(rows, cfg.hidden_size, dtype=dtype, device=device)
+            ctx = torch.zeros(rows, cfg.num_heads * cfg.head_dim, dtype=dtype, device=device)
+            routed_linear(hidden, routing, attn.language_expert_query_key_value, attn.vision_expert_query_key_value)
+            routed_linear(ctx, routing, attn.language_expert_dense, attn.vision_expert_dense)
+            layer.mlp(hidden, routing)  # gate_up with silu * up, then down
+        return row_counts
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, feed: RunnerOutput | None = None) -> RunnerOutput:

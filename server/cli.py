@@ -119,6 +119,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="CUDA: batch-1 decodes use our GEMV kernel (norms fused in), not cuBLAS")  # fmt: skip
     parser.add_argument("--pdl", action="store_true",
                         help="CUDA sm_90+: decode kernels start while the one before drains (PDL)")  # fmt: skip
+    parser.add_argument("--skip-kernel-tuning", action="store_true",
+                        help="CUDA: do not autotune the expert kernels at start (each row bucket then tunes "
+                             "on its first image step, about a second a shape, stalling running requests)")  # fmt: skip
 
 
 def require_at_least_one(args: argparse.Namespace, *names: str) -> None:
@@ -137,7 +140,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         gpu_memory_fraction=args.gpu_memory_fraction, enable_prefix_caching=not args.no_prefix_caching,
         attention_backend=args.attention_backend, cuda_graphs=not args.enforce_eager,
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
-        one_row_gemv=args.one_row_gemv, pdl=args.pdl,
+        one_row_gemv=args.one_row_gemv, pdl=args.pdl, tune_expert_kernels=not args.skip_kernel_tuning,
     )  # fmt: skip
 
 

@@ -20,6 +20,7 @@ the tokens first (a preempted request recomputes from them).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +60,10 @@ class EngineConfig:
     # CUDA sm_90+: our decode kernels launch as programmatic dependent launches (kernels/pdl.py).
     # Off until a GPU run measures it (benchmarks/bench_decode.py).
     pdl: bool = False
+    # CUDA: autotune the routed expert kernels at start for every row bucket the token budget
+    # reaches (4 buckets x 4 shapes at the default budget, about a second each), not on the first
+    # image step of each bucket, where it would stall every running request.
+    tune_expert_kernels: bool = True
 
 
 @dataclass
@@ -100,6 +105,10 @@ class Engine:
         self.runner = ModelRunner(model, runner_config)
         if config.cuda_graphs and model.device.type == "cuda":
             self.runner.enable_decode_graphs(min(config.max_num_seqs, MAX_GRAPH_BATCH), self.max_model_len)
+        if config.tune_expert_kernels and model.device.type == "cuda":
+            start = time.perf_counter()
+            rows = self.runner.tune_expert_kernels(config.max_num_batched_tokens)
+            logger.info("expert kernels tuned for steps of %s rows in %.1f s", rows, time.perf_counter() - start)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv

@@ -19,6 +19,8 @@ from kernels.expert_linear import (
     expert_linear_ref,
     fits,
     route_by_expert,
+    tuning_bucket,
+    tuning_row_counts,
 )
 from tests.kernels.error_bound import DEVICE, DTYPES, check_close
 
@@ -265,3 +267,19 @@ def test_every_gpu_config_is_correct(monkeypatch, config):
             got = expert_gated_up(x, mask, gl, ul, gv, uv)
             ref = expert_gated_up_ref(x.double(), mask, gl.double(), ul.double(), gv.double(), uv.double())
             check_close(got, ref, expert_gated_up_ref(x, mask, gl, ul, gv, uv))
+
+
+@pytest.mark.parametrize("max_rows", [1, 255, 256, 257, 769, 2048, 5000])
+def test_tuning_row_counts_cover_every_bucket_once(max_rows):
+    """The engine tunes at these counts at start: every call of 1..max_rows rows must share an
+    autotuning bucket with exactly one of them."""
+    counts = tuning_row_counts(max_rows)
+    buckets = [tuning_bucket(rows) for rows in counts]
+    assert len(set(buckets)) == len(buckets) and max(counts) == max_rows
+    assert {tuning_bucket(rows) for rows in range(1, max_rows + 1)} == set(buckets)
+    # the bucket is the routed slot count's power of two: the kernel's grid never outgrows it
+    assert all(tuning_bucket(rows) >= route_by_expert(torch.zeros(rows, dtype=torch.bool)).num_slots for rows in counts)
+
+
+def test_the_default_token_budget_tunes_four_buckets():
+    assert tuning_row_counts(2048) == [ALIGN_M, 3 * ALIGN_M, 7 * ALIGN_M, 2048]  # EngineConfig's comment

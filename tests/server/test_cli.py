@@ -168,3 +168,12 @@ def test_one_row_gemv_and_pdl_flags_are_off_unless_asked():
     assert default.one_row_gemv is False and default.pdl is False
     asked = engine_config(parser.parse_args(["serve", "--model", "m", "--one-row-gemv", "--pdl"]))
     assert asked.one_row_gemv is True and asked.pdl is True
+
+
+def test_expert_kernels_tune_at_start_unless_skipped():
+    from server.cli import build_parser, engine_config
+
+    parser = build_parser()
+    assert engine_config(parser.parse_args(["serve", "--model", "m"])).tune_expert_kernels is True
+    skipped = engine_config(parser.parse_args(["serve", "--model", "m", "--skip-kernel-tuning"]))
+    assert skipped.tune_expert_kernels is False

@@ -265,6 +265,42 @@ def test_flash_attn_backend_refuses_what_it_cannot_run(monkeypatch, setup):
         make_attention_backend("xformers", cache, torch.device("cuda"))
 
 
+def test_tuning_at_start_covers_every_expert_kernel_call_of_serving(monkeypatch, setup, prompts_and_reference):
+    """ModelRunner.tune_expert_kernels runs each routed projection (shape, bias, gated or not) in
+    every autotuning row bucket a step can fall in, so serving never tunes: the kernels are
+    replaced by a spy that records the autotuner's key and computes the reference."""
+    import torch.nn.functional as F
+
+    from kernels.expert_linear import expert_gated_up_ref, expert_linear_ref, tuning_bucket
+    from model import experts
+
+    keys = []
+
+    def spy(kind, reference):
+        def kernel(x, vision_mask, *weights, routing=None):
+            shapes = tuple(None if w is None else tuple(w.shape) for w in weights)  # biases included
+            keys.append((kind, shapes, x.dtype, tuning_bucket(x.shape[0])))
+            return reference(x, vision_mask, *weights)
+
+        return kernel
+
+    monkeypatch.setattr(experts, "use_triton", lambda x: True)  # the CUDA dispatch, on CPU
+    monkeypatch.setattr(experts, "expert_linear", spy("linear", expert_linear_ref))
+    monkeypatch.setattr(experts, "expert_gated_up", spy("gated", expert_gated_up_ref))
+    monkeypatch.setattr(experts, "silu_and_mul", lambda gate, up: F.silu(gate) * up)
+    budget = 300  # steps of 1 to 300 tokens: two buckets
+    engine = setup.engine(max_num_batched_tokens=budget)
+    assert engine.runner.tune_expert_kernels(budget) == [256, 300]
+    tuned = set(keys)
+    keys.clear()
+    prompts, reference = prompts_and_reference
+    assert run(engine, prompts + prompts[:4]) == reference + reference[:4]
+    served = set(keys)
+    assert len({key[3] for key in served}) == 2  # a full 300-token step and smaller chunks
+    assert {key[0] for key in served} == {"linear", "gated"}
+    assert served <= tuned, served - tuned
+
+
 def test_decode_graph_sizes():
     assert capture_sizes(1) == [1]
     assert capture_sizes(5) == [1, 2, 4, 5]
