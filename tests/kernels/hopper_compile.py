@@ -5,7 +5,8 @@ there (a TMA descriptor, PDL's inline PTX, a config over the shared memory limit
 call. Triton compiles to a cubin without a device (ptxas ships in its wheel); only loading and
 launching need one. `HopperStandIn` takes the place of Triton's CUDA driver: it reports sm_90 as the
 current target, refuses what the real loader refuses (shared memory over 227 KB), reads registers
-and spills from the cubin with cuobjdump, and launches nothing.
+and spills from the cubin with cuobjdump and the Hopper instructions (wgmma, TMA, PDL) from the
+PTX, and launches nothing.
 
 The calls go through the real host wrappers with CPU tensors of CogVLM-17B and CogVLM2 shapes, so
 the arguments, constexprs and config pruning are production's. Two things are forced the way an
@@ -48,7 +49,17 @@ class Compiled:
     shared: int = 0  # bytes
     registers: int = 0  # a thread
     spill_bytes: int = 0  # stack frame a thread: spilled registers, slow; nonzero means the config is too big
+    features: list[str] = dataclasses.field(default_factory=list)  # Hopper instructions in the PTX (FEATURES)
     error: str = ""
+
+
+# The Hopper instructions a kernel's speed rests on, found in its PTX: a config that asks for TMA
+# or PDL but lowers without it compiles and passes every test, only slower.
+FEATURES = {
+    "wgmma": "wgmma.mma_async",  # warpgroup tensor-core MMA (sm_90); else mma.sync at a fraction of the rate
+    "tma": "cp.async.bulk.tensor",  # bulk tensor copies through TMA descriptors
+    "pdl": "griddepcontrol.wait",  # programmatic dependent launch
+}
 
 
 class HopperStandIn:
@@ -108,15 +119,25 @@ class HopperStandIn:
         self.requested = self.records.setdefault((fn.name, config), Compiled(self.call, fn.name, config))
         return False
 
+    def compile(self, real_compile):
+        """Wraps triton.compiler.compile: what the binary uses, read before the loader checks it."""
+
+        def compile(src, *args, **kwargs):
+            kernel = real_compile(src, *args, **kwargs)
+            if self.requested is not None:
+                self.requested.shared = kernel.metadata.shared
+                self.requested.registers, self.requested.spill_bytes = _resource_usage(kernel.asm["cubin"])
+                ptx = kernel.asm["ptx"]
+                self.requested.features = [name for name, instruction in FEATURES.items() if instruction in ptx]
+            return kernel
+
+        return compile
+
     def launcher_cls(self, src, metadata):
-        if self.requested is not None:
-            self.requested.shared = metadata.shared
         return lambda *args: None  # launches nothing
 
     def load_binary(self, name, cubin, shared, device):
-        if self.requested is not None:
-            self.requested.registers, self.requested.spill_bytes = _resource_usage(cubin)
-            self.requested = None
+        self.requested = None  # loaded: a later failure is not this binary's
         return None, None, 0, 0, MAX_THREADS
 
     def fail(self, error: Exception) -> None:
@@ -143,6 +164,8 @@ def install() -> HopperStandIn:
     stand_in = HopperStandIn()
     driver.set_active(stand_in)
     triton.knobs.runtime.jit_cache_hook = stand_in.cache_hook
+    # each kernel's JIT takes `compile` from here when it first runs (JITFunction.create_binder)
+    triton.compiler.compile = stand_in.compile(triton.compiler.compile)
 
     import kernels.gemv
     import kernels.paged_attention
@@ -274,10 +297,11 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in records], f, indent=1)
-    print("| kernel | config | shared KB | registers | spill bytes | first call | result |")
-    print("|---|---|---|---|---|---|---|")
+    print("| kernel | config | shared KB | registers | spill bytes | Hopper instructions | first call | result |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in records:
-        row = (r.kernel, r.config, f"{r.shared / 1024:.0f}", r.registers, r.spill_bytes, r.call, r.error or "ok")
+        shared, features = f"{r.shared / 1024:.0f}", ", ".join(r.features)
+        row = (r.kernel, r.config, shared, r.registers, r.spill_bytes, features, r.call, r.error or "ok")
         print("| " + " | ".join(map(str, row)) + " |")
     failed = [r for r in records if r.error]
     spilled = [r for r in records if r.spill_bytes and not r.error]

@@ -63,6 +63,18 @@ def test_the_hopper_paths_are_the_ones_compiled(records):
     assert any("TMA=1" in c for c in gemv)
 
 
+def test_each_binary_uses_the_hopper_instructions_its_config_asks_for(records):
+    """A config that asks for TMA or PDL and lowers without it still passes every other test, only
+    slower; so does an expert GEMM that falls back from wgmma to mma.sync."""
+    for r in records:
+        words = set(r["config"].split())
+        wants_tma = bool(words & {"TMA=1", "TMA=2"})
+        assert ("tma" in r["features"]) == wants_tma, r
+        assert ("pdl" in r["features"]) == ("PDL=True" in words), r
+        if r["kernel"] == "_expert_linear_kernel":
+            assert "wgmma" in r["features"], r
+
+
 def test_the_stand_in_refuses_what_an_h100_refuses(tmp_path):
     """A tile over the H100's 227 KB of shared memory is refused as the CUDA loader would refuse it,
     and a thread holding more values than it has registers shows its spills."""
