@@ -37,7 +37,11 @@ PLAIN, RMS_NORM, SILU_AND_MUL = 0, 1, 2  # the prologue
 
 
 def _config(bn: int, bk: int, warps: int, stages: int, tma: int = 0) -> triton.Config:
-    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "TMA": tma}, num_warps=warps, num_stages=stages)
+    # STAGES reaches the K loop itself: Triton pipelines a loop without tl.dot only when told to
+    # (tl.range's num_stages); the launch option alone left each weight tile loading, by TMA or
+    # pointer, only after the one before had been used (checked in the TTGIR, Triton 3.6 and 3.7).
+    kwargs = {"BLOCK_N": bn, "BLOCK_K": bk, "TMA": tma, "STAGES": stages}
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
 # Candidates for Hopper, not yet measured (benchmarks/kernels/bench_gemv.py times each one on the
@@ -109,7 +113,7 @@ def _gemv_kernel(
     N, K, stride_wn, eps,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, TMA_OK: tl.constexpr, K_POW2: tl.constexpr,
     PDL: tl.constexpr,  # launched as a programmatic dependent launch: wait before reading inputs
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """out[rows] = W[rows] @ prologue(x) for this program's BLOCK_N rows."""
     pid = tl.program_id(0)
@@ -140,7 +144,7 @@ def _gemv_kernel(
     # per tile would put warp shuffles between consecutive weight loads
     a = _input_chunk(x_ptr, residual_ptr, norm_ptr, cols, cols < K, K, inv_rms, PROLOGUE, HAS_RESIDUAL)
     acc = w.to(tl.float32) * a.to(tl.float32)[None, :]  # [BN, BK]
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+    for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):  # STAGES - 1 tiles in flight ahead
         k = k0 + cols
         k_ok = k < K
         a = _input_chunk(x_ptr, residual_ptr, norm_ptr, k, k_ok, K, inv_rms, PROLOGUE, HAS_RESIDUAL)

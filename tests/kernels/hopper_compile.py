@@ -5,8 +5,8 @@ there (a TMA descriptor, PDL's inline PTX, a config over the shared memory limit
 call. Triton compiles to a cubin without a device (ptxas ships in its wheel); only loading and
 launching need one. `HopperStandIn` takes the place of Triton's CUDA driver: it reports sm_90 as the
 current target, refuses what the real loader refuses (shared memory over 227 KB), reads registers
-and spills from the cubin with cuobjdump and the Hopper instructions (wgmma, TMA, PDL) from the
-PTX, and launches nothing.
+and spills from the cubin with cuobjdump, the Hopper instructions (wgmma, TMA, PDL) from the PTX
+and whether loops were software-pipelined from the TTGIR, and launches nothing.
 
 The calls go through the real host wrappers with CPU tensors of CogVLM-17B and CogVLM2 shapes, so
 the arguments, constexprs and config pruning are production's. Two things are forced the way an
@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,9 @@ FEATURES = {
     "tma": "cp.async.bulk.tensor",  # bulk tensor copies through TMA descriptors
     "pdl": "griddepcontrol.wait",  # programmatic dependent launch
 }
+# "pipelined": Triton's software pipeliner gave a loop's loads a ring of buffers in shared memory
+# (a 2-D tile allocated as [stages, rows, cols]), so several tiles are in flight while one is used.
+MULTI_BUFFER = re.compile(r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<\d+x\d+x\d+x")
 
 
 class HopperStandIn:
@@ -128,7 +132,10 @@ class HopperStandIn:
                 self.requested.shared = kernel.metadata.shared
                 self.requested.registers, self.requested.spill_bytes = _resource_usage(kernel.asm["cubin"])
                 ptx = kernel.asm["ptx"]
-                self.requested.features = [name for name, instruction in FEATURES.items() if instruction in ptx]
+                features = [name for name, instruction in FEATURES.items() if instruction in ptx]
+                if MULTI_BUFFER.search(kernel.asm["ttgir"]):
+                    features.append("pipelined")
+                self.requested.features = features
             return kernel
 
         return compile

@@ -65,7 +65,8 @@ def test_the_hopper_paths_are_the_ones_compiled(records):
 
 def test_each_binary_uses_the_hopper_instructions_its_config_asks_for(records):
     """A config that asks for TMA or PDL and lowers without it still passes every other test, only
-    slower; so does an expert GEMM that falls back from wgmma to mma.sync."""
+    slower; so does an expert GEMM that falls back from wgmma to mma.sync, and a streaming loop that
+    Triton did not pipeline (the GEMV's, until its K loop asked for its stages itself)."""
     for r in records:
         words = set(r["config"].split())
         wants_tma = bool(words & {"TMA=1", "TMA=2"})
@@ -73,6 +74,8 @@ def test_each_binary_uses_the_hopper_instructions_its_config_asks_for(records):
         assert ("pdl" in r["features"]) == ("PDL=True" in words), r
         if r["kernel"] == "_expert_linear_kernel":
             assert "wgmma" in r["features"], r
+        if r["kernel"] in ("_expert_linear_kernel", "_gemv_kernel", "_paged_attention_kernel"):
+            assert "pipelined" in r["features"], r  # weight or K/V tiles stream through a ring of buffers
 
 
 def test_the_stand_in_refuses_what_an_h100_refuses(tmp_path):
