@@ -13,7 +13,7 @@ the arguments, constexprs and config pruning are production's. Two things are fo
 H100 decides them: PDL (the wrappers launch it only on CUDA) and the autotuned kernels' candidate
 lists (the GPU lists; the tests' single config elsewhere).
 
-    python -m tests.kernels.hopper_compile          # every config of every call, bf16 and fp16
+    python -m tests.kernels.hopper_compile          # every config of every call, bf16, fp16 and fp32
     python -m tests.kernels.hopper_compile --quick  # one config per TMA level and variant, bf16
 
 Run it in a process of its own: TRITON_INTERPRET must be unset when the kernel modules import.
@@ -279,7 +279,7 @@ def compile_all(quick: bool) -> list[Compiled]:
     stand_in = install()
     from kernels import expert_linear, gemv
 
-    for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16):
+    for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32):
         for label, call in _calls(quick, dtype):
             stand_in.call = f"{label} {str(dtype).removeprefix('torch.')}"
             for autotuned in (expert_linear._expert_linear_kernel, gemv._gemv_kernel):
