@@ -6,8 +6,11 @@ may see) with an online softmax, and writes the context rows in place. Queries o
 are its newest q_len tokens, at absolute positions seq_len - q_len .. seq_len - 1.
 
 A decode batch too small to fill the GPU (sequences x heads < 264 programs) instead splits each
-sequence's keys over several programs and merges their partial softmaxes in a second kernel
-(flash-decoding); the split count depends on the batch shape only, so CUDA graphs can hold it.
+sequence's keys over several programs and merges their partial softmaxes (flash-decoding); the
+split count depends on the batch shape only, so CUDA graphs can hold it. The split that finishes
+last for its (sequence, head) does the merge (an atomic arrival count, no waiting), so this is
+one launch a layer, not two: at batch 1 the separate merge kernel took 0.061 ms of a 4.45 ms
+CogVLM-17B decode step on an H200, mostly 32 launches.
 
     out[t, h] = softmax(q[t, h] . K[seq(t), kv(h)]^T * scale, causal) @ V[seq(t), kv(h)]
 
@@ -16,6 +19,8 @@ with kv(h) = h // (num_heads / num_kv_heads) (GQA) and the cache laid out as
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -94,12 +99,27 @@ def _paged_attention_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
+@triton.jit
+def _merge_splits(part_acc_ptr, part_ml_ptr, first_part, out_ptr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """Merge one (sequence, head)'s NUM_SPLITS partial softmaxes, in split order, into out_ptr[:HEAD_DIM].
+    Loads bypass L1 (.cg): the parts were written by programs on other SMs."""
+    part = first_part + tl.arange(0, NUM_SPLITS)  # [S]
+    dims = tl.arange(0, HEAD_DIM)
+    m = tl.load(part_ml_ptr + part * 2, cache_modifier=".cg")  # [S]
+    l_split = tl.load(part_ml_ptr + part * 2 + 1, cache_modifier=".cg")
+    weight = tl.exp(m - tl.max(m, axis=0))  # [S]; 0 for empty splits (m = -inf); split 0 always has keys
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], cache_modifier=".cg")  # [S, D]
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l_split * weight, axis=0)
+    tl.store(out_ptr + dims, out.to(out_ptr.dtype.element_ty))
+
+
 # fmt: off
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, part_acc_ptr, part_ml_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr, arrivals_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_ptr,
     scale, num_q_heads_per_kv,
-    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -138,29 +158,32 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         m_i = m_new
-    part = (seq * tl.num_programs(1) + head) * NUM_SPLITS + split
+    pair = seq * tl.num_programs(1) + head  # this (sequence, head)
+    part = pair * NUM_SPLITS + split
     tl.store(part_acc_ptr + part * HEAD_DIM + dims, acc)
     tl.store(part_ml_ptr + part * 2, m_i)  # -inf for a split past the last key
     tl.store(part_ml_ptr + part * 2 + 1, l_i)
+    # acq_rel at GPU scope (after the block-wide barrier Triton puts before a scalar atomic):
+    # every part stored above is visible to the program that counts last, which merges them in
+    # split order, so the result does not depend on which program that is.
+    arrived = tl.atomic_add(arrivals_ptr + pair, 1, sem="acq_rel", scope="gpu")
+    if arrived == NUM_SPLITS - 1:
+        q_row = tl.load(query_start_ptr + seq).to(tl.int64)
+        out = out_ptr + q_row * stride_ot + head * stride_oh
+        _merge_splits(part_acc_ptr, part_ml_ptr, pair * NUM_SPLITS, out, HEAD_DIM, NUM_SPLITS)
+        tl.atomic_xchg(arrivals_ptr + pair, 0)  # zero again for the next launch
 
 
-@triton.jit
-def _decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, stride_ot, stride_oh, query_start_ptr,
-                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    part = (seq * tl.num_programs(1) + head) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)  # [S]
-    dims = tl.arange(0, HEAD_DIM)
-    m = tl.load(part_ml_ptr + part * 2)  # [S]
-    l_split = tl.load(part_ml_ptr + part * 2 + 1)
-    weight = tl.exp(m - tl.max(m, axis=0))  # [S]; 0 for empty splits (m = -inf); split 0 always has keys
-    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :])  # [S, D]
-    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l_split * weight, axis=0)
-    q_row = tl.load(query_start_ptr + seq).to(tl.int64)
-    tl.store(out_ptr + q_row * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
+# Arrival counts of the split decode, one per (sequence, head); splitting happens only below
+# SPLIT_PROGRAMS programs, so this many counts always suffice.
+SPLIT_PROGRAMS = 264
+
+
+@functools.cache
+def _arrivals(device: torch.device) -> torch.Tensor:
+    """Zero between launches (the merging program resets its count). Allocated on the first call,
+    which the CUDA-graph warm-up makes outside capture; every graph then reads the same buffer."""
+    return torch.zeros(SPLIT_PROGRAMS, dtype=torch.int32, device=device)
 
 
 def decode_splits(num_seqs: int, num_heads: int) -> int:
@@ -169,7 +192,7 @@ def decode_splits(num_seqs: int, num_heads: int) -> int:
     program per head walking its keys serially made a decode step 2.11x the HBM floor; 16 splits
     made it 1.80x."""
     programs = num_seqs * num_heads
-    return 1 if programs >= 264 else min(16, triton.next_power_of_2(-(-264 // programs)))
+    return 1 if programs >= SPLIT_PROGRAMS else min(16, triton.next_power_of_2(-(-SPLIT_PROGRAMS // programs)))
 
 
 def paged_attention(
@@ -198,15 +221,12 @@ def paged_attention(
         part_acc = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(num_seqs, num_heads, splits, 2, dtype=torch.float32, device=q.device)
         _decode_split_kernel[(num_seqs, num_heads, splits)](
-            q, k_cache, v_cache, part_acc, part_ml, block_tables, seq_lens, query_start_loc,
+            q, k_cache, v_cache, out, part_acc, part_ml, _arrivals(q.device), block_tables, seq_lens, query_start_loc,
             head_dim**-0.5, num_heads // num_kv_heads,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
             HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=max(64, block_size), NUM_SPLITS=splits, PDL=pdl,
             **launch,
-        )  # fmt: skip
-        _decode_reduce_kernel[(num_seqs, num_heads)](
-            part_acc, part_ml, out, out.stride(0), out.stride(1), query_start_loc, HEAD_DIM=head_dim, NUM_SPLITS=splits,
-            PDL=pdl, **launch,
         )  # fmt: skip
         return out.reshape(num_tokens, num_heads * head_dim)
     block_q = 16 if max_query_len <= 16 else 64  # decode: small tiles; prefill chunks: bigger

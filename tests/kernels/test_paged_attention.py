@@ -66,6 +66,21 @@ def test_split_key_decode_matches_reference(dtype, seq_lens, heads):
     assert (out.double() - ref64).abs().max().item() <= 2 * torch_err + 1e-5
 
 
+def test_split_decode_merges_in_one_launch_and_rearms_its_counts():
+    """The split that arrives last merges; it must zero its count again, or the next launch (the
+    next layer) would never merge and return uninitialised memory. Same bits on every call: the
+    merge order does not depend on which split arrives last."""
+    from kernels.paged_attention import _arrivals
+
+    args, max_q = make_batch([3, 700, 41], [1, 1, 1], 4, 2, 16, torch.float32, num_blocks=200)
+    first = paged_attention(*args, max_q)
+    assert not _arrivals(first.device).any()
+    for _ in range(2):
+        assert torch.equal(paged_attention(*args, max_q), first)
+    ref64 = paged_attention_ref(*[a.double() if a.is_floating_point() else a for a in args])
+    assert (first.double() - ref64).abs().max().item() < 1e-5
+
+
 def test_decode_splits_fill_the_gpu_and_stop_when_full():
     assert decode_splits(1, 32) == 16  # batch 1 of CogVLM-17B: 32 programs -> 512
     assert decode_splits(4, 32) == 4
