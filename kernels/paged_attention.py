@@ -20,8 +20,6 @@ with kv(h) = h // (num_heads / num_kv_heads) (GQA) and the cache laid out as
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -179,11 +177,20 @@ def _decode_split_kernel(
 SPLIT_PROGRAMS = 264
 
 
-@functools.cache
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+
+
 def _arrivals(device: torch.device) -> torch.Tensor:
     """Zero between launches (the merging program resets its count). Allocated on the first call,
-    which the CUDA-graph warm-up makes outside capture; every graph then reads the same buffer."""
-    return torch.zeros(SPLIT_PROGRAMS, dtype=torch.int32, device=device)
+    which the CUDA-graph warm-up makes before capturing; every graph then uses the same buffer.
+    Allocated inside a capture, it would live in the graph's private memory pool."""
+    counts = _ARRIVALS.get(device)
+    if counts is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("paged_attention: run one small decode batch before capturing a CUDA graph "
+                               "(it allocates the split decode's arrival counts)")  # fmt: skip
+        counts = _ARRIVALS[device] = torch.zeros(SPLIT_PROGRAMS, dtype=torch.int32, device=device)
+    return counts
 
 
 def decode_splits(num_seqs: int, num_heads: int) -> int:
