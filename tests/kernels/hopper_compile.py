@@ -60,6 +60,8 @@ FEATURES = {
     "wgmma": "wgmma.mma_async",  # warpgroup tensor-core MMA (sm_90); else mma.sync at a fraction of the rate
     "tma": "cp.async.bulk.tensor",  # bulk tensor copies through TMA descriptors
     "pdl": "griddepcontrol.wait",  # programmatic dependent launch
+    # "the last program to arrive merges" (stream-K tail, split decode): one thread's counter add
+    "arrival count": "atom.global.gpu.acq_rel.add",
 }
 # "pipelined": Triton's software pipeliner gave a loop's loads a ring of buffers in shared memory
 # (a 2-D tile allocated as [stages, rows, cols]), so several tiles are in flight while one is used.
@@ -135,6 +137,8 @@ class HopperStandIn:
                 features = [name for name, instruction in FEATURES.items() if instruction in ptx]
                 if MULTI_BUFFER.search(kernel.asm["ttgir"]):
                     features.append("pipelined")
+                if _arrivals_follow_a_barrier(ptx):
+                    features.append("arrival after barrier")
                 self.requested.features = features
             return kernel
 
@@ -150,6 +154,20 @@ class HopperStandIn:
     def fail(self, error: Exception) -> None:
         if self.requested is not None and not self.requested.error:
             self.requested.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:200]}"
+
+
+def _arrivals_follow_a_barrier(ptx: str) -> bool:
+    """Whether every arrival count is preceded by a block-wide barrier with no global store in between.
+    One thread adds to the count; its release covers the other threads' stores of their parts only
+    if they were ordered before it by the barrier. Triton emits this today (3.6, 3.7); a compiler
+    that dropped the barrier would make the merge read parts still in flight."""
+    seen = False
+    for match in re.finditer(r"atom\.global\.gpu\.acq_rel\.add", ptx):
+        before = ptx[: match.start()]
+        if before.rfind("bar.sync") < before.rfind("st.global"):
+            return False
+        seen = True
+    return seen
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:

@@ -76,6 +76,10 @@ def test_each_binary_uses_the_hopper_instructions_its_config_asks_for(records):
             assert "wgmma" in r["features"], r
         if r["kernel"] in ("_expert_linear_kernel", "_gemv_kernel", "_paged_attention_kernel"):
             assert "pipelined" in r["features"], r  # weight or K/V tiles stream through a ring of buffers
+        # the programs that merge other programs' parts: the split decode, the stream-K tail
+        merges = r["kernel"] == "_decode_split_kernel" or "SK=1" in words
+        assert ("arrival count" in r["features"]) == merges, r
+        assert ("arrival after barrier" in r["features"]) == merges, r  # else the merge may read parts in flight
 
 
 def test_the_stand_in_refuses_what_an_h100_refuses(tmp_path):
@@ -121,3 +125,12 @@ def test_the_stand_in_refuses_what_an_h100_refuses(tmp_path):
     assert int(rows["too-big"][0]) > 232448 >= int(rows["fits"][0])  # 4 stages x (256 + 256) x 64 x 2 bytes
     assert rows["1024-a-warp"][1:] == ["0", "ok"]
     assert int(rows["8192-a-warp"][1]) > 0 and rows["8192-a-warp"][2] == "ok"
+
+
+def test_the_arrival_check_reads_the_order_of_barrier_store_and_atomic():
+    from tests.kernels.hopper_compile import _arrivals_follow_a_barrier
+
+    add = "@%p1 atom.global.gpu.acq_rel.add.u32 %r1, [ %rd1 + 0 ], %r2;"
+    assert _arrivals_follow_a_barrier(f"st.global.b32 [%rd2], %r3;\nbar.sync 0;\n{add}")
+    assert not _arrivals_follow_a_barrier(f"bar.sync 0;\nst.global.b32 [%rd2], %r3;\n{add}")  # a store after it
+    assert not _arrivals_follow_a_barrier("bar.sync 0;\nst.global.b32 [%rd2], %r3;")  # no arrival at all
