@@ -10,8 +10,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+# Where a GPU is, the GPU tests compile every kernel for real; this check is for machines without one
+# (and would spend a lent GPU's minutes compiling on its CPU).
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels for real")
 
 
 TRITON36 = ROOT / ".triton36"  # the lent GPUs' Triton, which `make test` installs beside the venv's
