@@ -293,12 +293,53 @@ def _calls(quick: bool, dtype: torch.dtype):
     return calls
 
 
+def _tiny_calls(dtype: torch.dtype):
+    """The tiny test checkpoints' shapes (model/tiny_checkpoint.py: hidden 64, 4 heads of 16, 2 KV
+    heads in generation 2) and odd ones from the kernel tests: what the GPU tests compile, so a
+    constexpr only they reach (a head of 16, K = 72) fails here rather than in a device session."""
+    from kernels import expert_linear, gemv, paged_attention, rotary
+
+    def t(*shape):
+        return torch.empty(*shape, dtype=dtype)
+
+    mask = torch.arange(130) % 3 == 0
+
+    def attention(query_len: int, kv_heads: int):
+        cache = t(16, 16, kv_heads, 16)
+        tables = torch.arange(16, dtype=torch.int32).reshape(2, 8)
+        lens, starts = torch.tensor([100, 37], dtype=torch.int32), torch.tensor([0, query_len, 2 * query_len])
+        paged_attention.paged_attention(t(2 * query_len, 4, 16), cache, cache, tables, lens, starts.int(), query_len)
+
+    def rotate(kv_heads: int):
+        q, k, cos = t(7, 4, 16), t(7, kv_heads, 16), t(7, 1, 16)
+        cache = t(4, 16, kv_heads, 16)
+        rotary.rotary_and_write_kv_(q, k, k.clone(), cos, cos.clone(), cache, cache.clone(), torch.arange(7))
+
+    row = t(1, 64)
+    return [
+        ("tiny projections", lambda: (
+            expert_linear.expert_linear(t(130, 64), mask, t(192, 64), t(192, 64), None, t(192)),
+            expert_linear.expert_gated_up(t(130, 64), mask, *(t(160, 64) for _ in range(4))),
+            expert_linear.expert_linear(t(130, 160), mask, t(64, 160), t(64, 160)),
+        )),
+        ("odd projection, K 72, N 200", lambda: expert_linear.expert_linear(t(7, 72), mask[:7], *[t(200, 72)] * 2)),
+        ("tiny one-row GEMVs", lambda: (
+            gemv.rms_norm_gemv(row, row, t(64), 1e-5, t(192, 64)),
+            gemv.silu_and_mul_gemv(t(1, 320), t(64, 160)),
+            gemv.gemv(t(1, 72), t(200, 72)),
+        )),
+        ("tiny attention", lambda: [attention(q, kv) for q in (1, 40) for kv in (4, 2)]),
+        ("tiny rotary and K/V write", lambda: [rotate(kv) for kv in (4, 2)]),
+    ]  # fmt: skip
+
+
 def compile_all(quick: bool) -> list[Compiled]:
     stand_in = install()
     from kernels import expert_linear, gemv
 
     for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32):
-        for label, call in _calls(quick, dtype):
+        calls = _calls(quick, dtype) + ([] if quick or dtype == torch.float16 else _tiny_calls(dtype))
+        for label, call in calls:
             stand_in.call = f"{label} {str(dtype).removeprefix('torch.')}"
             for autotuned in (expert_linear._expert_linear_kernel, gemv._gemv_kernel):
                 autotuned.cache.clear()  # an earlier call's choice (its key lacks PDL) would skip the candidates
