@@ -50,7 +50,8 @@ class Compiled:
     shared: int = 0  # bytes
     registers: int = 0  # a thread
     spill_bytes: int = 0  # stack frame a thread: spilled registers, slow; nonzero means the config is too big
-    features: list[str] = dataclasses.field(default_factory=list)  # Hopper instructions in the PTX (FEATURES)
+    # FEATURES found in the PTX, "pipelined" (TTGIR) and "arrival after barrier" (PTX order)
+    features: list[str] = dataclasses.field(default_factory=list)
     error: str = ""
 
 
