@@ -1,11 +1,13 @@
-"""GPU decode: the full-size CogVLM-17B architecture with random bf16 weights through the engine.
+"""GPU decode: a full-size CogVLM architecture (17B by default) with random bf16 weights through the engine.
 
 Reports the decode step time at batch 1 against the HBM floor (bytes of the weights a text
 decode step reads, i.e. the language experts, norms and lm_head, over the bandwidth of a large
 device-to-device copy measured in the same run; target within 1.2x), and output tokens/s at
 batch 64.
 
-    python benchmarks/bench_decode.py [--steps 30] [--modes PDL,one-row]
+    python benchmarks/bench_decode.py [--steps 30] [--modes PDL,one-row] [--arch cogvlm2-19b]
+
+CogVLM2-19B (GQA: 8 KV heads; a 128k vocabulary) is not in gpu_check.sh: a second call's worth.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import triton
 
 from model.cogvlm import CogVLMForCausalLM
-from model.config import cogvlm_17b_config
+from model.config import cogvlm2_19b_config, cogvlm_17b_config
 from model.processor import Conversation, Processor
 from model.sampling_params import SamplingParams
 from server.engine import Engine, EngineConfig
@@ -34,8 +36,11 @@ class DigitTokenizer:
         return " ".join(str(i) for i in ids)
 
 
-def random_model() -> CogVLMForCausalLM:
-    cfg = cogvlm_17b_config()
+ARCHITECTURES = {"cogvlm-17b": cogvlm_17b_config, "cogvlm2-19b": cogvlm2_19b_config}
+
+
+def random_model(arch: str) -> CogVLMForCausalLM:
+    cfg = ARCHITECTURES[arch]()
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("meta"):
         model = CogVLMForCausalLM(cfg)
@@ -100,8 +105,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--modes", default="", help="comma-separated substrings: run only the modes whose name "
                         "contains one (e.g. 'PDL,one-row'); the default mode always runs, as the baseline")  # fmt: skip
+    parser.add_argument("--arch", default="cogvlm-17b", choices=sorted(ARCHITECTURES))
     args = parser.parse_args()
-    model = random_model()
+    model = random_model(args.arch)
     language_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                          if "vision" not in n and "embed_tokens" not in n)  # fmt: skip
     bandwidth = copy_bandwidth()
@@ -162,7 +168,7 @@ def main() -> None:
         same = next((i for i in range(n) if tokens[i] != base[i]), n)
         print(f"batch-1 greedy tokens, {mode}: the first {same} of {len(tokens)} equal the default mode's")
 
-    print(f"\ndecode, CogVLM-17B architecture, random bf16 weights, {torch.cuda.get_device_name()}")
+    print(f"\ndecode, {args.arch} architecture, random bf16 weights, {torch.cuda.get_device_name()}")
     print(
         f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); language weights {language_bytes / 2**30:.1f} GiB"
     )
