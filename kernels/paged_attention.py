@@ -46,8 +46,8 @@ def _paged_attention_kernel(
     if PDL:  # q and this step's K/V come from the kernel before (kernels/pdl.py)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(0)  # heads vary fastest in launch order (see the grid in paged_attention)
+    seq = tl.program_id(1)
     q_tile = tl.program_id(2)
     q_start = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_start
@@ -237,7 +237,10 @@ def paged_attention(
         )  # fmt: skip
         return out.reshape(num_tokens, num_heads * head_dim)
     block_q = 16 if max_query_len <= 16 else 64  # decode: small tiles; prefill chunks: bigger
-    grid = (num_seqs, num_heads, triton.cdiv(max_query_len, block_q))
+    # Heads first: the query heads that share a KV head (4 in CogVLM2) run side by side and read
+    # that head's keys and values once from HBM, the others from L2. Sequence-first, they were
+    # num_seqs programs apart: at 256 sequences out of reach of the ~528 resident on 132 SMs.
+    grid = (num_heads, num_seqs, triton.cdiv(max_query_len, block_q))
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
         head_dim**-0.5, num_heads // num_kv_heads,
