@@ -2,7 +2,8 @@
 # The one GPU check a lent machine runs (< 8 minutes, no network): the GPU tests with compiled
 # kernels, then the kernel and decode benchmarks; their short tables are printed last.
 # Usage (repo root): bash benchmarks/gpu_check.sh [tests] [gemv] [decode] [kernels]   # no argument: all, in this order
-#   or [decode2]: the decode benchmark on CogVLM2-19B (GQA, 128k vocabulary), for a second call
+#   or, for a second call: [decode2] the decode benchmark on CogVLM2-19B (GQA, 128k vocabulary),
+#   [prefill] time to first token for image requests and the vision tower's share (17B and CogVLM2)
 # Logs and JSON go to $OUT (default /tmp/gpu_check). COMMIT=abc1234 names the commit where .git is absent or stale.
 set -uo pipefail
 PARTS=${*:-tests gemv decode kernels}
@@ -16,7 +17,7 @@ PY=${PY:-python3}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'commit', '${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}')" | tee -a "$OUT/gpu.txt"
 
-tests_rc=0 bench_rc=0 decode_rc=0 gemv_rc=0 decode2_rc=0
+tests_rc=0 bench_rc=0 decode_rc=0 gemv_rc=0 decode2_rc=0 prefill_rc=0
 # The GPU machine has no HTTP stack (fastapi, pydantic, openai): the tests that need CUDA are in
 # the kernels, the model and the engine; the HTTP tests run on CPU in CI.
 if want tests; then
@@ -46,6 +47,14 @@ if want decode2; then
     decode2_rc=${PIPESTATUS[0]}
 fi
 
+if want prefill; then
+    echo "== prefill benchmark (image requests, random weights) =="
+    for arch in cogvlm-17b cogvlm2-19b; do
+        timeout 240 $PY benchmarks/bench_prefill.py --arch $arch 2>&1 | tee -a "$OUT/bench_prefill.log" | tail -n 8
+        prefill_rc=$(( prefill_rc || PIPESTATUS[0] ))
+    done
+fi
+
 if want kernels; then
     echo "== kernel benchmark (expert_linear, mixed prefill) =="
     # COGSERVE_EXPERT_SK=1: the stream-K tail configs join the tuning (off by default until measured)
@@ -62,6 +71,7 @@ for log in "$OUT/bench_decode.log" "$OUT/bench_decode2.log"; do
     [[ -f "$log" ]] && grep -E "^decode, |^\||^HBM floor|^graph replay|^batch-1 greedy|failed:" "$log"
 done
 [[ -f "$OUT/bench.log" ]] && grep -E "^geomean|^by batch" "$OUT/bench.log"
+[[ -f "$OUT/bench_prefill.log" ]] && grep -E "^prefill, |^\||GEMM" "$OUT/bench_prefill.log"
 echo "tests exit $tests_rc, kernel benchmark exit $bench_rc, decode benchmark exit $decode_rc, gemv exit $gemv_rc," \
-    "CogVLM2 decode exit $decode2_rc"
-exit $(( tests_rc || bench_rc || decode_rc || gemv_rc || decode2_rc ))
+    "CogVLM2 decode exit $decode2_rc, prefill exit $prefill_rc"
+exit $(( tests_rc || bench_rc || decode_rc || gemv_rc || decode2_rc || prefill_rc ))
