@@ -1,0 +1,24 @@
+"""The decode benchmark's crowded case on CPU (the tiny architecture): it fills the KV pool only
+as far as it holds without preempting, and its floor counts each sequence's keys and values."""
+
+import torch
+
+from benchmarks.bench_decode import crowded_decode
+from benchmarks.full_size import DigitTokenizer, random_model
+from model.processor import Conversation, Processor
+from model.sampling_params import SamplingParams
+from server.engine import Engine, EngineConfig
+
+
+def test_crowded_decode_takes_what_the_pool_holds_without_preempting():
+    model = random_model("tiny", "cpu", torch.float32)
+    processor = Processor(DigitTokenizer(), model.config)
+    prompts = [processor.build(Conversation(query=f"{i:02d}" + "7" * 60)) for i in range(6)]  # ~75 tokens each
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    engine = Engine(model, processor, EngineConfig(num_kv_blocks=20, block_size=16))  # 6 blocks a sequence: 3 fit
+    sequences, ms, floor_ms = crowded_decode(engine, prompts, params, steps=4, weight_bytes=0, bandwidth=1e9)
+    assert sequences == 3 and ms > 0
+    assert engine.scheduler.num_preemptions == 0
+    assert not engine.has_unfinished and engine.kv.num_free_blocks == 20  # aborted, every block back
+    per_token = 2 * model.config.num_layers * model.config.num_kv_heads * model.config.head_dim * 4  # fp32 K and V
+    assert floor_ms == 3 * (prompts[0].num_tokens + 3 + 2) * per_token / 1e9 * 1e3
