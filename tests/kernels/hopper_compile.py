@@ -126,24 +126,22 @@ class HopperStandIn:
         self.requested = self.records.setdefault((fn.name, config), Compiled(self.call, fn.name, config))
         return False
 
-    def compile(self, real_compile):
-        """Wraps triton.compiler.compile: what the binary uses, read before the loader checks it."""
-
-        def compile(src, *args, **kwargs):
-            kernel = real_compile(src, *args, **kwargs)
-            if self.requested is not None:
-                self.requested.shared = kernel.metadata.shared
-                self.requested.registers, self.requested.spill_bytes = _resource_usage(kernel.asm["cubin"])
-                ptx = kernel.asm["ptx"]
-                features = [name for name, instruction in FEATURES.items() if instruction in ptx]
-                if MULTI_BUFFER.search(kernel.asm["ttgir"]):
-                    features.append("pipelined")
-                if _arrivals_follow_a_barrier(ptx):
-                    features.append("arrival after barrier")
-                self.requested.features = features
-            return kernel
-
-        return compile
+    def post_compile_hook(self, key, fn, **_):
+        """knobs.runtime.jit_post_compile_hook: what the binary uses, read before the loader checks it.
+        The hook is not handed the binary; the JIT has just put it in its cache under `key`."""
+        if self.requested is None:
+            return
+        kernel_cache = fn.jit_function.device_caches[self.get_current_device()][0]
+        kernel = kernel_cache[key]
+        self.requested.shared = kernel.metadata.shared
+        self.requested.registers, self.requested.spill_bytes = _resource_usage(kernel.asm["cubin"])
+        ptx = kernel.asm["ptx"]
+        features = [name for name, instruction in FEATURES.items() if instruction in ptx]
+        if MULTI_BUFFER.search(kernel.asm["ttgir"]):
+            features.append("pipelined")
+        if _arrivals_follow_a_barrier(ptx):
+            features.append("arrival after barrier")
+        self.requested.features = features
 
     def launcher_cls(self, src, metadata):
         return lambda *args: None  # launches nothing
@@ -190,8 +188,7 @@ def install() -> HopperStandIn:
     stand_in = HopperStandIn()
     driver.set_active(stand_in)
     triton.knobs.runtime.jit_cache_hook = stand_in.cache_hook
-    # each kernel's JIT takes `compile` from here when it first runs (JITFunction.create_binder)
-    triton.compiler.compile = stand_in.compile(triton.compiler.compile)
+    triton.knobs.runtime.jit_post_compile_hook = stand_in.post_compile_hook
 
     import kernels.gemv
     import kernels.paged_attention
