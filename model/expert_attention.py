@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.expert_linear import ExpertRouting
+from kernels.expert_routing import ExpertRouting
 from model.attention import AttentionBackend
 from model.config import CogVLMConfig
 from model.experts import routed_linear

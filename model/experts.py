@@ -13,14 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.activation import silu_and_mul
-from kernels.expert_linear import (
-    ExpertRouting,
-    expert_gated_up,
-    expert_gated_up_ref,
-    expert_linear,
-    expert_linear_ref,
-    route_by_expert,
-)
+from kernels.expert_linear import expert_gated_up, expert_gated_up_ref, expert_linear, expert_linear_ref
+from kernels.expert_routing import ExpertRouting, route_by_expert
 from model.dispatch import use_triton
 
 

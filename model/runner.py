@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.expert_linear import tuning_row_counts
+from kernels.expert_routing import tuning_row_counts
 from model.batch import RunnerOutput, SchedulerOutput
 from model.cogvlm import CogVLMForCausalLM
 from model.decode_graphs import DecodeGraphs

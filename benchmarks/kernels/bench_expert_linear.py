@@ -21,8 +21,8 @@ from kernels.expert_linear import (
     expert_gated_up_ref,
     expert_linear,
     expert_linear_ref,
-    route_by_expert,
 )
+from kernels.expert_routing import route_by_expert
 
 MODELS = {
     # name: (image tokens, qkv out, mlp intermediate)

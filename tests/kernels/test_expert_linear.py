@@ -9,7 +9,6 @@ import torch
 
 import kernels.expert_linear as kernel_module
 from kernels.expert_linear import (
-    ALIGN_M,
     GPU_CONFIGS,
     SAFE_SK_CONFIG,
     SK_CONFIGS,
@@ -18,10 +17,8 @@ from kernels.expert_linear import (
     expert_linear,
     expert_linear_ref,
     fits,
-    route_by_expert,
-    tuning_bucket,
-    tuning_row_counts,
 )
+from kernels.expert_routing import ALIGN_M, route_by_expert, tuning_bucket, tuning_row_counts
 from tests.kernels.error_bound import DEVICE, DTYPES, check_close
 
 

@@ -271,7 +271,8 @@ def test_tuning_at_start_covers_every_expert_kernel_call_of_serving(monkeypatch,
     replaced by a spy that records the autotuner's key and computes the reference."""
     import torch.nn.functional as F
 
-    from kernels.expert_linear import expert_gated_up_ref, expert_linear_ref, tuning_bucket
+    from kernels.expert_linear import expert_gated_up_ref, expert_linear_ref
+    from kernels.expert_routing import tuning_bucket
     from model import experts
 
     keys = []
