@@ -302,6 +302,16 @@ def test_tuning_at_start_covers_every_expert_kernel_call_of_serving(monkeypatch,
     assert served <= tuned, served - tuned
 
 
+def test_tuning_at_start_runs_the_real_kernels(monkeypatch, setup):
+    """The same warm-up through the Triton kernels themselves (the interpreter on CPU): the shapes,
+    masks and biases it hands them are ones they accept, in both generations."""
+    from model import dispatch
+
+    monkeypatch.setattr(dispatch, "FORCE_TRITON", True)
+    engine = setup.engine(max_num_batched_tokens=300)
+    assert engine.runner.tune_expert_kernels(300) == [256, 300]
+
+
 def test_decode_graph_sizes():
     assert capture_sizes(1) == [1]
     assert capture_sizes(5) == [1, 2, 4, 5]
