@@ -18,7 +18,7 @@ attention scores are left out, so the rate is a lower bound.
 from __future__ import annotations
 
 import argparse
-import random
+import io
 import time
 
 import torch
@@ -27,6 +27,7 @@ from PIL import Image
 from torch import nn
 
 from benchmarks.full_size import ARCHITECTURES, DigitTokenizer, random_model
+from benchmarks.synthetic_images import synthetic_image
 from model.cogvlm import CogVLMForCausalLM
 from model.processor import Conversation, Processor, PromptInputs
 from model.sampling_params import SamplingParams
@@ -71,8 +72,8 @@ def gemm_flops_per_s(device: str, dtype: torch.dtype) -> float:
 
 
 def image(seed: int, size: int) -> Image.Image:
-    rng = random.Random(seed)
-    return Image.frombytes("RGB", (size, size), rng.randbytes(size * size * 3))
+    """A distinct image per seed (so no encoder or prefix cache hit), as the load tests draw them."""
+    return Image.open(io.BytesIO(synthetic_image(seed, size)))
 
 
 def time_to_first_tokens(engine: Engine, prompts: list[PromptInputs], sync) -> tuple[float, list[float]]:

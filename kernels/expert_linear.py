@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.arrivals import arrival_counts
 from kernels.expert_routing import ExpertRouting, route_by_expert, tuning_bucket
 from kernels.tma import has_tma, set_tma_allocator, tma_ready
 
@@ -134,13 +135,13 @@ def _tile_product(
     BLOCK_N, same K].T, acc2 the same with W2 when GATED. A_TMA: the rows are x[row0 : row0 +
     BLOCK_M] (one run; rows past the tile's last valid one are computed and never stored), else
     gathered through rows64. TMA reads past an edge return zeros, so those loads need no masks."""
-    offs_k = k_lo * BLOCK_K + tl.arange(0, BLOCK_K)
+    first_k = k_lo * BLOCK_K + tl.arange(0, BLOCK_K)  # the first K tile's columns: where the pointers start
     if A_TMA:
         x_desc = tl.make_tensor_descriptor(
             x_ptr, shape=[num_rows, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K]
         )
     else:
-        x_ptrs = x_ptr + rows64[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BM, BK]
+        x_ptrs = x_ptr + rows64[:, None] * stride_xm + first_k[None, :] * stride_xk  # [BM, BK]
     if B_TMA:
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
         if GATED:
@@ -149,14 +150,14 @@ def _tile_product(
             )
     else:
         offs_n = ((n0 + tl.arange(0, BLOCK_N)) % N).to(tl.int64)  # wrapped: loads need no N mask
-        w_offs = offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BK, BN]
+        w_offs = offs_n[None, :] * stride_wn + first_k[:, None] * stride_wk  # [BK, BN]
         w_ptrs = w_ptr + w_offs
         w2_ptrs = w2_ptr + w_offs
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATED:
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)  # within a K tile: the masks of a K tail
     for k in range(k_lo, k_hi):
         k0 = k * BLOCK_K
         if A_TMA:
@@ -257,6 +258,17 @@ def _grouped(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return first_m + (tile % num_pid_in_group) % group_size_m, (tile % num_pid_in_group) // group_size_m
 
 
+@triton.jit
+def _sk_tile(tile, num_pid_m, num_pid_n, language_m, vision_start, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr):  # fmt: skip
+    """(is_vision, first slot, first column) of stream-K tile `tile`: the language row tiles
+    first, then the vision ones, numbered without the empty slots between them."""
+    pid_m, pid_n = _grouped(tile, num_pid_m, num_pid_n, GROUP_M)
+    is_vision = pid_m >= language_m
+    slot0 = tl.where(is_vision, vision_start + (pid_m - language_m) * BLOCK_M, pid_m * BLOCK_M)
+    return is_vision, slot0, pid_n * BLOCK_N
+
+
 # NOTE: tuned per weight shape and per power-of-two bucket of rows, not per exact row count:
 # serving sees a new count every step, and retuning costs about a second. The engine tunes every
 # bucket its token budget reaches at start (ModelRunner.tune_expert_kernels), not mid-serving.
@@ -293,8 +305,8 @@ def _expert_linear_kernel(
     of the last partial wave (a one-image batch: 176 tiles of 128 x 256 on 132 SMs leave 44)
     are split along K into `splits` parts, one per program, so that wave takes 1 / splits of a
     tile's time instead of a whole one. Each part writes fp32 partial sums; the part that
-    arrives last (an atomic count, no waiting) adds all parts in order, so results are the same
-    every run, and writes the tile.
+    arrives last (kernels/arrivals.py: no waiting) adds all parts in order, so results are the
+    same every run, and writes the tile.
     """
     pid = tl.program_id(0)
     vision_start = tl.load(vision_start_ptr)
@@ -325,10 +337,8 @@ def _expert_linear_kernel(
         tail = tl.where(splits >= 2, tail, 0)  # a tail too wide to split runs as whole tiles
         whole = num_tiles - tail
         for tile in range(pid, whole, num_programs):
-            pid_m, pid_n = _grouped(tile, num_pid_m, num_pid_n, GROUP_M)
-            is_vision = pid_m >= language_m
-            slot0 = tl.where(is_vision, vision_start + (pid_m - language_m) * BLOCK_M, pid_m * BLOCK_M)
-            n0 = pid_n * BLOCK_N
+            is_vision, slot0, n0 = _sk_tile(tile, num_pid_m, num_pid_n, language_m, vision_start, GROUP_M, BLOCK_M,
+                                            BLOCK_N)  # fmt: skip
             acc, acc2, rows64, row_valid = _routed_tile(
                 x_ptr, w_lang_ptr, w_vis_ptr, w2_lang_ptr, w2_vis_ptr, sorted_rows_ptr, slot0, is_vision, n0, 0,
                 k_tiles, num_rows, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
@@ -340,10 +350,8 @@ def _expert_linear_kernel(
             per_part = tl.cdiv(k_tiles, splits)
             k_lo = tl.minimum((pid % splits) * per_part, k_tiles)
             k_hi = tl.minimum(k_lo + per_part, k_tiles)  # may be empty: then the part adds zeros
-            pid_m, pid_n = _grouped(whole + tail_index, num_pid_m, num_pid_n, GROUP_M)
-            is_vision = pid_m >= language_m
-            slot0 = tl.where(is_vision, vision_start + (pid_m - language_m) * BLOCK_M, pid_m * BLOCK_M)
-            n0 = pid_n * BLOCK_N
+            is_vision, slot0, n0 = _sk_tile(whole + tail_index, num_pid_m, num_pid_n, language_m, vision_start,
+                                            GROUP_M, BLOCK_M, BLOCK_N)  # fmt: skip
             acc, acc2, rows64, row_valid = _routed_tile(
                 x_ptr, w_lang_ptr, w_vis_ptr, w2_lang_ptr, w2_vis_ptr, sorted_rows_ptr, slot0, is_vision, n0, k_lo,
                 k_hi, num_rows, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
@@ -353,6 +361,7 @@ def _expert_linear_kernel(
             tl.store(partial_ptr + pid * part_size + tile_offs, acc)
             if GATED:
                 tl.store(partial_ptr + (num_programs + pid) * part_size + tile_offs, acc2)
+            # the last part to count in adds all parts, in order (kernels/arrivals.py)
             tl.debug_barrier()  # every thread's partial sums are written before the count says so
             arrived = tl.atomic_add(arrivals_ptr + tail_index, 1, sem="acq_rel", scope="gpu")
             if arrived == splits - 1:  # the last part of this tile: add all parts, in order
@@ -369,13 +378,6 @@ def _expert_linear_kernel(
                 _store_tile(out_ptr, acc, acc2, rows64, row_valid, n0, N, b_lang_ptr, b_vis_ptr, is_vision,
                             stride_om, stride_on, HAS_BIAS_LANG, HAS_BIAS_VIS, GATED, BLOCK_N)  # fmt: skip
                 tl.atomic_xchg(arrivals_ptr + tail_index, 0)  # zero again for the next launch
-
-
-@functools.cache
-def _arrivals(device: torch.device, num_programs: int) -> torch.Tensor:
-    """The stream-K tail's arrival counts, one per tail tile (at most num_programs / 2). Zero
-    between launches: the last part of each tile resets its count."""
-    return torch.zeros(num_programs, dtype=torch.int32, device=device)
 
 
 @functools.cache
@@ -423,7 +425,7 @@ def _launch(x, routing, w_lang, w_vis, w2_lang, w2_vis, b_lang, b_vis, gated: bo
         partial = torch.empty(num_sk * tile * (2 if gated else 1), dtype=torch.float32, device=x.device)
     else:
         partial = out  # never read or written
-    arrivals = _arrivals(x.device, num_sk)
+    arrivals = arrival_counts(x.device, num_sk)  # one per tail tile: at most num_sk / 2
 
     def grid(meta):
         if meta["SK"]:

@@ -8,7 +8,7 @@ are its newest q_len tokens, at absolute positions seq_len - q_len .. seq_len - 
 A decode batch too small to fill the GPU (sequences x heads < 264 programs) instead splits each
 sequence's keys over several programs and merges their partial softmaxes (flash-decoding); the
 split count depends on the batch shape only, so CUDA graphs can hold it. The split that finishes
-last for its (sequence, head) does the merge (an atomic arrival count, no waiting), so this is
+last for its (sequence, head) does the merge (kernels/arrivals.py: no waiting), so this is
 one launch a layer, not two: at batch 1 the separate merge kernel took 0.061 ms of a 4.45 ms
 CogVLM-17B decode step on an H200, mostly 32 launches.
 
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.arrivals import arrival_counts
 from kernels.pdl import pdl_launch
 
 
@@ -161,9 +162,8 @@ def _decode_split_kernel(
     tl.store(part_acc_ptr + part * HEAD_DIM + dims, acc)
     tl.store(part_ml_ptr + part * 2, m_i)  # -inf for a split past the last key
     tl.store(part_ml_ptr + part * 2 + 1, l_i)
-    # acq_rel at GPU scope (after the block-wide barrier Triton puts before a scalar atomic):
-    # every part stored above is visible to the program that counts last, which merges them in
-    # split order, so the result does not depend on which program that is.
+    # the last program to count in merges the parts, in split order (kernels/arrivals.py)
+    tl.debug_barrier()  # every thread's part is stored before the count says so
     arrived = tl.atomic_add(arrivals_ptr + pair, 1, sem="acq_rel", scope="gpu")
     if arrived == NUM_SPLITS - 1:
         q_row = tl.load(query_start_ptr + seq).to(tl.int64)
@@ -172,25 +172,9 @@ def _decode_split_kernel(
         tl.atomic_xchg(arrivals_ptr + pair, 0)  # zero again for the next launch
 
 
-# Arrival counts of the split decode, one per (sequence, head); splitting happens only below
-# SPLIT_PROGRAMS programs, so this many counts always suffice.
+# Splitting happens only below this many (sequence, head) programs, so as many arrival counts
+# always suffice.
 SPLIT_PROGRAMS = 264
-
-
-_ARRIVALS: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrivals(device: torch.device) -> torch.Tensor:
-    """Zero between launches (the merging program resets its count). Allocated on the first call,
-    which the CUDA-graph warm-up makes before capturing; every graph then uses the same buffer.
-    Allocated inside a capture, it would live in the graph's private memory pool."""
-    counts = _ARRIVALS.get(device)
-    if counts is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("paged_attention: run one small decode batch before capturing a CUDA graph "
-                               "(it allocates the split decode's arrival counts)")  # fmt: skip
-        counts = _ARRIVALS[device] = torch.zeros(SPLIT_PROGRAMS, dtype=torch.int32, device=device)
-    return counts
 
 
 def decode_splits(num_seqs: int, num_heads: int) -> int:
@@ -228,7 +212,8 @@ def paged_attention(
         part_acc = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(num_seqs, num_heads, splits, 2, dtype=torch.float32, device=q.device)
         _decode_split_kernel[(num_seqs, num_heads, splits)](
-            q, k_cache, v_cache, out, part_acc, part_ml, _arrivals(q.device), block_tables, seq_lens, query_start_loc,
+            q, k_cache, v_cache, out, part_acc, part_ml, arrival_counts(q.device, SPLIT_PROGRAMS),
+            block_tables, seq_lens, query_start_loc,
             head_dim**-0.5, num_heads // num_kv_heads,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),

@@ -175,7 +175,7 @@ class Engine:
         in_flight, self.in_flight = self.in_flight, None
         if in_flight is not None:
             ahead = self.scheduler.schedule(ahead=True)
-            if ahead is not None and ahead.scheduled:  # never empty today; an empty one would spin
+            if ahead is not None:  # schedule(ahead=True) returns None rather than an empty step
                 result = self.runner.execute(ahead, feed=in_flight[1])
                 self.scheduler.launched(ahead)
                 self.num_lookahead_steps += 1

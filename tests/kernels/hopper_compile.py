@@ -158,8 +158,9 @@ class HopperStandIn:
 def _arrivals_follow_a_barrier(ptx: str) -> bool:
     """Whether every arrival count is preceded by a block-wide barrier with no global store in between.
     One thread adds to the count; its release covers the other threads' stores of their parts only
-    if they were ordered before it by the barrier. Triton emits this today (3.6, 3.7); a compiler
-    that dropped the barrier would make the merge read parts still in flight."""
+    if they were ordered before it by the barrier. The kernels ask for it (`tl.debug_barrier()`,
+    kernels/arrivals.py); a compiler that dropped or moved it would make the merge read parts
+    still in flight."""
     seen = False
     for match in re.finditer(r"atom\.global\.gpu\.acq_rel\.add", ptx):
         before = ptx[: match.start()]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kernels.expert_linear as kernel_module
+from kernels.arrivals import arrival_counts
 from kernels.expert_linear import (
     GPU_CONFIGS,
     SAFE_SK_CONFIG,
@@ -167,7 +168,7 @@ def test_stream_k_tail_matches_reference(monkeypatch, programs, num_tokens, n_ou
         check_close(out, expert_linear_ref(f64[0], mask, *f64[1:]), expert_linear_ref(x, mask, w_lang, w_vis, b_lang,
                                                                                        b_vis))  # fmt: skip
     assert torch.equal(out, again)
-    assert not kernel_module._arrivals(x.device, programs).any()
+    assert not arrival_counts(x.device, programs).any()
 
 
 def test_rows_go_to_their_own_expert_exactly_once():

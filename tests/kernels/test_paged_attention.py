@@ -70,11 +70,12 @@ def test_split_decode_merges_in_one_launch_and_rearms_its_counts():
     """The split that arrives last merges; it must zero its count again, or the next launch (the
     next layer) would never merge and return uninitialised memory. Same bits on every call: the
     merge order does not depend on which split arrives last."""
-    from kernels.paged_attention import _arrivals
+    from kernels.arrivals import arrival_counts
+    from kernels.paged_attention import SPLIT_PROGRAMS
 
     args, max_q = make_batch([3, 700, 41], [1, 1, 1], 4, 2, 16, torch.float32, num_blocks=200)
     first = paged_attention(*args, max_q)
-    assert not _arrivals(first.device).any()
+    assert not arrival_counts(first.device, SPLIT_PROGRAMS).any()
     for _ in range(2):
         assert torch.equal(paged_attention(*args, max_q), first)
     ref64 = paged_attention_ref(*[a.double() if a.is_floating_point() else a for a in args])
