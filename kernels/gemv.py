@@ -31,40 +31,34 @@ import triton.language as tl
 
 from kernels.pdl import pdl_launch
 from kernels.rms_norm import rms_norm_ref
-from kernels.tma import has_tma, set_tma_allocator, tma_ready
 
 PLAIN, RMS_NORM, SILU_AND_MUL = 0, 1, 2  # the prologue
 
 
-def _config(bn: int, bk: int, warps: int, stages: int, tma: int = 0) -> triton.Config:
+def _config(bn: int, bk: int, warps: int, stages: int) -> triton.Config:
     # STAGES reaches the K loop itself: Triton pipelines a loop without tl.dot only when told to
-    # (tl.range's num_stages); the launch option alone left each weight tile loading, by TMA or
-    # pointer, only after the one before had been used (checked in the TTGIR, Triton 3.6 and 3.7).
-    kwargs = {"BLOCK_N": bn, "BLOCK_K": bk, "TMA": tma, "STAGES": stages}
-    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
+    # (tl.range's num_stages); the launch option alone left each weight tile loading only after
+    # the one before had been used (checked in the TTGIR, Triton 3.6 and 3.7).
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages}, num_warps=warps, num_stages=stages)
 
 
-# Candidates for Hopper, not yet measured (benchmarks/kernels/bench_gemv.py times each one on the
-# four CogVLM-17B shapes). Each holds BLOCK_N x BLOCK_K / threads <= 64 fp32 partial sums a thread.
-# TMA tiles keep 256-byte rows (as the Triton tutorials' bf16 descriptors do) and go deeper in
-# stages instead. Small BLOCK_N keeps the 4096-row projections at 64 to 512 programs for 132 SMs.
-# STAGES 1: no pipelining, each thread's 16-byte loads of one tile in flight and nothing staged
-# in shared memory, which a pipelined pointer loop adds: kept as candidates until a GPU has timed
-# both. (64, 128) by pointer left out: pipelined it spills (255 registers, hopper_compile).
+# Timed on an H200 (benchmarks/kernels/bench_gemv.py, RESULTS.md, eighth session): each of these
+# won, or came within 4%, on one of CogVLM-17B's four decode projections (89% to 95% of copy
+# bandwidth at best). STAGES 1 (no pipelining, each thread's 16-byte loads of one tile in
+# flight) won two of the four. Left out after the same run: (32, 512) with 8 warps, never within
+# 4%, and TMA tiles (16 to 64 x 128, 5 to 8 stages), 4% to 2.1x slower than the best pointer tile
+# on every shape; their device-side descriptor also raced under PDL (written before the wait into
+# scratch memory the allocator had handed the kernel before too: an illegal instruction on the
+# GPU). Each holds BLOCK_N x BLOCK_K / threads <= 64 fp32 partial sums a thread; small BLOCK_N
+# keeps the 4096-row projections at 128 to 512 programs for 132 SMs.
 GPU_CONFIGS = [
     _config(8, 1024, 4, 3),
     _config(16, 512, 4, 3),
     _config(32, 256, 4, 4),
-    _config(32, 512, 8, 3),
     _config(8, 1024, 4, 1),
     _config(16, 512, 4, 1),
-    _config(16, 128, 4, 8, tma=1),
-    _config(32, 128, 4, 6, tma=1),
-    _config(64, 128, 4, 5, tma=1),
 ]
-SAFE_CONFIG = _config(16, 128, 4, 2, tma=1)  # the interpreter's and the tests' config; TMA where TMA_OK
-# Tests set this False to cover the pointer loads; COGSERVE_GEMV_TMA=0 turns TMA off.
-ALLOW_TMA = os.environ.get("COGSERVE_GEMV_TMA", "1") != "0"
+SAFE_CONFIG = _config(16, 128, 4, 2)  # the interpreter's and the tests' config
 
 
 def _configs() -> list[triton.Config]:
@@ -73,12 +67,6 @@ def _configs() -> list[triton.Config]:
     if os.environ.get("COGSERVE_AUTOTUNE", "1") == "0":
         return [SAFE_CONFIG]
     return GPU_CONFIGS
-
-
-def _prune(configs, named_args, **kwargs):
-    allowed = named_args.get("TMA_OK", kwargs.get("TMA_OK", False))
-    # a TMA config where TMA is not allowed would run as its pointer twin: a duplicate
-    return [c for c in configs if allowed or not c.kwargs["TMA"]] or [SAFE_CONFIG]
 
 
 @triton.jit
@@ -109,15 +97,14 @@ def _input_chunk(x_ptr, residual_ptr, norm_ptr, k, k_ok, K, inv_rms, PROLOGUE: t
     return a
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "PROLOGUE", "HAS_RESIDUAL", "TMA_OK"],
-                 prune_configs_by={"early_config_prune": _prune})  # fmt: skip
+@triton.autotune(configs=_configs(), key=["N", "K", "PROLOGUE", "HAS_RESIDUAL"])
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, out_ptr, residual_ptr, residual_out_ptr, norm_ptr,
     N, K, stride_wn, eps,
-    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, TMA_OK: tl.constexpr, K_POW2: tl.constexpr,
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, K_POW2: tl.constexpr,
     PDL: tl.constexpr,  # launched as a programmatic dependent launch: wait before reading inputs
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """out[rows] = W[rows] @ prologue(x) for this program's BLOCK_N rows."""
     pid = tl.program_id(0)
@@ -125,15 +112,12 @@ def _gemv_kernel(
     rows = n0 + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     cols = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]  # [BN, BK], pointer loads
+    w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]  # [BN, BK]
     # The first weight tile reads nothing an earlier kernel writes, so under PDL it loads while
     # the kernel before this one drains; everything after the wait may read that kernel's output.
-    # (TMA reads past an edge return zeros; pointer loads are masked.)
-    if TMA and TMA_OK:
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
-        w = w_desc.load([n0, 0])
-    else:
-        w = tl.load(w_ptrs, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+    # NOTE: nothing before the wait may write global memory either: the kernel before may still
+    # be reading a buffer the caching allocator has since handed to this launch.
+    w = tl.load(w_ptrs, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
     if PDL:
         tl.extra.cuda.gdc_wait()
     inv_rms = 1.0
@@ -152,10 +136,7 @@ def _gemv_kernel(
         k = k0 + cols
         k_ok = k < K
         a = _input_chunk(x_ptr, residual_ptr, norm_ptr, k, k_ok, K, inv_rms, PROLOGUE, HAS_RESIDUAL)
-        if TMA and TMA_OK:
-            w = w_desc.load([n0, k0])
-        else:
-            w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         acc += w.to(tl.float32) * a.to(tl.float32)[None, :]
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its own weight loads
@@ -177,15 +158,12 @@ def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0, pdl=F
     out_features = weight.shape[0]
     out = torch.empty(1, out_features, dtype=x.dtype, device=x.device)
     residual_out = torch.empty_like(x) if residual is not None else None
-    tma_ok = ALLOW_TMA and has_tma(x.device) and tma_ready(weight)
-    if tma_ok:
-        set_tma_allocator(x.device)
     pdl, launch = pdl_launch(pdl, x.device)
     # absent residual and norm arguments are never read: any tensor stands in
     _gemv_kernel[lambda meta: (triton.cdiv(out_features, meta["BLOCK_N"]),)](
         x, weight, out, residual if residual is not None else x, residual_out if residual is not None else out,
         norm_weight if norm_weight is not None else x, out_features, in_features, weight.stride(0), eps,
-        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, TMA_OK=tma_ok,
+        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None,
         K_POW2=triton.next_power_of_2(in_features) if prologue == RMS_NORM else 1,  # one compile for the others
         PDL=pdl, **launch,
     )  # fmt: skip

@@ -115,9 +115,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="no CUDA graphs: decode steps run eagerly (slower; for debugging)")  # fmt: skip
     parser.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
                         help="look-ahead steps hide host work behind the GPU (auto: on with CUDA)")  # fmt: skip
-    parser.add_argument("--one-row-gemv", action="store_true",
+    parser.add_argument("--one-row-gemv", action=argparse.BooleanOptionalAction, default=d.one_row_gemv,
                         help="CUDA: batch-1 decodes use our GEMV kernel (norms fused in), not cuBLAS")  # fmt: skip
-    parser.add_argument("--pdl", action="store_true",
+    parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=d.pdl,
                         help="CUDA sm_90+: decode kernels start while the one before drains (PDL)")  # fmt: skip
     parser.add_argument("--skip-kernel-tuning", action="store_true",
                         help="CUDA: do not autotune the expert kernels at start (each row bucket then tunes "

@@ -55,11 +55,12 @@ class EngineConfig:
     cuda_graphs: bool = True  # CUDA: decode steps replay CUDA graphs (model/decode_graphs.py)
     async_scheduling: bool | None = None  # look-ahead steps (module docstring); None: on with CUDA
     # CUDA: batch-1 text decodes through kernels/gemv.py, norms and silu*up fused into the GEMVs.
-    # Off until a GPU run shows it beats cuBLAS (benchmarks/bench_decode.py compares both).
-    one_row_gemv: bool = False
-    # CUDA sm_90+: our decode kernels launch as programmatic dependent launches (kernels/pdl.py).
-    # Off until a GPU run measures it (benchmarks/bench_decode.py).
-    pdl: bool = False
+    # With pdl, a CogVLM-17B batch-1 step on an H200: 3.87 ms against cuBLAS's 4.41 (1.25x the HBM
+    # floor against 1.42x; benchmarks/bench_decode.py, RESULTS.md, eighth session).
+    one_row_gemv: bool = True
+    # CUDA sm_90+: our decode kernels launch as programmatic dependent launches (kernels/pdl.py);
+    # a no-op elsewhere. With the GEMVs above: 3.87 ms a step against 3.96 without.
+    pdl: bool = True
     # CUDA: autotune the routed expert kernels at start for every row bucket the token budget
     # reaches (4 buckets x 4 shapes at the default budget, about a second each), not on the first
     # image step of each bucket, where it would stall every running request.

@@ -52,28 +52,37 @@ def per_layer_us(fn) -> float:
 
 
 def variants(n: int, k: int, op: str | None, dev: str = "cuda", dt: torch.dtype = torch.bfloat16):
-    """(cuBLAS alone, the op + cuBLAS, ours) as functions of one [n, k] weight."""
+    """(cuBLAS alone, the op + cuBLAS, ours) as functions of one [n, k] weight, and the row the
+    op hands the projection (both paths round it alike)."""
     x = torch.randn(1, 2 * k if op == "silu_and_mul" else k, device=dev, dtype=dt)
     residual, norm = torch.randn(1, k, device=dev, dtype=dt), torch.rand(k, device=dev, dtype=dt) + 0.5
     plain = x[:, :k].contiguous()
     if op == "rms_norm":
-        unfused = lambda w: F.linear(rms_norm(x, norm, EPS, residual)[0], w)  # noqa: E731
+        row = lambda: rms_norm(x, norm, EPS, residual)[0]  # noqa: E731
         ours = lambda w, pdl=True: rms_norm_gemv(x, residual, norm, EPS, w, pdl)[0]  # noqa: E731
     elif op == "silu_and_mul":
-        unfused = lambda w: F.linear(silu_and_mul(x[:, :k], x[:, k:]), w)  # noqa: E731
+        row = lambda: silu_and_mul(x[:, :k], x[:, k:])  # noqa: E731
         ours = lambda w, pdl=True: silu_and_mul_gemv(x, w, pdl)  # noqa: E731
     else:
-        unfused = lambda w: F.linear(plain, w)  # noqa: E731
+        row = lambda: plain  # noqa: E731
         ours = lambda w, pdl=True: gemv(plain, w, pdl)  # noqa: E731
-    return (lambda w: F.linear(plain, w)), unfused, ours
+    return (lambda w: F.linear(plain, w)), (lambda w: F.linear(row(), w)), ours, row
+
+
+def correctly_rounded(out: torch.Tensor, exact: torch.Tensor) -> float:
+    """Share of outputs equal to the exact product rounded once to bf16: both paths accumulate in
+    fp32 in different orders, and where they differ this says which one is nearer the exact."""
+    return (out == exact.to(out.dtype)).float().mean().item()
 
 
 def bench_shape(name: str, n: int, k: int, op: str | None) -> dict:
     """Times of cuBLAS, the op + cuBLAS, and each of our configs, in microseconds per projection."""
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
-    cublas, unfused, ours = variants(n, k, op)
+    cublas, unfused, ours, prologue = variants(n, k, op)
     want = unfused(weights[0]).float()
+    exact = prologue().double() @ weights[0].double().T  # [1, n]
     row = {"proj": name, "n": n, "k": k, "op": op, "configs": {}}
+    row["cublas_rounded"] = correctly_rounded(unfused(weights[0]), exact)
     row["cublas"] = per_layer_us(lambda: [cublas(w) for w in weights])
     row["unfused"] = per_layer_us(lambda: [unfused(w) for w in weights])
     kernel = gemv_module._gemv_kernel
@@ -91,10 +100,11 @@ def bench_shape(name: str, n: int, k: int, op: str | None) -> dict:
         row["configs"][str(config)] = per_layer_us(lambda: [ours(w) for w in weights])
     row["best"] = min(row["configs"], key=row["configs"].get) if row["configs"] else None
     row["ours"] = row["configs"].get(row["best"])
-    row["ours_no_pdl"] = None
+    row["ours_no_pdl"] = row["ours_rounded"] = None
     if row["best"] is not None:  # the best config again, launched without PDL (each GEMV waits for the last)
         kernel.configs, kernel.cache = [c for c in GPU_CONFIGS if str(c) == row["best"]], {}
         row["ours_no_pdl"] = per_layer_us(lambda: [ours(w, pdl=False) for w in weights])
+        row["ours_rounded"] = correctly_rounded(ours(weights[0]), exact)
     kernel.configs, kernel.cache = all_configs, {}
     return row
 
@@ -115,15 +125,16 @@ def main() -> None:
         for config, us in sorted(rows[-1]["configs"].items(), key=lambda item: item[1]):
             print(f"  {name} {config}: {us:.1f} us ({share(us):.2f})")
     print("\n| proj | N x K | op before | cuBLAS us | share | op + cuBLAS us | ours us | share | vs op + cuBLAS "
-          "| ours without PDL us |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| ours without PDL us | correctly rounded: cuBLAS, ours |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     unfused_total = ours_total = 0.0
     for r in rows:
         share = lambda us, r=r: r["n"] * r["k"] * 2 / (us / 1e6) / bandwidth  # noqa: E731
         ours = f"{r['ours']:.1f} | {share(r['ours']):.2f} | {r['ours'] / r['unfused']:.2f}x" if r["ours"] else "-|-|-"
-        no_pdl = r["ours_no_pdl"] or float("nan")
+        no_pdl, rounded = r["ours_no_pdl"] or float("nan"), r["ours_rounded"] or float("nan")
         print(f"| {r['proj']} | {r['n']} x {r['k']} | {r['op'] or '-'} | {r['cublas']:.1f} | "
-              f"{share(r['cublas']):.2f} | {r['unfused']:.1f} | {ours} | {no_pdl:.1f} |")  # fmt: skip
+              f"{share(r['cublas']):.2f} | {r['unfused']:.1f} | {ours} | {no_pdl:.1f} | "
+              f"{r['cublas_rounded']:.3f}, {rounded:.3f} |")  # fmt: skip
         unfused_total += r["unfused"]
         ours_total += r["ours"] or float("nan")
     print(f"a layer's four projections: op + cuBLAS {unfused_total:.1f} us, ours {ours_total:.1f} us "

@@ -33,7 +33,7 @@ def production_calls(quick: bool, dtype: torch.dtype) -> list[tuple[str, Callabl
         expert_linear.GPU_CONFIGS + expert_linear.SK_CONFIGS, quick, ("TMA", "SK"),
         [lambda c, gated=gated: expert_linear.fits(c, size, gated) for gated in (False, True)],
     )  # fmt: skip
-    gemv._gemv_kernel.configs = _choose(gemv.GPU_CONFIGS, quick, ("TMA",))
+    gemv._gemv_kernel.configs = _choose(gemv.GPU_CONFIGS, quick, ("STAGES",))
     pdl_modes = (True,) if quick else (False, True)  # PDL only adds an instruction: quick takes the superset
 
     def t(*shape):

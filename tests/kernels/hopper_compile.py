@@ -50,7 +50,8 @@ class Compiled:
     shared: int = 0  # bytes
     registers: int = 0  # a thread
     spill_bytes: int = 0  # stack frame a thread: spilled registers, slow; nonzero means the config is too big
-    # FEATURES found in the PTX, "pipelined" (TTGIR) and "arrival after barrier" (PTX order)
+    # FEATURES found in the PTX, "pipelined" (TTGIR), "arrival after barrier" and
+    # "write before PDL wait" (PTX order)
     features: list[str] = dataclasses.field(default_factory=list)
     error: str = ""
 
@@ -141,6 +142,8 @@ class HopperStandIn:
             features.append("pipelined")
         if _arrivals_follow_a_barrier(ptx):
             features.append("arrival after barrier")
+        if _writes_before_the_pdl_wait(ptx):
+            features.append("write before PDL wait")
         self.requested.features = features
 
     def launcher_cls(self, src, metadata):
@@ -153,6 +156,21 @@ class HopperStandIn:
     def fail(self, error: Exception) -> None:
         if self.requested is not None and not self.requested.error:
             self.requested.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:200]}"
+
+
+# Global writes: plain and async stores, atomics and reductions, and the copy of a device-built
+# TMA descriptor out to its global scratch buffer.
+GLOBAL_WRITE = re.compile(r"\b(st\.global|st\.async|atom\.|red\.|cp\.async\.bulk\.global|tensormap\.cp_fenceproxy)")
+
+
+def _writes_before_the_pdl_wait(ptx: str) -> bool:
+    """Whether a global write comes before the first griddepcontrol.wait (kernels/pdl.py). Under PDL
+    the kernel before may still be running there, reading buffers the caching allocator has already
+    handed this launch: a write before the wait races with it. The GEMV's device-built TMA
+    descriptor did so (an illegal instruction on an H200); our kernels wait first, or load
+    weights only."""
+    wait = ptx.find("griddepcontrol.wait")
+    return wait >= 0 and GLOBAL_WRITE.search(ptx, 0, wait) is not None
 
 
 def _arrivals_follow_a_barrier(ptx: str) -> bool:

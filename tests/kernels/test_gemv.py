@@ -29,14 +29,9 @@ def f64(*tensors):
     return [None if t is None else t.double() for t in tensors]
 
 
-@pytest.fixture(params=[True, False], ids=["tma", "pointer"])
-def tma(request, monkeypatch):
-    monkeypatch.setattr(gemv_module, "ALLOW_TMA", request.param)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n, k", SHAPES)
-def test_plain_gemv(tma, dtype, n, k):
+def test_plain_gemv(dtype, n, k):
     x, w = inputs(n, k, dtype)
     out = gemv(x, w)
     check_close(out, x.double() @ w.double().T, x @ w.T)
@@ -46,7 +41,7 @@ def test_plain_gemv(tma, dtype, n, k):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n, k", SHAPES)
 @pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "first-layer"])
-def test_rms_norm_prologue(tma, dtype, n, k, with_residual):
+def test_rms_norm_prologue(dtype, n, k, with_residual):
     """W @ rms_norm(x + residual), and x + residual rounded exactly as the eager add."""
     x, w = inputs(n, k, dtype)
     residual = torch.randn(1, k).to(DEVICE, dtype) if with_residual else None
@@ -63,7 +58,7 @@ def test_rms_norm_prologue(tma, dtype, n, k, with_residual):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n, k", SHAPES)
-def test_silu_and_mul_prologue(tma, dtype, n, k):
+def test_silu_and_mul_prologue(dtype, n, k):
     gate_up, w = inputs(n, k, dtype, width=2 * k)
     exact = silu_and_mul_gemv_ref(gate_up.double(), w.double())
     check_close(silu_and_mul_gemv(gate_up, w), exact, silu_and_mul_gemv_ref(gate_up, w))

@@ -160,14 +160,14 @@ def test_async_scheduling_flag(flag, want):
     assert engine_config(args).async_scheduling is want
 
 
-def test_one_row_gemv_and_pdl_flags_are_off_unless_asked():
+def test_one_row_gemv_and_pdl_are_on_unless_turned_off():
     from server.cli import build_parser, engine_config
 
     parser = build_parser()
     default = engine_config(parser.parse_args(["serve", "--model", "m"]))
-    assert default.one_row_gemv is False and default.pdl is False
-    asked = engine_config(parser.parse_args(["serve", "--model", "m", "--one-row-gemv", "--pdl"]))
-    assert asked.one_row_gemv is True and asked.pdl is True
+    assert default.one_row_gemv is True and default.pdl is True
+    off = engine_config(parser.parse_args(["serve", "--model", "m", "--no-one-row-gemv", "--no-pdl"]))
+    assert off.one_row_gemv is False and off.pdl is False
 
 
 def test_expert_kernels_tune_at_start_unless_skipped():

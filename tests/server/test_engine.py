@@ -14,6 +14,20 @@ def run(engine, prompts, **params):
     return [o[0].token_ids for o in outputs]
 
 
+def kernel_engine(monkeypatch, setup, tiny_checkpoint, **config):
+    """An engine whose forward runs the Triton kernels: compiled, on a CUDA copy of the model (fp32),
+    where there is a GPU; else in the interpreter, on the CPU model."""
+    from model import dispatch
+    from model.weights import load_model
+    from server.engine import Engine, EngineConfig
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(dispatch, "FORCE_TRITON", True)
+        return setup.engine(**config)
+    model = load_model(tiny_checkpoint, torch.float32, "cuda")
+    return Engine(model, setup.processor, EngineConfig(**{"num_kv_blocks": 512, **config}))
+
+
 @pytest.mark.parametrize("budget", [1, 5, 7, 16, 33, 2048])
 def test_chunked_prefill_at_every_offset_matches_reference(setup, prompts_and_reference, budget):
     prompts, reference = prompts_and_reference
@@ -224,17 +238,19 @@ def test_one_row_gemv_decodes_give_the_same_tokens(monkeypatch, tiny_checkpoint,
     assert engine.runner.decode_graphs.num_runs == decodes and len(calls) == decodes * model.config.num_layers
 
 
-def test_flash_attn_backend_gives_the_same_tokens(monkeypatch, setup, prompts_and_reference):
+def test_flash_attn_backend_gives_the_same_tokens(monkeypatch, setup, tiny_checkpoint, prompts_and_reference):
     """The flash_attn backend's calls (a stand-in of flash-attn's varlen kernel that checks its
     contract; no flash-attn wheel exists for this CPU machine or the lent GPU's image), with
-    256-token pages, chunked prefill and mixed decode + prefill steps."""
+    256-token pages, chunked prefill and mixed decode + prefill steps; its K/V write and rotary are
+    our Triton kernels (compiled on a GPU)."""
     import sys
 
     from model.paged_attention import FlashAttnPagedAttention, make_attention_backend
     from tests.server import flash_attn_stand_in
 
     prompts, reference = prompts_and_reference
-    engine = setup.engine(attention_backend="triton", block_size=256, num_kv_blocks=16, max_num_batched_tokens=40)
+    engine = kernel_engine(monkeypatch, setup, tiny_checkpoint, attention_backend="triton", block_size=256,
+                           num_kv_blocks=16, max_num_batched_tokens=40, cuda_graphs=False)  # fmt: skip
     monkeypatch.setitem(sys.modules, "flash_attn", flash_attn_stand_in)
     cache = engine.runner.kv_cache
     engine.runner.attention = make_attention_backend("flash_attn", cache, torch.device("cuda"))  # CUDA's path
@@ -302,13 +318,10 @@ def test_tuning_at_start_covers_every_expert_kernel_call_of_serving(monkeypatch,
     assert served <= tuned, served - tuned
 
 
-def test_tuning_at_start_runs_the_real_kernels(monkeypatch, setup):
-    """The same warm-up through the Triton kernels themselves (the interpreter on CPU): the shapes,
-    masks and biases it hands them are ones they accept, in both generations."""
-    from model import dispatch
-
-    monkeypatch.setattr(dispatch, "FORCE_TRITON", True)
-    engine = setup.engine(max_num_batched_tokens=300)
+def test_tuning_at_start_runs_the_real_kernels(monkeypatch, setup, tiny_checkpoint):
+    """The same warm-up through the Triton kernels themselves (the interpreter on CPU, compiled on a
+    GPU): the shapes, masks and biases it hands them are ones they accept, in both generations."""
+    engine = kernel_engine(monkeypatch, setup, tiny_checkpoint, max_num_batched_tokens=300)
     assert engine.runner.tune_expert_kernels(300) == [256, 300]
 
 
