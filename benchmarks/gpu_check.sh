@@ -57,8 +57,7 @@ fi
 
 if want kernels; then
     echo "== kernel benchmark (expert_linear, mixed prefill) =="
-    # COGSERVE_EXPERT_SK=1: the stream-K tail configs join the tuning (off by default until measured)
-    COGSERVE_EXPERT_SK=1 timeout 200 $PY benchmarks/kernels/bench_expert_linear.py --json "$OUT/bench_expert_linear.json" 2>&1 \
+    timeout 200 $PY benchmarks/kernels/bench_expert_linear.py --json "$OUT/bench_expert_linear.json" 2>&1 \
         | tee "$OUT/bench.log" | tail -n 40
     bench_rc=${PIPESTATUS[0]}
 fi

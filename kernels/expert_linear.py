@@ -17,8 +17,8 @@ runs); only tiles that straddle two runs gather their rows by pointer.
 
 A one-image batch is a few waves of tiles on 132 SMs, and a partial last wave costs a whole
 tile's time (1267 rows x 4096 outputs: 176 tiles of 128 x 256, 1.33 waves). The stream-K
-configs (SK; tuned only with COGSERVE_EXPERT_SK=1 until a GPU run measures them) run one program
-per SM and split that last wave's tiles along K instead.
+config (SK) runs one program per SM and splits that last wave's tiles along K instead; on an
+H200 it won 14 of the benchmark's 24 prefill shapes, by up to 18% (RESULTS.md, eighth session).
 
 The gated MLP variant reads the gate and up tiles of the same expert in one K loop and writes
 silu(gate) * up once. It takes gate and up as two tensors: concatenating them into one weight
@@ -71,12 +71,10 @@ GPU_CONFIGS = [
     _config(128, 256, 64, 8, 3, tma=1),
 ]
 # SK: one program per SM, whole tiles while they fill every SM, the last partial wave's tiles
-# split along K (see _expert_linear_kernel). Candidates not yet compiled or measured on a GPU, so
-# the autotuner sees them only with COGSERVE_EXPERT_SK=1 (benchmarks/gpu_check.sh sets it).
-SK_CONFIGS = [
-    _config(128, 256, 64, 8, 3, tma=2, sk=1),
-    _config(128, 128, 64, 8, 4, tma=2, sk=1),
-]
+# split along K (see _expert_linear_kernel). On an H200 (eighth session) it won 14 of the 24
+# prefill shapes of bench_expert_linear.py (down at one image: 0.201 ms against 0.237), and took
+# the geomean against one dense GEMM from 1.20x to 1.18x; (128, 128) with SK won none, and left.
+GPU_CONFIGS.append(_config(128, 256, 64, 8, 3, tma=2, sk=1))
 # Fits every dtype and both variants: the interpreter's config, the tests' config on GPU, and
 # the fallback when pruning leaves nothing. Its TMA level is capped by the call's TMA_LIMIT.
 SAFE_CONFIG = _config(64, 64, 32, 4, 3, tma=2)
@@ -94,7 +92,7 @@ def _configs() -> list[triton.Config]:
         return [SAFE_CONFIG]  # NOTE: the interpreter cannot autotune over several configs
     if os.environ.get("COGSERVE_AUTOTUNE", "1") == "0":
         return [SAFE_CONFIG]  # tests: one compile per shape instead of nine
-    return GPU_CONFIGS + (SK_CONFIGS if os.environ.get("COGSERVE_EXPERT_SK") == "1" else [])
+    return GPU_CONFIGS
 
 
 def fits(config: triton.Config, element_size: int, gated: bool) -> bool:
