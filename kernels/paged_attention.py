@@ -10,7 +10,10 @@ sequence's keys over several programs and merges their partial softmaxes (flash-
 split count depends on the batch shape only, so CUDA graphs can hold it. The split that finishes
 last for its (sequence, head) does the merge (kernels/arrivals.py: no waiting), so this is
 one launch a layer, not two: at batch 1 the separate merge kernel took 0.061 ms of a 4.45 ms
-CogVLM-17B decode step on an H200, mostly 32 launches.
+CogVLM-17B decode step on an H200, mostly 32 launches. Only the splits that hold keys take part
+(the grid is fixed, the context is not): a sequence whose keys fit one split (up to 64 of them)
+writes its output directly, with no parts, count or merge. On an H200 the one-launch version
+took 0.31 ms a step at ~40 tokens of context when every split still wrote a part and counted in.
 
     out[t, h] = softmax(q[t, h] . K[seq(t), kv(h)]^T * scale, causal) @ V[seq(t), kv(h)]
 
@@ -99,15 +102,18 @@ def _paged_attention_kernel(
 
 
 @triton.jit
-def _merge_splits(part_acc_ptr, part_ml_ptr, first_part, out_ptr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """Merge one (sequence, head)'s NUM_SPLITS partial softmaxes, in split order, into out_ptr[:HEAD_DIM].
+def _merge_splits(part_acc_ptr, part_ml_ptr, first_part, count, out_ptr, HEAD_DIM: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr):  # fmt: skip
+    """Merge one (sequence, head)'s first `count` partial softmaxes, in split order, into out_ptr[:HEAD_DIM].
     Loads bypass L1 (.cg): the parts were written by programs on other SMs."""
-    part = first_part + tl.arange(0, NUM_SPLITS)  # [S]
+    split = tl.arange(0, NUM_SPLITS)  # [S]
+    part, used = first_part + split, split < count
     dims = tl.arange(0, HEAD_DIM)
-    m = tl.load(part_ml_ptr + part * 2, cache_modifier=".cg")  # [S]
-    l_split = tl.load(part_ml_ptr + part * 2 + 1, cache_modifier=".cg")
-    weight = tl.exp(m - tl.max(m, axis=0))  # [S]; 0 for empty splits (m = -inf); split 0 always has keys
-    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], cache_modifier=".cg")  # [S, D]
+    m = tl.load(part_ml_ptr + part * 2, mask=used, other=float("-inf"), cache_modifier=".cg")  # [S]
+    l_split = tl.load(part_ml_ptr + part * 2 + 1, mask=used, other=0.0, cache_modifier=".cg")
+    weight = tl.exp(m - tl.max(m, axis=0))  # [S]; 0 for unused splits; split 0 always has keys
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None], other=0.0,
+                  cache_modifier=".cg")  # [S, D]  # fmt: skip
     out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l_split * weight, axis=0)
     tl.store(out_ptr + dims, out.to(out_ptr.dtype.element_ty))
 
@@ -130,51 +136,66 @@ def _decode_split_kernel(
     head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    kv_head = head // num_q_heads_per_kv
     per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N  # keys, whole tiles
-    start = split * per_split
-    end = tl.minimum(start + per_split, seq_len)
-    dims = tl.arange(0, HEAD_DIM)
-    q_row = tl.load(query_start_ptr + seq).to(tl.int64)
-    q = tl.load(q_ptr + q_row * stride_qt + head * stride_qh + dims).to(tl.float32)  # [D]
-    m_i = tl.full([], float("-inf"), tl.float32)
-    l_i = tl.full([], 0.0, tl.float32)
-    acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
-    offs = tl.arange(0, BLOCK_N)
-    for tile in range(start, end, BLOCK_N):
-        key_pos = tile + offs  # [BN]
-        valid = key_pos < end
-        physical = tl.load(block_tables_ptr + seq * stride_bt + key_pos // BLOCK_SIZE, mask=valid,
-                           other=0).to(tl.int64)
-        kv_offs = (physical[:, None] * stride_kb + (key_pos % BLOCK_SIZE)[:, None] * stride_ks
-                   + kv_head * stride_kh + dims[None, :])
-        k = tl.load(k_cache_ptr + kv_offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BN, D]
-        v = tl.load(v_cache_ptr + kv_offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BN, D]
-        scores = tl.where(valid, tl.sum(q[None, :] * k, axis=1) * scale, float("-inf"))  # [BN]
-        m_new = tl.maximum(m_i, tl.max(scores, axis=0))  # finite: every tile holds a valid key
-        p = tl.exp(scores - m_new)
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        m_i = m_new
-    pair = seq * tl.num_programs(1) + head  # this (sequence, head)
-    part = pair * NUM_SPLITS + split
-    tl.store(part_acc_ptr + part * HEAD_DIM + dims, acc)
-    tl.store(part_ml_ptr + part * 2, m_i)  # -inf for a split past the last key
-    tl.store(part_ml_ptr + part * 2 + 1, l_i)
-    # the last program to count in merges the parts, in split order (kernels/arrivals.py)
-    tl.debug_barrier()  # every thread's part is stored before the count says so
-    arrived = tl.atomic_add(arrivals_ptr + pair, 1, sem="acq_rel", scope="gpu")
-    if arrived == NUM_SPLITS - 1:
+    # Splits past the last key have nothing to add and leave at once: a CUDA graph fixes the grid
+    # (16 splits a head at batch 1) while the context grows from a few tokens, where 15 of the 16
+    # would otherwise each store an empty part and count in.
+    active = tl.cdiv(seq_len, per_split)  # splits holding keys, 1 to NUM_SPLITS
+    if split < active:
+        kv_head = head // num_q_heads_per_kv
+        start = split * per_split
+        end = tl.minimum(start + per_split, seq_len)
+        dims = tl.arange(0, HEAD_DIM)
         q_row = tl.load(query_start_ptr + seq).to(tl.int64)
+        q = tl.load(q_ptr + q_row * stride_qt + head * stride_qh + dims).to(tl.float32)  # [D]
+        m_i = tl.full([], float("-inf"), tl.float32)
+        l_i = tl.full([], 0.0, tl.float32)
+        acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
+        offs = tl.arange(0, BLOCK_N)
+        for tile in range(start, end, BLOCK_N):
+            key_pos = tile + offs  # [BN]
+            valid = key_pos < end
+            physical = tl.load(block_tables_ptr + seq * stride_bt + key_pos // BLOCK_SIZE, mask=valid,
+                               other=0).to(tl.int64)
+            kv_offs = (physical[:, None] * stride_kb + (key_pos % BLOCK_SIZE)[:, None] * stride_ks
+                       + kv_head * stride_kh + dims[None, :])
+            k = tl.load(k_cache_ptr + kv_offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BN, D]
+            v = tl.load(v_cache_ptr + kv_offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BN, D]
+            scores = tl.where(valid, tl.sum(q[None, :] * k, axis=1) * scale, float("-inf"))  # [BN]
+            m_new = tl.maximum(m_i, tl.max(scores, axis=0))  # finite: every tile holds a valid key
+            p = tl.exp(scores - m_new)
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            m_i = m_new
         out = out_ptr + q_row * stride_ot + head * stride_oh
-        _merge_splits(part_acc_ptr, part_ml_ptr, pair * NUM_SPLITS, out, HEAD_DIM, NUM_SPLITS)
-        tl.atomic_xchg(arrivals_ptr + pair, 0)  # zero again for the next launch
+        if active == 1:  # every key in this split: its softmax is the whole one (the merge's bits too)
+            tl.store(out + dims, (acc / l_i).to(out_ptr.dtype.element_ty))
+        else:
+            pair = seq * tl.num_programs(1) + head  # this (sequence, head)
+            part = pair * NUM_SPLITS + split
+            tl.store(part_acc_ptr + part * HEAD_DIM + dims, acc)
+            tl.store(part_ml_ptr + part * 2, m_i)
+            tl.store(part_ml_ptr + part * 2 + 1, l_i)
+            # the last split to count in merges the parts, in split order (kernels/arrivals.py)
+            tl.debug_barrier()  # every thread's part is stored before the count says so
+            arrived = tl.atomic_add(arrivals_ptr + pair, 1, sem="acq_rel", scope="gpu")
+            if arrived == active - 1:
+                _merge_splits(part_acc_ptr, part_ml_ptr, pair * NUM_SPLITS, active, out, HEAD_DIM, NUM_SPLITS)
+                tl.atomic_xchg(arrivals_ptr + pair, 0)  # zero again for the next launch
 
 
 # Splitting happens only below this many (sequence, head) programs, so as many arrival counts
 # always suffice.
 SPLIT_PROGRAMS = 264
+
+
+def _split_parts(num_seqs: int, num_heads: int, splits: int, head_dim: int, device: torch.device):
+    """Each split's unnormalised output and (max, sum) of its softmax; uninitialised: a split past
+    the last key writes nothing, and the merge reads only the splits that hold keys."""
+    part_acc = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=device)
+    part_ml = torch.empty(num_seqs, num_heads, splits, 2, dtype=torch.float32, device=device)
+    return part_acc, part_ml
 
 
 def decode_splits(num_seqs: int, num_heads: int) -> int:
@@ -209,8 +230,7 @@ def paged_attention(
     pdl, launch = pdl_launch(pdl, q.device)
     splits = decode_splits(num_seqs, num_heads) if max_query_len == 1 else 1
     if splits > 1:  # decode with few programs: split each sequence's keys, then merge (flash-decoding)
-        part_acc = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
-        part_ml = torch.empty(num_seqs, num_heads, splits, 2, dtype=torch.float32, device=q.device)
+        part_acc, part_ml = _split_parts(num_seqs, num_heads, splits, head_dim, q.device)
         _decode_split_kernel[(num_seqs, num_heads, splits)](
             q, k_cache, v_cache, out, part_acc, part_ml, arrival_counts(q.device, SPLIT_PROGRAMS),
             block_tables, seq_lens, query_start_loc,

@@ -82,6 +82,22 @@ def test_split_decode_merges_in_one_launch_and_rearms_its_counts():
     assert (first.double() - ref64).abs().max().item() < 1e-5
 
 
+def test_split_decode_reads_only_the_splits_that_hold_keys(monkeypatch):
+    """Splits past a sequence's last key write nothing (a short context leaves 15 of 16 empty),
+    and a sequence whose keys fit one split writes its output directly: a part left from an
+    earlier launch (NaN here) must never reach the output."""
+    from kernels import paged_attention as module
+
+    real = module._split_parts
+    monkeypatch.setattr(module, "_split_parts", lambda *a: tuple(t.fill_(float("nan")) for t in real(*a)))
+    seq_lens = [3, 64, 65, 200, 1000]  # one split; one whole tile; 2 splits, the second with 1 key; 4; all 16
+    args, max_q = make_batch(seq_lens, [1] * len(seq_lens), 4, 2, 16, torch.float32, num_blocks=320)
+    assert decode_splits(len(seq_lens), 4) == 16
+    out = paged_attention(*args, max_q)
+    ref64 = paged_attention_ref(*[a.double() if a.is_floating_point() else a for a in args])
+    assert not out.isnan().any() and (out.double() - ref64).abs().max().item() < 1e-5
+
+
 def test_decode_splits_fill_the_gpu_and_stop_when_full():
     assert decode_splits(1, 32) == 16  # batch 1 of CogVLM-17B: 32 programs -> 512
     assert decode_splits(4, 32) == 4
