@@ -1,8 +1,10 @@
 """Paged attention over a block-table KV cache, for decode and for prefill chunks over a cached prefix.
 
-One kernel serves both: each program takes BLOCK_Q queries of one sequence and one query head,
-walks that sequence's KV blocks through its block table (only up to the last key its queries
-may see) with an online softmax, and writes the context rows in place. Queries of a sequence
+One kernel serves both: each program takes a tile of one sequence's queries for one KV head,
+every query head of that head's group as rows of the same tile (GQA: CogVLM2's 4 query heads a
+KV head read each K/V tile once), walks the sequence's KV blocks through its block table (only
+up to the last key its queries may see) with an online softmax, and writes the context rows in
+place. Queries of a sequence
 are its newest q_len tokens, at absolute positions seq_len - q_len .. seq_len - 1.
 
 A decode batch too small to fill the GPU (sequences x heads < 264 programs) instead splits each
@@ -38,41 +40,45 @@ def _paged_attention_kernel(
     # pointers
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
     # sizes
-    scale, num_q_heads_per_kv,
+    scale,
     # strides
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_bt,
     # constexpr
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, PDL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     # fmt: on
     if PDL:  # q and this step's K/V come from the kernel before (kernels/pdl.py)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    head = tl.program_id(0)  # heads vary fastest in launch order (see the grid in paged_attention)
+    kv_head = tl.program_id(0)
     seq = tl.program_id(1)
     q_tile = tl.program_id(2)
+    TOKENS: tl.constexpr = BLOCK_M // GROUP  # query tokens a tile; each brings its GROUP heads
     q_start = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_start
-    if q_tile * BLOCK_Q >= q_len:
+    if q_tile * TOKENS >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
-    kv_head = head // num_q_heads_per_kv
     context = seq_len - q_len  # keys already cached before this step's queries
 
-    rows = q_tile * BLOCK_Q + tl.arange(0, BLOCK_Q)  # [BQ] query index within the sequence
-    row_valid = rows < q_len
+    # Rows are (query token, head of this KV head's group), token-major: the group's heads share
+    # every K/V tile this program loads (4 query heads a KV head in CogVLM2).
+    r = tl.arange(0, BLOCK_M)
+    rows = q_tile * TOKENS + r // GROUP  # [BM] query index within the sequence
+    heads = kv_head * GROUP + r % GROUP  # [BM]
+    row_valid = (r < TOKENS * GROUP) & (rows < q_len)
     dims = tl.arange(0, HEAD_DIM)
     q_rows = (q_start + rows).to(tl.int64)
-    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + dims[None, :],
-                mask=row_valid[:, None], other=0.0)  # [BQ, D]
-    query_pos = context + rows  # [BQ] absolute positions
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
+                mask=row_valid[:, None], other=0.0)  # [BM, D]
+    query_pos = context + rows  # [BM] absolute positions
 
-    m_i = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_Q, HEAD_DIM), dtype=tl.float32)
-    last_key = tl.minimum(context + (q_tile + 1) * BLOCK_Q, seq_len)  # causal: no query here sees past it
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    last_key = tl.minimum(context + (q_tile + 1) * TOKENS, seq_len)  # causal: no query here sees past it
     # NOTE: BLOCK_N keys per iteration, gathered from BLOCK_N / BLOCK_SIZE blocks: a decode
     # program walks its keys serially, and 16-key steps made a 64-token context cost 11 us per
     # layer on an H200 (latency of dependent loads, not bandwidth).
@@ -86,7 +92,7 @@ def _paged_attention_kernel(
                    + kv_head * stride_kh + dims[None, :])
         k = tl.load(k_cache_ptr + kv_offs, mask=key_valid[:, None], other=0.0)  # [BN, D]
         v = tl.load(v_cache_ptr + kv_offs, mask=key_valid[:, None], other=0.0)  # [BN, D]
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BQ, BN] (fp32 accumulate)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BM, BN] (fp32 accumulate)
         allowed = (key_pos[None, :] <= query_pos[:, None]) & row_valid[:, None]
         scores = tl.where(allowed, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -97,7 +103,7 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + dims[None, :],
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
@@ -241,17 +247,17 @@ def paged_attention(
             **launch,
         )  # fmt: skip
         return out.reshape(num_tokens, num_heads * head_dim)
-    block_q = 16 if max_query_len <= 16 else 64  # decode: small tiles; prefill chunks: bigger
-    # Heads first: the query heads that share a KV head (4 in CogVLM2) run side by side and read
-    # that head's keys and values once from HBM, the others from L2. Sequence-first, they were
-    # num_seqs programs apart: at 256 sequences out of reach of the ~528 resident on 132 SMs.
-    grid = (num_heads, num_seqs, triton.cdiv(max_query_len, block_q))
+    # Query heads that share a KV head ride in one program as extra rows of the same tiles, so
+    # their K/V tiles are loaded once, not once per head (vLLM's Triton attention packs them so).
+    group = num_heads // num_kv_heads
+    block_m = max(16 if max_query_len <= 16 else 64, triton.next_power_of_2(group))  # decode: small tiles
+    grid = (num_kv_heads, num_seqs, triton.cdiv(max_query_len, block_m // group))
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
-        head_dim**-0.5, num_heads // num_kv_heads,
+        head_dim**-0.5,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_N=max(64, block_size),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, GROUP=group, BLOCK_N=max(64, block_size),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32: the oracle runs in it
         PDL=pdl, **launch,
     )  # fmt: skip

@@ -50,6 +50,17 @@ def test_paged_attention_matches_reference(dtype, seq_lens, query_lens, heads):
     assert err <= 2 * torch_err + 1e-5, (err, torch_err)
 
 
+@pytest.mark.parametrize("seq_lens, query_lens", [([5 + 3 * i for i in range(24)], [1] * 24), ([90, 30], [37, 30])])
+def test_a_group_of_three_heads_packs_into_the_tiles(seq_lens, query_lens):
+    """Query heads of one KV head are rows of one tile: 3 a group leaves a tile's 16th row (decode,
+    24 sequences: enough programs not to split) and 64th (prefill) unused."""
+    args, max_q = make_batch(seq_lens, query_lens, 12, 4, 16, torch.float32, num_blocks=128)
+    assert max_q > 1 or decode_splits(len(seq_lens), 12) == 1  # decode: the packed kernel, not the split one
+    out = paged_attention(*args, max_q)
+    ref64 = paged_attention_ref(*[a.double() if a.is_floating_point() else a for a in args])
+    assert (out.double() - ref64).abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "seq_lens",
