@@ -58,7 +58,8 @@ fi
 
 if want kernels; then
     echo "== kernel benchmark (expert_linear, mixed prefill) =="
-    timeout 200 $PY benchmarks/kernels/bench_expert_linear.py --json "$OUT/bench_expert_linear.json" 2>&1 \
+    # COGSERVE_EXPERT_CANDIDATES=1: expert_linear's candidate configs join the tuning (not yet measured)
+    COGSERVE_EXPERT_CANDIDATES=1 timeout 200 $PY benchmarks/kernels/bench_expert_linear.py --json "$OUT/bench_expert_linear.json" 2>&1 \
         | tee "$OUT/bench.log" | tail -n 40
     bench_rc=${PIPESTATUS[0]}
 fi

@@ -75,6 +75,12 @@ GPU_CONFIGS = [
 # prefill shapes of bench_expert_linear.py (down at one image: 0.201 ms against 0.237), and took
 # the geomean against one dense GEMM from 1.20x to 1.18x; (128, 128) with SK won none, and left.
 GPU_CONFIGS.append(_config(128, 256, 64, 8, 3, tma=2, sk=1))
+# Candidates not yet run on a GPU, tuned only with COGSERVE_EXPERT_CANDIDATES=1 (gpu_check.sh's
+# kernel benchmark sets it; the every-config GPU test covers them): a config joins GPU_CONFIGS
+# once that test passes and a benchmark shape shows it winning. (64, 256) with stream-K: one
+# image's 1267 rows as 21 tiles of 64 rows (1344 rows of work) instead of 11 of 128 (1408),
+# and 2.5 waves of tiles on 132 SMs for the 4096-wide projections instead of 1.3.
+CANDIDATE_CONFIGS = [_config(64, 256, 64, 4, 4, tma=2, sk=1)]
 # Fits every dtype and both variants: the interpreter's config, the tests' config on GPU, and
 # the fallback when pruning leaves nothing. Its TMA level is capped by the call's TMA_LIMIT.
 SAFE_CONFIG = _config(64, 64, 32, 4, 3, tma=2)
@@ -92,7 +98,7 @@ def _configs() -> list[triton.Config]:
         return [SAFE_CONFIG]  # NOTE: the interpreter cannot autotune over several configs
     if os.environ.get("COGSERVE_AUTOTUNE", "1") == "0":
         return [SAFE_CONFIG]  # tests: one compile per shape instead of nine
-    return GPU_CONFIGS
+    return GPU_CONFIGS + (CANDIDATE_CONFIGS if os.environ.get("COGSERVE_EXPERT_CANDIDATES") == "1" else [])
 
 
 def fits(config: triton.Config, element_size: int, gated: bool) -> bool:

@@ -30,7 +30,7 @@ def production_calls(quick: bool, dtype: torch.dtype) -> list[tuple[str, Callabl
 
     size = torch.tensor([], dtype=dtype).element_size()
     expert_linear._expert_linear_kernel.configs = _choose(
-        expert_linear.GPU_CONFIGS, quick, ("TMA", "SK"),
+        expert_linear.GPU_CONFIGS + expert_linear.CANDIDATE_CONFIGS, quick, ("TMA", "SK"),
         [lambda c, gated=gated: expert_linear.fits(c, size, gated) for gated in (False, True)],
     )  # fmt: skip
     gemv._gemv_kernel.configs = _choose(gemv.GPU_CONFIGS, quick, ("STAGES",))

@@ -10,6 +10,7 @@ import torch
 import kernels.expert_linear as kernel_module
 from kernels.arrivals import arrival_counts
 from kernels.expert_linear import (
+    CANDIDATE_CONFIGS,
     GPU_CONFIGS,
     SAFE_SK_CONFIG,
     expert_gated_up,
@@ -243,10 +244,10 @@ def test_no_host_synchronisation_on_the_kernel_path():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [c for c in GPU_CONFIGS if fits(c, 2, gated=False)], ids=str)
+@pytest.mark.parametrize("config", [c for c in GPU_CONFIGS + CANDIDATE_CONFIGS if fits(c, 2, gated=False)], ids=str)
 def test_every_gpu_config_is_correct(monkeypatch, config):
-    """The autotuner may pick any config that fits a bf16 call (stream-K included); each must
-    compute the same function."""
+    """The autotuner may pick any config that fits a bf16 call (stream-K included, and the
+    candidates with COGSERVE_EXPERT_CANDIDATES=1); each must compute the same function."""
     kernel = kernel_module._expert_linear_kernel
     monkeypatch.setattr(kernel, "configs", [config])
     monkeypatch.setattr(kernel, "cache", {})
