@@ -2,6 +2,12 @@
 
 A kernel builds its descriptors on the device (`tl.make_tensor_descriptor`); they live in a
 scratch buffer Triton asks an allocator for, 128 bytes per descriptor.
+
+NOTE: the scratch comes from torch's caching allocator, which hands the same bytes to the next
+launch on the stream once this one is queued. So a kernel launched with PDL (kernels/pdl.py) must
+not build a descriptor before its wait: the kernel before may still be reading its own there (an
+illegal instruction on an H200, in the one-row GEMV's former TMA tiles). expert_linear, the one
+user, is never launched with PDL.
 """
 
 from __future__ import annotations
