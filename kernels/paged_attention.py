@@ -4,8 +4,8 @@ One kernel serves both: each program takes a tile of one sequence's queries for 
 every query head of that head's group as rows of the same tile (GQA: CogVLM2's 4 query heads a
 KV head read each K/V tile once), walks the sequence's KV blocks through its block table (only
 up to the last key its queries may see) with an online softmax, and writes the context rows in
-place. Queries of a sequence
-are its newest q_len tokens, at absolute positions seq_len - q_len .. seq_len - 1.
+place. Queries of a sequence are its newest q_len tokens, at absolute positions
+seq_len - q_len .. seq_len - 1.
 
 A decode batch too small to fill the GPU (sequences x heads < 264 programs) instead splits each
 sequence's keys over several programs and merges their partial softmaxes (flash-decoding); the
