@@ -69,7 +69,7 @@ cat "$OUT/gpu.txt"
 [[ -f "$OUT/tests.log" ]] && grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -n 12
 [[ -f "$OUT/bench_gemv.log" ]] && grep -E "^\||^a layer" "$OUT/bench_gemv.log"
 for log in "$OUT/bench_decode.log" "$OUT/bench_decode2.log"; do
-    [[ -f "$log" ]] && grep -E "^decode, |^\||^HBM floor|^graph replay|^crowded decode|^batch-1 greedy|failed:" "$log"
+    [[ -f "$log" ]] && grep -E "^decode, |^\||^HBM floor|^graph replay|^attention kernels|^crowded decode|^batch-1 greedy|failed:" "$log"
 done
 [[ -f "$OUT/bench.log" ]] && grep -E "^geomean|^by batch" "$OUT/bench.log"
 [[ -f "$OUT/bench_prefill.log" ]] && grep -E "^prefill, |^\||GEMM" "$OUT/bench_prefill.log"
