@@ -37,6 +37,7 @@ def make_batch(seq_lens, query_lens, num_heads, num_kv_heads, head_dim, dtype, b
         ([70], [70]),  # prefill from scratch
         ([70, 90], [22, 1]),  # a chunk over a cached prefix, beside a decode
         ([150, 3, 64], [80, 3, 16]),  # chunks crossing block and tile boundaries
+        ([40, 9], [12, 1]),  # a short chunk beside a decode: 16-row tiles, several tokens each under GQA
     ],
 )
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (8, 1)], ids=["mha", "gqa2", "mqa"])
