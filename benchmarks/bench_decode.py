@@ -7,7 +7,7 @@ batch 64.
 
     python benchmarks/bench_decode.py [--steps 30] [--modes PDL,one-row] [--arch cogvlm2-19b]
 
-CogVLM2-19B (GQA: 8 KV heads; a 128k vocabulary) is not in gpu_check.sh: a second call's worth.
+CogVLM2-19B (GQA: 8 KV heads; a 128k vocabulary) is gpu_check.sh's `decode2` part.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def crowded_decode(engine: Engine, prompts: list, params, steps: int, weight_byt
     return sequences, ms, floor_ms
 
 
-def _kernel_events(replay, steps: int):
+def step_kernels(replay, steps: int = 5) -> list:
+    """The profiler's per-kernel totals over `steps` replays of a graph, largest first."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -86,17 +87,15 @@ def _kernel_events(replay, steps: int):
     return sorted(events, key=lambda e: e.device_time_total, reverse=True)
 
 
-def attention_ms(replay, steps: int = 5) -> float:
-    """GPU time a replayed step spends in the paged-attention kernels (ms). On an H200 (eighth
-    session) the split decode took 0.31 ms of a 3.8 ms batch-1 step at a short prompt, and the
-    step grew by 0.36 ms at an image request's context: this times that share directly."""
-    events = _kernel_events(replay, steps)
+def attention_ms(events, steps: int = 5) -> float:
+    """GPU time a replayed step spends in the paged-attention kernels (ms), from step_kernels. On
+    an H200 (eighth session) the split decode took 0.31 ms of a 3.8 ms batch-1 step at a short
+    prompt, and the step grew by 0.36 ms at an image request's context: this times that share."""
     return sum(e.device_time_total for e in events if "attention" in e.key or "decode_split" in e.key) / steps / 1e3
 
 
-def kernel_times(replay, steps: int = 5, rows: int = 12) -> str:
-    """Where a replayed step's GPU time goes: per-kernel totals per step, largest first."""
-    events = _kernel_events(replay, steps)
+def kernel_times(events, steps: int = 5, rows: int = 12) -> str:
+    """Where a replayed step's GPU time goes, from step_kernels: per-kernel totals per step."""
     lines = [
         f"  {e.device_time_total / steps / 1e3:7.3f} ms  {e.count // steps:5d}x  {e.key[:90]}" for e in events[:rows]
     ]
@@ -155,15 +154,16 @@ def main() -> None:
             if graphs is not None and look_ahead:  # the GPU time of the step itself; the rest is the host's
                 replays[mode] = {b: triton.testing.do_bench(graphs.graphs[b].replay, warmup=5, rep=50,
                                                             return_mode="median") for b in (1, 64)}  # fmt: skip
-                kernel_tables[mode] = kernel_times(graphs.graphs[1].replay)
-                short_attention = attention_ms(graphs.graphs[1].replay)
+                events = step_kernels(graphs.graphs[1].replay)
+                kernel_tables[mode] = kernel_times(events)
+                short_attention = attention_ms(events)
                 for i in range(64):
                     engine.abort(f"b{i}")
                 # an image prompt's length (1227 patches + text): the attention kernel's share grows
                 engine.add_request("long", long_prompt, params)
                 long_ms[mode] = decode_step_ms(engine, args.steps)
                 # the graph replays the last step's inputs: the long request's
-                attention[mode] = (short_attention, attention_ms(graphs.graphs[1].replay))
+                attention[mode] = (short_attention, attention_ms(step_kernels(graphs.graphs[1].replay)))
                 engine.abort("long")
                 if crowded is None:  # the default mode only: serving's usual shape, every sequence an image's length
                     crowded = crowded_decode(engine, crowd, params, args.steps, language_bytes, bandwidth)

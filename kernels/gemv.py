@@ -6,7 +6,7 @@ alone take 1.20x the HBM floor; the RMSNorms around them (65 launches, 0.14 ms a
 (0.04 ms) and cuBLAS's split-K reduces (0.11 ms) come on top. Here each program streams
 BLOCK_N whole weight rows once (no split-K, so no atomics: a row's sum is the same every run),
 and the op before the projection runs in the prologue, on the input row each program reads
-from L2 (8 to 44 KB against the 128 KB or more of weights a program streams):
+from L2 (8 to 44 KB against the 64 KB or more of weights a program streams):
 
     plain:          out = W @ x
     rms_norm:       h = x + residual (rounded as the eager add; program 0 writes it back),
@@ -14,7 +14,8 @@ from L2 (8 to 44 KB against the 128 KB or more of weights a program streams):
     silu_and_mul:   x = [gate | up], the fused gate_up output,
                     out = W @ (silu(gate) * up)            (rounded as kernels/activation.py)
 
-so a decoder layer's four projections take four launches where they took eight to ten.
+so a decoder layer's four projections take four launches where they took eight to ten: on an
+H200, 106 us against 123 us for the ops + cuBLAS (RESULTS.md, eighth session).
 
 With `pdl` each launch is a programmatic dependent launch (kernels/pdl.py): the first weight
 tile loads while the kernel before drains, and the input is read only after the wait.

@@ -1,5 +1,6 @@
-"""The decode benchmark's crowded case on CPU (the tiny architecture): it fills the KV pool only
-as far as it holds without preempting, and its floor counts each sequence's keys and values."""
+"""The decode benchmark on CPU: its crowded case (the tiny architecture) fills the KV pool only
+as far as it holds without preempting, its floor counts each sequence's keys and values, and
+its profiler summaries add up what they say."""
 
 import torch
 
@@ -22,3 +23,17 @@ def test_crowded_decode_takes_what_the_pool_holds_without_preempting():
     assert not engine.has_unfinished and engine.kv.num_free_blocks == 20  # aborted, every block back
     per_token = 2 * model.config.num_layers * model.config.num_kv_heads * model.config.head_dim * 4  # fp32 K and V
     assert floor_ms == 3 * (prompts[0].num_tokens + 3 + 2) * per_token / 1e9 * 1e3
+
+
+def test_attention_share_sums_the_attention_kernels_of_a_step():
+    """bench_decode's profiler summaries (GPU-only to collect): per step, over 5 replays."""
+    from types import SimpleNamespace
+
+    from benchmarks.bench_decode import attention_ms, kernel_times
+
+    events = [SimpleNamespace(key=k, device_time_total=us, count=n) for k, us, n in [
+        ("_gemv_kernel", 17000.0, 640), ("_decode_split_kernel", 1500.0, 160), ("_paged_attention_kernel", 500.0, 5),
+        ("_rotary_kernel", 270.0, 160)]]  # fmt: skip
+    assert attention_ms(events) == 0.4  # (1500 + 500) us / 5 steps
+    table = kernel_times(events, rows=2).splitlines()
+    assert len(table) == 2 and "3.400 ms" in table[0] and "128x" in table[0] and "_decode_split_kernel" in table[1]
