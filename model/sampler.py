@@ -99,6 +99,7 @@ class Sampler:
         logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
         logits = logits.clone()
         self._apply_penalties(logits, seqs, in_flight_tokens)
+        self._apply_logit_bias(logits, params)
         self._mask_stop_tokens(logits, seqs, in_flight)
 
         greedy = [p.is_greedy for p in params]
@@ -116,7 +117,7 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, seqs: list[SequenceData]) -> torch.Tensor:  # [B] token ids
         params = [s.params for s in seqs]
         vocab = logits.shape[1]
-        temperature = to_device([p.temperature if p.temperature > 0 else 1.0 for p in params], logits.device)
+        temperature = to_device([p.effective_temperature for p in params], logits.device)
         probs = self._filtered_probs(logits / temperature[:, None], params)
         noise = torch.empty_like(probs)
         unseeded = [i for i, p in enumerate(params) if p.seed is None]
@@ -158,12 +159,22 @@ class Sampler:
             if additive:
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
+    @staticmethod
+    def _apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
+        """OpenAI's logit_bias: added to the logits (after the penalties, before min_tokens' mask),
+        so it steers greedy rows too; logprobs stay those of the raw logits, as vLLM's."""
+        for i, p in enumerate(params):
+            if p.logit_bias:
+                ids, biases = zip(*p.logit_bias, strict=True)
+                ids_t = to_device(list(ids), logits.device, torch.long)
+                logits[i].index_add_(0, ids_t, to_device(list(biases), logits.device, logits.dtype))
+
     def _mask_stop_tokens(self, logits: torch.Tensor, seqs: list[SequenceData], in_flight: list[bool]) -> None:
         for i, seq in enumerate(seqs):
             p = seq.params
             if len(seq.output_token_ids) + in_flight[i] < p.min_tokens:
                 stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
-                stop_ids = [t for t in stop_ids if t < logits.shape[1]]
+                stop_ids = [t for t in stop_ids if t < logits.shape[1]]  # before int64: ids may be any size
                 logits[i, to_device(stop_ids, logits.device, torch.long)] = float("-inf")
 
     @staticmethod
@@ -172,12 +183,13 @@ class Sampler:
         if any(p.min_p > 0 for p in params):  # decided on the host: a device .any() would wait
             min_p = to_device([p.min_p for p in params], scaled.device)
             probs = torch.where(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0, probs)
-        top_k = [p.effective_top_k for p in params]
+        vocab = scaled.shape[1]
+        top_k = [p.effective_top_k for p in params]  # a top_k past the vocabulary keeps every token
         top_p = [p.top_p for p in params]
         if any(top_k) or any(tp < 1.0 for tp in top_p):
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             ranks = torch.arange(probs.shape[1], device=probs.device)[None, :]
-            k = to_device([k or probs.shape[1] for k in top_k], probs.device)[:, None]
+            k = to_device([min(k or vocab, vocab) for k in top_k], probs.device)[:, None]
             sorted_probs = torch.where(ranks < k, sorted_probs, 0.0)
             # top_p over what top_k kept: the smallest prefix whose mass reaches top_p (>= 1 token)
             mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs

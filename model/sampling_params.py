@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value
+# Seeds seed a torch.Generator, which takes a 64-bit value: a larger one raised in the engine's step
+# and stopped the engine for every request. vLLM's bounds.
+SEED_RANGE = (-(2**63), 2**63 - 1)
+# As vLLM: a temperature below GREEDY_BELOW samples greedily, and one below MIN_TEMPERATURE is raised to
+# it: fp32 logits of ~30 divided by 1e-30 overflow to inf, and the softmax of inf is NaN.
+GREEDY_BELOW = 1e-5
+MIN_TEMPERATURE = 1e-2
 
 
 class ParamError(ValueError):
@@ -28,6 +37,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # stop on these besides the checkpoint's eos ids
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; K: the sampled token's logprob and the K best
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias): added to the logits before sampling
 
     def __post_init__(self) -> None:
         self.validate()
@@ -36,40 +46,62 @@ class SamplingParams:
         def fail(name: str, rule: str, value) -> None:
             raise ParamError(f"{name} must be {rule}, got {value!r}")
 
-        if not isinstance(self.n, int) or self.n < 1:
+        def is_int(value, low: int = 0, high: float = math.inf) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+        def is_real(value) -> bool:  # NaN and infinities pass every comparison below the wrong way
+            return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+        if not is_int(self.n, 1):
             fail("n", "an integer >= 1", self.n)
-        if self.temperature < 0:
-            fail("temperature", ">= 0", self.temperature)
-        if not 0 < self.top_p <= 1:
+        if not is_real(self.temperature) or self.temperature < 0:
+            fail("temperature", "a finite number >= 0", self.temperature)
+        if not is_real(self.top_p) or not 0 < self.top_p <= 1:
             fail("top_p", "in (0, 1]", self.top_p)
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if not is_int(self.top_k, -1):
             fail("top_k", "-1, 0 (off) or a positive integer", self.top_k)
-        if not 0 <= self.min_p <= 1:
+        if not is_real(self.min_p) or not 0 <= self.min_p <= 1:
             fail("min_p", "in [0, 1]", self.min_p)
-        if not -2 <= self.presence_penalty <= 2:
+        if not is_real(self.presence_penalty) or not -2 <= self.presence_penalty <= 2:
             fail("presence_penalty", "in [-2, 2]", self.presence_penalty)
-        if not -2 <= self.frequency_penalty <= 2:
+        if not is_real(self.frequency_penalty) or not -2 <= self.frequency_penalty <= 2:
             fail("frequency_penalty", "in [-2, 2]", self.frequency_penalty)
-        if self.repetition_penalty <= 0:
-            fail("repetition_penalty", "> 0", self.repetition_penalty)
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if not is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
+            fail("repetition_penalty", "a finite number > 0", self.repetition_penalty)
+        if self.max_tokens is not None and not is_int(self.max_tokens, 1):
             fail("max_tokens", "an integer >= 1", self.max_tokens)
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if not is_int(self.min_tokens):
             fail("min_tokens", "an integer >= 0", self.min_tokens)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             fail("min_tokens", f"<= max_tokens ({self.max_tokens})", self.min_tokens)
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+        if self.logprobs is not None and not is_int(self.logprobs, 0, MAX_LOGPROBS):
             fail("logprobs", f"in [0, {MAX_LOGPROBS}]", self.logprobs)
         if any(not isinstance(s, str) or not s for s in self.stop):
             fail("stop", "a list of non-empty strings", self.stop)
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if any(not is_int(t) for t in self.stop_token_ids):
             fail("stop_token_ids", "a list of token ids >= 0", self.stop_token_ids)
-        if self.seed is not None and not isinstance(self.seed, int):
-            fail("seed", "an integer", self.seed)
+        if self.seed is not None and not is_int(self.seed, *SEED_RANGE):
+            fail("seed", f"an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]", self.seed)
+        for token_id, bias in self.logit_bias:
+            if not is_int(token_id):
+                fail("logit_bias", "keyed by token ids >= 0", token_id)
+            if not is_real(bias) or abs(bias) > MAX_LOGIT_BIAS:
+                fail("logit_bias", f"values in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]", bias)
+
+    def child_seed(self, index: int) -> int | None:
+        """The seed of completion `index` of n: seed + index, wrapped around the seed range."""
+        if self.seed is None:
+            return None
+        low, high = SEED_RANGE
+        return (self.seed + index - low) % (high - low + 1) + low
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def effective_temperature(self) -> float:  # what the sampler divides by (greedy rows: unused)
+        return max(self.temperature, MIN_TEMPERATURE)
 
     @property
     def effective_top_k(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,8 @@ from server.protocol import ChatCompletionRequest, TokenizeRequest
 logger = logging.getLogger(__name__)
 VERSION = "0.1.0"
 PROTECTED_PREFIXES = ("/v1/", "/tokenize")
+# pydantic's labels for the branch of a union in an error's location: `str`, `list[...]`
+UNION_BRANCH = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|tagged-union\[.*\])$")
 
 
 @dataclass
@@ -40,6 +43,7 @@ class AppState:
     engine: AsyncEngine | None = None
     processor: Processor | None = None
     max_model_len: int = 0
+    vocab_size: int = 0  # the model's: logit_bias ids must be below it
     draining: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -126,10 +130,13 @@ def build_app(state: AppState) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, err: RequestValidationError):
-        first = err.errors()[0] if err.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
+        errors = err.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
             return bad_request("request body is not valid JSON", None, "invalid_json").response()
+        # A union (content: a string or a list of parts) fails once per branch; the deepest error is
+        # the one that names what is wrong (a part's unknown type, not "should be a valid string").
+        first = max(errors, key=lambda e: len(e.get("loc", ())), default={})
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not UNION_BRANCH.match(str(p))]
         message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
         return bad_request(message, ".".join(loc) or None).response()
 

@@ -30,7 +30,14 @@ def sampling_params(body: ChatCompletionRequest, max_n: int) -> SamplingParams:
                               "top_logprobs")  # fmt: skip
         if not body.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+    if body.stream_options is not None and not body.stream:
+        raise bad_request("stream_options can only be set when stream is true", "stream_options")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    logit_bias = []
+    for key, bias in (body.logit_bias or {}).items():
+        if not (key.isascii() and key.isdigit()):  # also refuses "-1", "1.5" and "²"
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+        logit_bias.append((int(key), bias))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     try:
         return SamplingParams(
@@ -49,6 +56,7 @@ def sampling_params(body: ChatCompletionRequest, max_n: int) -> SamplingParams:
             stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos,
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            logit_bias=tuple(logit_bias),
         )
     except ParamError as err:
         name = str(err).split()[0]
@@ -83,7 +91,12 @@ class ChatHandler:
         # preprocessing (resize, normalise) and tokenisation: off the event loop
         return await asyncio.to_thread(self.state.processor.build, conversation, body.template)
 
-    def check_context(self, prompt: PromptInputs, params: SamplingParams) -> None:
+    def check_request(self, prompt: PromptInputs, params: SamplingParams) -> None:
+        """What needs the model: the engine checks the same, but by then a stream has said 200."""
+        vocab = self.state.vocab_size
+        if outside := sorted(t for t, _ in params.logit_bias if t >= vocab):
+            raise bad_request(f"logit_bias holds token ids past the vocabulary (size {vocab}): {outside[:5]}",
+                              "logit_bias")  # fmt: skip
         limit = self.state.max_model_len
         if prompt.num_tokens >= limit or (params.max_tokens and prompt.num_tokens + params.max_tokens > limit):
             raise bad_request(
@@ -104,7 +117,7 @@ class ChatHandler:
         refuse_unsupported(body)
         params = sampling_params(body, state.config.server.max_n)
         prompt = await self.build_prompt(body)
-        self.check_context(prompt, params)
+        self.check_request(prompt, params)
         if state.engine.num_waiting >= state.config.server.max_queued_requests:
             raise unavailable(f"the queue is full ({state.config.server.max_queued_requests} waiting); retry")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -1,9 +1,10 @@
 """OpenAI-style messages -> one CogVLM conversation (history, query, system text, one image).
 
-Rules: system messages are joined and kept as the prompt's first line; user/assistant turns
-pair up into history; consecutive messages of one role are joined with newlines; the last
-message must be the user's; at most one image in the whole conversation, wherever it was
-sent (CogVLM puts it right after BOS either way).
+Rules: system messages (and developer messages, OpenAI's newer name for them) are joined and
+kept as the prompt's first line; user/assistant turns pair up into history; consecutive
+messages of one role are joined with newlines; the last message must be the user's; at most
+one image in the whole conversation, wherever it was sent (CogVLM puts it right after BOS
+either way).
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ def parse_messages(messages: list[dict]) -> tuple[Conversation, str | None]:
     image_urls: list[str] = []
     for i, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
-        if role not in ("system", "user", "assistant"):
-            raise PromptError(f"messages[{i}].role must be system, user or assistant, got {role!r}")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise PromptError(f"messages[{i}].role must be system, developer, user or assistant, got {role!r}")
         texts = _message_texts(message.get("content"), f"messages[{i}].content", image_urls)
-        if role == "system":
+        if role in ("system", "developer"):
             system.extend(texts)
         elif turns and turns[-1][0] == role:
             turns[-1][1].extend(texts)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -143,6 +143,10 @@ class Engine:
                 f"prompt of {prompt.num_tokens} tokens (image slots included) leaves no room for output "
                 f"within max_model_len {self.max_model_len}"
             )
+        vocab = self.model.config.vocab_size
+        if any(token_id >= vocab for token_id, _ in params.logit_bias):
+            raise ParamError(f"logit_bias holds token ids past the vocabulary (size {vocab}): "
+                             f"{sorted(t for t, _ in params.logit_bias if t >= vocab)[:5]}")  # fmt: skip
         if any(f"{request_id}#{i}" in self.tracked for i in range(params.n)):
             raise ParamError(f"request id {request_id!r} is already in use")
         room = self.max_model_len - prompt.num_tokens
@@ -154,7 +158,7 @@ class Engine:
             internal_id = f"{request_id}#{index}"
             child = params
             if params.n > 1 and params.seed is not None:
-                child = SamplingParams(**{**params.__dict__, "seed": params.seed + index})
+                child = replace(params, seed=params.child_seed(index))
             seq = SequenceData(internal_id, prompt, child)
             self.scheduler.add(Request(seq, max_tokens, frozenset(stop_ids)))
             self.tracked[internal_id] = _Tracked(request_id, index, IncrementalDetokenizer(self.processor.tokenizer,

@@ -119,8 +119,54 @@ def test_seeded_rows_do_not_depend_on_their_neighbours():
         ({"n": 0}, "n"),
         ({"stop": ("",)}, "stop"),
         ({"stop_token_ids": (-1,)}, "stop_token_ids"),
+        # each of these once reached the engine's step and stopped it for every request
+        ({"seed": 2**63}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        # NaN passes every range comparison the wrong way; infinities make the logits NaN
+        ({"temperature": math.nan}, "temperature"),
+        ({"temperature": math.inf}, "temperature"),
+        ({"repetition_penalty": math.nan}, "repetition_penalty"),
+        ({"repetition_penalty": math.inf}, "repetition_penalty"),
+        ({"presence_penalty": math.nan}, "presence_penalty"),
+        ({"top_p": math.nan}, "top_p"),
+        ({"min_p": math.nan}, "min_p"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"logit_bias": ((-1, 1.0),)}, "logit_bias"),
+        ({"logit_bias": ((5, 100.5),)}, "logit_bias"),
+        ({"logit_bias": ((5, math.nan),)}, "logit_bias"),
     ],
 )
 def test_every_parameter_is_validated_with_its_name(bad, name):
     with pytest.raises(ParamError, match=f"^{name} must be"):
         SamplingParams(**bad)
+
+
+def test_the_extremes_of_every_range_sample():
+    """What validation lets through must not fail in the sampler: seeds at both ends of int64
+    (torch's generator takes them), a top_k and stop ids past int64 (a top_k past the vocabulary
+    keeps every token; such a stop id never comes), a temperature of 1e-4 (raised to 0.01, as vLLM
+    does). A top_k of 1e30 once stopped the engine: it was converted to an int64 tensor."""
+    logits = torch.randn(5, 50) * 30
+    rows = [seq("a", seed=2**63 - 1), seq("b", seed=-(2**63)), seq("c", top_k=10**30), seq("d", temperature=1e-4),
+            seq("e", min_tokens=3, stop_token_ids=(10**30,))]  # fmt: skip
+    tokens = [t.token_id for t in sample(logits, *rows)]
+    assert all(0 <= t < 50 for t in tokens)
+    assert tokens[3] == logits[3].argmax().item()  # 30 / 0.01 apart: the best token, not NaN's index 0
+    assert seq(temperature=1e-6).params.is_greedy and not seq(temperature=1e-4).params.is_greedy
+
+
+def test_logit_bias_is_added_to_the_logits_of_its_row_only():
+    logits = torch.randn(3, 40)
+    worst = int(logits[1].argmin())
+    rows = [seq("a", temperature=0), seq("b", temperature=0, logit_bias=((worst, 100.0),)),
+            seq("c", temperature=0, logit_bias=((int(logits[2].argmax()), -100.0),))]  # fmt: skip
+    tokens = [t.token_id for t in sample(logits, *rows)]
+    assert tokens[0] == logits[0].argmax().item()
+    assert tokens[1] == worst  # greedy rows follow the bias too
+    assert tokens[2] == logits[2].topk(2).indices[1].item()  # the best token banned: the second best
+    for i in range(20):  # sampled rows: a token biased by -100 never comes up
+        (t,) = sample(logits[:1], seq(f"s{i}", temperature=5.0, logit_bias=tuple((j, -100.0) for j in range(39))))
+        assert t.token_id == 39
+    # logprobs stay the raw model's, as vLLM's
+    (biased,) = sample(logits[1:2], seq("l", temperature=0, logprobs=0, logit_bias=((worst, 100.0),)))
+    assert biased.logprob == pytest.approx(torch.log_softmax(logits[1], -1)[worst].item(), abs=1e-5)

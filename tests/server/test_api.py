@@ -2,6 +2,7 @@
 loopback over the tiny model."""
 
 import base64
+import json
 import time
 
 import httpx
@@ -189,7 +190,10 @@ def test_tokens_as_token_ids(open_server):
 
 
 def post(server, body, **kw):
-    return httpx.post(f"{server.url}/v1/chat/completions", timeout=30, **kw, **({"json": body} if body else {}))
+    if body:  # json.dumps writes NaN and Infinity, as Python clients send them; httpx's json= refuses them
+        headers = {"content-type": "application/json", **kw.get("headers", {})}
+        kw = {**kw, "content": json.dumps(body), "headers": headers}
+    return httpx.post(f"{server.url}/v1/chat/completions", timeout=30, **kw)
 
 
 def assert_error(response, status, param=None, code=None):
@@ -226,11 +230,63 @@ def chat(**extra):
             "messages",
             None,
         ),
+        # each of these once stopped the engine for every request (a 500, then 503s)
+        (chat(seed=2**70, temperature=1.0), 400, "seed", None),
+        (chat(top_k=-2, temperature=1.0), 400, "top_k", None),
+        (chat(temperature=float("nan")), 400, "temperature", None),
+        (chat(repetition_penalty=float("inf")), 400, "repetition_penalty", None),
+        (chat(logit_bias={"abc": 1}), 400, "logit_bias", None),
+        (chat(logit_bias={"5": 101}), 400, "logit_bias", None),
+        (chat(logit_bias={"100000": 1}), 400, "logit_bias", None),
+        (chat(stream_options={"include_usage": True}), 400, "stream_options", None),
+        (
+            chat(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]),
+            400,
+            "messages.0.content.0",
+            None,
+        ),  # fmt: skip
     ],
 )
 def test_bad_requests_get_openai_errors_and_the_server_stays_healthy(open_server, body, status, param, code):
     assert_error(post(open_server, body), status, param, code)
     assert httpx.get(f"{open_server.url}/health").status_code == 200
+
+
+def test_integers_past_int64_are_served(open_server):
+    """A top_k of 1e30 once stopped the engine (an int64 conversion in the sampler)."""
+    response = post(open_server, chat(top_k=10**30, temperature=1.0, min_tokens=1, stop_token_ids=[10**30]))
+    assert response.status_code == 200, response.text
+    assert httpx.get(f"{open_server.url}/health").status_code == 200
+
+
+def test_an_unknown_content_part_is_named_in_the_error(open_server):
+    body = chat(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}])
+    message = post(open_server, body).json()["error"]["message"]
+    assert "input_audio" in message and "image_url" in message and "valid string" not in message
+
+
+def test_logit_bias_steers_the_answer(client):
+    def first_token(**extra):
+        response = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=1, temperature=0, logprobs=True, top_logprobs=5,
+                                                  extra_body={"return_tokens_as_token_ids": True}, **extra)  # fmt: skip
+        content = response.choices[0].logprobs.content[0]
+        return int(content.token.removeprefix("token_id:")), content.top_logprobs
+
+    best, top = first_token()
+    fifth = int(top[-1].token.removeprefix("token_id:"))
+    assert first_token(logit_bias={str(fifth): 100})[0] == fifth != best
+    assert first_token(logit_bias={str(best): -100})[0] == int(top[1].token.removeprefix("token_id:"))
+
+
+def test_developer_messages_are_system_messages(open_server):
+    def tokens(role):
+        messages = [{"role": role, "content": "Answer briefly."}, {"role": "user", "content": "Hi"}]
+        response = httpx.post(f"{open_server.url}/tokenize", json={"model": MODEL_NAME, "messages": messages})
+        assert response.status_code == 200, response.text
+        return response.json()["tokens"]
+
+    assert tokens("developer") == tokens("system") != tokens("user")
 
 
 def test_context_overflow_message_states_the_numbers(open_server):

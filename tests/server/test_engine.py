@@ -165,6 +165,8 @@ def test_n_completions_and_stop_strings(setup, prompts_and_reference):
     engine = setup.engine()
     outputs = engine.generate([(prompts[1], SamplingParams(temperature=1.0, n=3, seed=7, max_tokens=4))])[0]
     assert [o.index for o in outputs] == [0, 1, 2] and all(o.finished for o in outputs)
+    top = SamplingParams(temperature=1.0, n=2, seed=2**63 - 1, max_tokens=2)  # the second seed wraps to -2**63
+    assert [o.finished for o in engine.generate([(prompts[1], top)])[0]] == [True, True]
     full_text = setup.processor.decode(reference[1])
     stop = full_text[2:4]
     assert stop.strip(), f"the reference text {full_text!r} gives no usable stop string"
