@@ -97,14 +97,20 @@ def open_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIX
     source = io.BytesIO(data) if isinstance(data, bytes) else data
     try:
         image = Image.open(source)
-    except (OSError, Image.UnidentifiedImageError) as err:
+    except Image.DecompressionBombError as err:  # Pillow's own cap (179 M pixels) is checked on open
+        raise PromptError(f"image exceeds the cap of {max_pixels} pixels ({err})") from err
+    except Image.UnidentifiedImageError as err:
+        raise PromptError("cannot read image: not a format Pillow reads (PNG, JPEG, GIF, WebP, BMP, ...)") from err
+    except OSError as err:
         raise PromptError(f"cannot read image: {err}") from err
     width, height = image.size
     if width * height > max_pixels:
         raise PromptError(f"image of {width}x{height} pixels exceeds the cap of {max_pixels} pixels")
     try:
         image.load()
-    except (OSError, Image.DecompressionBombError) as err:
+    # NOTE: broad on purpose: Pillow's decoders raise OSError, ValueError, SyntaxError or struct.error
+    # on malformed input, and any of them here is a bad image, never a server error
+    except Exception as err:  # noqa: BLE001
         raise PromptError(f"cannot decode image: {err}") from err
     return image
 

@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.processor import Processor, PromptError
 from server.async_engine import AsyncEngine
@@ -28,6 +29,7 @@ from server.protocol import ChatCompletionRequest, TokenizeRequest
 logger = logging.getLogger(__name__)
 VERSION = "0.1.0"
 PROTECTED_PREFIXES = ("/v1/", "/tokenize")
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 # pydantic's labels for the branch of a union in an error's location: `str`, `list[...]`
 UNION_BRANCH = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|tagged-union\[.*\])$")
 
@@ -128,6 +130,12 @@ def build_app(state: AppState) -> FastAPI:
             413, f"request body exceeds {server.max_request_bytes} bytes", code="request_too_large"
         ).response()
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, err: StarletteHTTPException):
+        """Unknown routes (404) and methods (405) in OpenAI's error shape too, not FastAPI's {"detail"}."""
+        return APIError(err.status_code, str(err.detail), code=_HTTP_CODES.get(err.status_code),
+                        headers=dict(err.headers or {})).response()  # fmt: skip
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, err: RequestValidationError):
         errors = err.errors()
@@ -144,11 +152,19 @@ def build_app(state: AppState) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await chat(body, request)
 
+    def model_card() -> dict:
+        return {"id": state.served_model_name, "object": "model", "created": state.created, "owned_by": "cogserve",
+                "max_model_len": state.max_model_len}  # fmt: skip
+
     @app.get("/v1/models")
     async def models():
-        card = {"id": state.served_model_name, "object": "model", "created": state.created, "owned_by": "cogserve",
-                "max_model_len": state.max_model_len}  # fmt: skip
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")  # OpenAI's "retrieve model"; :path: names may hold slashes
+    async def model(model: str):
+        if model != state.served_model_name:
+            raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
+        return model_card()
 
     @app.get("/health")
     async def health():

@@ -8,6 +8,7 @@ ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "invalid_request_error",
+    405: "invalid_request_error",
     408: "timeout_error",
     413: "invalid_request_error",
     500: "internal_error",

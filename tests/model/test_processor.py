@@ -1,3 +1,5 @@
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -87,9 +89,23 @@ def test_pixel_cap_refuses_before_decoding(tmp_path):
     assert open_image(path, max_pixels=300 * 200).size == (300, 200)
 
 
+def test_a_decompression_bomb_is_refused_from_its_header():
+    """30000 x 30000 one-bit pixels in a 109 KB PNG: Pillow itself refuses it on open (past 179 M
+    pixels), which once escaped as a 500."""
+    bomb = io.BytesIO()
+    Image.new("1", (30000, 30000)).save(bomb, "PNG")
+    with pytest.raises(PromptError, match="exceeds the cap"):
+        open_image(bomb.getvalue())
+
+
 def test_unreadable_image_is_a_clear_error():
-    with pytest.raises(PromptError, match="cannot read image"):
+    with pytest.raises(PromptError, match="cannot read image: not a format") as err:
         open_image(b"not an image")
+    assert "BytesIO" not in str(err.value)  # the message once showed '<_io.BytesIO object at 0x...>'
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(png, "PNG")
+    with pytest.raises(PromptError, match="cannot decode image"):
+        open_image(png.getvalue()[:100])  # a truncated file: the header reads, the pixels do not
 
 
 def test_build_places_image_after_bos(tiny_checkpoint):

@@ -279,6 +279,14 @@ def test_logit_bias_steers_the_answer(client):
     assert first_token(logit_bias={str(best): -100})[0] == int(top[1].token.removeprefix("token_id:"))
 
 
+def test_retrieve_model_and_unknown_routes_in_openai_shape(open_server, client):
+    assert client.models.retrieve(MODEL_NAME).id == MODEL_NAME
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    assert_error(httpx.post(f"{open_server.url}/v1/embeddings", json={}), 404, code="not_found")
+    assert_error(httpx.get(f"{open_server.url}/v1/chat/completions"), 405, code="method_not_allowed")
+
+
 def test_developer_messages_are_system_messages(open_server):
     def tokens(role):
         messages = [{"role": role, "content": "Answer briefly."}, {"role": "user", "content": "Hi"}]
