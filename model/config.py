@@ -14,6 +14,8 @@ from pathlib import Path
 
 # The architectures entry every official CogVLM / CogVLM2 checkpoint carries.
 COGVLM_ARCHITECTURE = "CogVLMForCausalLM"
+_REQUIRED = object()  # read()'s default: the key must be present
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}
 LLAMA3_VOCAB_SIZE = 128256
 LLAMA3_BOS_TOKEN_ID = 128000
 
@@ -101,25 +103,34 @@ class CogVLMConfig:
         if not isinstance(vision_raw, dict):
             raise ConfigError(f"{source}: key 'vision_config' is missing; not a CogVLM checkpoint")
 
-        def need(d: dict, key: str, where: str = ""):
+        def read(d: dict, key: str, kind: type = int, where: str = "", default=_REQUIRED):
+            """d[key] as an int, float or str; a missing required key, or a value of another JSON
+            type (a string "4096", a bool, 1.5 for an int), is an error naming the key."""
             if key not in d:
-                raise ConfigError(f"{source}: required key '{where}{key}' is missing")
-            return d[key]
+                if default is _REQUIRED:
+                    raise ConfigError(f"{source}: required key '{where}{key}' is missing")
+                return default
+            value = d[key]
+            allowed = (int, float) if kind is float else (kind,)
+            if isinstance(value, bool) or not isinstance(value, allowed):
+                raise ConfigError(f"{source}: key '{where}{key}' must be {_KIND_NAMES[kind]}, got {value!r}")
+            return kind(value)
 
         generation = detect_generation(raw)
+        v = "vision_config."
         vision = VisionConfig(
-            image_size=int(need(vision_raw, "image_size", "vision_config.")),
-            patch_size=int(need(vision_raw, "patch_size", "vision_config.")),
-            in_channels=int(vision_raw.get("in_channels", 3)),
-            hidden_size=int(need(vision_raw, "hidden_size", "vision_config.")),
-            num_layers=int(need(vision_raw, "num_hidden_layers", "vision_config.")),
-            num_heads=int(need(vision_raw, "num_heads", "vision_config.")),
-            intermediate_size=int(need(vision_raw, "intermediate_size", "vision_config.")),
-            layer_norm_eps=float(vision_raw.get("layer_norm_eps", 1e-6)),
+            image_size=read(vision_raw, "image_size", where=v),
+            patch_size=read(vision_raw, "patch_size", where=v),
+            in_channels=read(vision_raw, "in_channels", where=v, default=3),
+            hidden_size=read(vision_raw, "hidden_size", where=v),
+            num_layers=read(vision_raw, "num_hidden_layers", where=v),
+            num_heads=read(vision_raw, "num_heads", where=v),
+            intermediate_size=read(vision_raw, "intermediate_size", where=v),
+            layer_norm_eps=read(vision_raw, "layer_norm_eps", float, where=v, default=1e-6),
             has_conv=generation == 2,
         )
-        declared = vision_raw.get("num_positions")
-        if declared is not None and int(declared) != vision.num_positions:
+        declared = read(vision_raw, "num_positions", where=v, default=None)
+        if declared is not None and declared != vision.num_positions:
             raise ConfigError(
                 f"{source}: vision_config.num_positions is {declared} but image_size "
                 f"{vision.image_size} / patch_size {vision.patch_size} gives {vision.num_positions}"
@@ -127,26 +138,30 @@ class CogVLMConfig:
         if vision.has_conv and vision.grid_size % 2:
             raise ConfigError(f"{source}: CogVLM2 needs an even patch grid, got {vision.grid_size}")
 
-        num_heads = int(need(raw, "num_attention_heads"))
-        eos = need(raw, "eos_token_id")
-        eos_ids = tuple(int(e) for e in eos) if isinstance(eos, list) else (int(eos),)
+        num_heads = read(raw, "num_attention_heads")
+        if "eos_token_id" not in raw:
+            raise ConfigError(f"{source}: required key 'eos_token_id' is missing")
+        eos = raw["eos_token_id"]
+        eos_list = eos if isinstance(eos, list) else [eos]
+        if not eos_list or any(isinstance(e, bool) or not isinstance(e, int) for e in eos_list):
+            raise ConfigError(f"{source}: key 'eos_token_id' must be a token id or a list of them, got {eos!r}")
         cfg = cls(
             generation=generation,
-            vocab_size=int(need(raw, "vocab_size")),
-            hidden_size=int(need(raw, "hidden_size")),
-            intermediate_size=int(need(raw, "intermediate_size")),
-            num_layers=int(need(raw, "num_hidden_layers")),
+            vocab_size=read(raw, "vocab_size"),
+            hidden_size=read(raw, "hidden_size"),
+            intermediate_size=read(raw, "intermediate_size"),
+            num_layers=read(raw, "num_hidden_layers"),
             num_heads=num_heads,
-            num_kv_heads=int(raw.get("num_multi_query_heads", 8)) if generation == 2 else num_heads,
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+            num_kv_heads=read(raw, "num_multi_query_heads", default=8) if generation == 2 else num_heads,
+            rms_norm_eps=read(raw, "rms_norm_eps", float, default=1e-5),
             rope_theta=500000.0 if generation == 2 else 10000.0,
-            max_position_embeddings=int(raw.get("max_position_embeddings", 8192 if generation == 2 else 2048)),
-            bos_token_id=int(need(raw, "bos_token_id")),
-            eos_token_ids=eos_ids,
-            pad_token_id=int(raw.get("pad_token_id", 128002 if generation == 2 else 0)),
-            template_version=str(raw.get("template_version", "chat")),
+            max_position_embeddings=read(raw, "max_position_embeddings", default=8192 if generation == 2 else 2048),
+            bos_token_id=read(raw, "bos_token_id"),
+            eos_token_ids=tuple(eos_list),
+            pad_token_id=read(raw, "pad_token_id", default=128002 if generation == 2 else 0),
+            template_version=read(raw, "template_version", str, default="chat"),
             vision_qkv_bias=generation == 2,
-            torch_dtype=str(raw.get("torch_dtype", "bfloat16")),
+            torch_dtype=read(raw, "torch_dtype", str, default="bfloat16"),
             vision=vision,
         )
         cfg.validate(source)

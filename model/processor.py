@@ -154,9 +154,10 @@ class Processor:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, vocab_size: int | None = None):
     """AutoTokenizer over the folder: vicuna's sentencepiece (CogVLM-17B, shipped separately)
-    or Llama-3's tokenizer.json (CogVLM2, shipped in the checkpoint)."""
+    or Llama-3's tokenizer.json (CogVLM2, shipped in the checkpoint). With the model's vocab_size,
+    a tokenizer that cannot belong to the model is refused."""
     from transformers import AutoTokenizer  # heavy import, only where a tokenizer is needed
 
     path = Path(path)
@@ -166,4 +167,15 @@ def load_tokenizer(path: str | Path):
             f"{path}: no tokenizer files ({', '.join(names)}); CogVLM-17B ships none, pass "
             "--tokenizer with a vicuna-7b-v1.5 tokenizer folder"
         )
-    return AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if vocab_size is not None:
+        size = len(tokenizer)
+        # A folder with tokenizer_config.json but no tokenizer.model loads as a 3-token tokenizer that
+        # encodes every prompt as BOS: silent nonsense. Past the vocabulary, ids index past the
+        # embedding. The checkpoints' own tokenizers fill their vocabulary exactly (32000, 128256).
+        if size > vocab_size or size < vocab_size // 2:
+            raise PromptError(
+                f"{path}: the tokenizer has {size} tokens but the model's vocabulary is {vocab_size}; "
+                "a wrong or incomplete tokenizer folder (tokenizer.model or tokenizer.json missing?)"
+            )
+    return tokenizer

@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm import tqdm
 
@@ -87,22 +87,10 @@ def load_model(
         disable=total_bytes < PROGRESS_MIN_BYTES,
     )
     for shard, index_keys in shards.items():
-        with safe_open(shard, framework="pt", device="cpu") as f:
-            file_keys = set(f.keys())
-            for key in index_keys or []:
-                if key not in file_keys:
-                    raise WeightsError(f"{shard}: the index puts tensor '{key}' here but the file lacks it")
-            for key in sorted(file_keys):
-                if key.endswith(IGNORED_SUFFIXES):
-                    continue
-                if key not in expected:
-                    raise WeightsError(f"{shard}: unexpected tensor '{key}' (no such parameter in the model)")
-                shape, want = list(f.get_slice(key).get_shape()), list(expected[key].shape)
-                if shape != want:
-                    raise WeightsError(f"{shard}: tensor '{key}' has shape {shape}, expected {want}")
-                tensor = f.get_tensor(key).to(device=device, dtype=dtype)
-                _set_parameter(model, key, tensor)
-                loaded.add(key)
+        try:
+            loaded |= _load_shard(shard, index_keys, expected, model, device, dtype)
+        except SafetensorError as err:  # a cut-short download: a header or tensor past the file's end
+            raise WeightsError(f"{shard}: not a readable safetensors file ({err}); a partial download?") from err
         bar.update(shard.stat().st_size)
     bar.close()
     missing = sorted(set(expected) - loaded)
@@ -111,6 +99,28 @@ def load_model(
         raise WeightsError(f"{where}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")
     logger.info("loaded %d tensors from %d file(s) in %s as %s", len(loaded), len(shards), folder, dtype)
     return model.eval()
+
+
+def _load_shard(shard: Path, index_keys: list[str] | None, expected: dict, model: nn.Module,
+                device: torch.device, dtype: torch.dtype) -> set[str]:  # fmt: skip
+    """Every tensor of one file into the model, checked against the index and the model's shapes."""
+    loaded = set()
+    with safe_open(shard, framework="pt", device="cpu") as f:
+        file_keys = set(f.keys())
+        for key in index_keys or []:
+            if key not in file_keys:
+                raise WeightsError(f"{shard}: the index puts tensor '{key}' here but the file lacks it")
+        for key in sorted(file_keys):
+            if key.endswith(IGNORED_SUFFIXES):
+                continue
+            if key not in expected:
+                raise WeightsError(f"{shard}: unexpected tensor '{key}' (no such parameter in the model)")
+            shape, want = list(f.get_slice(key).get_shape()), list(expected[key].shape)
+            if shape != want:
+                raise WeightsError(f"{shard}: tensor '{key}' has shape {shape}, expected {want}")
+            _set_parameter(model, key, f.get_tensor(key).to(device=device, dtype=dtype))
+            loaded.add(key)
+    return loaded
 
 
 def _set_parameter(model: nn.Module, key: str, tensor: torch.Tensor) -> None:

@@ -27,7 +27,7 @@ def resolve_device(name: str) -> torch.device:
 def load_everything(mc: ModelConfig):
     cfg = CogVLMConfig.from_checkpoint(mc.model)
     device = resolve_device(mc.device)
-    processor = Processor(load_tokenizer(mc.tokenizer or mc.model), cfg)
+    processor = Processor(load_tokenizer(mc.tokenizer or mc.model, cfg.vocab_size), cfg)
     model = load_model(mc.model, resolve_dtype(mc.dtype, cfg, device), device, cfg)
     return model, processor
 

@@ -162,6 +162,19 @@ def test_config_that_is_neither_generation_is_refused(tmp_path, change, words):
         assert word in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "key, value",
+    [("hidden_size", "big"), ("hidden_size", "4096"), ("num_hidden_layers", 32.5), ("vocab_size", True),
+     ("eos_token_id", "</s>"), ("rms_norm_eps", "1e-5"), ("template_version", 1)],
+)  # fmt: skip
+def test_a_value_of_the_wrong_type_names_its_key(tmp_path, key, value):
+    """hidden_size "big" was once `invalid literal for int() with base 10: 'big'`, no file or key."""
+    (tmp_path / "config.json").write_text(json.dumps({**official_config_json(1), key: value}))
+    with pytest.raises(ConfigError, match=f"config.json: key '{key}' must be") as err:
+        CogVLMConfig.from_checkpoint(tmp_path)
+    assert repr(value) in str(err.value)
+
+
 def test_inconsistent_num_positions_is_refused():
     raw = official_config_json(1)
     raw["vision_config"] = {**raw["vision_config"], "num_positions": 1000}

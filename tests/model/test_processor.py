@@ -1,4 +1,6 @@
 import io
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,3 +128,16 @@ def test_build_places_image_after_bos(tiny_checkpoint):
 def test_missing_tokenizer_names_the_folder(tmp_path):
     with pytest.raises(PromptError, match="--tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def test_a_tokenizer_that_cannot_be_the_models_is_refused(tmp_path, tiny_checkpoints):
+    """tokenizer_config.json without tokenizer.model (CogVLM-17B's sentencepiece) once loaded as a
+    3-token tokenizer that made every prompt BOS alone: `cogserve generate` printed nothing."""
+    tiny_checkpoint = tiny_checkpoints[1]
+    shutil.copy(Path(tiny_checkpoint) / "tokenizer_config.json", tmp_path)
+    with pytest.raises(PromptError, match="3 tokens but the model's vocabulary is"):
+        load_tokenizer(tmp_path, CogVLMConfig.from_checkpoint(tiny_checkpoint).vocab_size)
+    vocab = len(load_tokenizer(tiny_checkpoint))
+    load_tokenizer(tiny_checkpoint, vocab)  # its own model's
+    with pytest.raises(PromptError, match="tokenizer has"):
+        load_tokenizer(tiny_checkpoint, vocab - 1)  # ids past the embedding

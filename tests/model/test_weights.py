@@ -104,3 +104,12 @@ def test_index_naming_a_missing_shard_is_a_clear_error(checkpoint):
     (checkpoint / "model-00002-of-00003.safetensors").unlink()
     with pytest.raises(WeightsError, match="model-00002-of-00003.safetensors"):
         load_model(checkpoint)
+
+
+@pytest.mark.parametrize("keep", [100, -1000])  # cut inside the header; cut inside the last tensor's bytes
+def test_a_cut_short_shard_names_the_file(checkpoint, keep):
+    shard = checkpoint / "model-00002-of-00003.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:keep])
+    with pytest.raises(WeightsError, match="model-00002-of-00003.safetensors: not a readable safetensors file"):
+        load_model(checkpoint)
