@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
 from server.config import DEFAULT_MODEL, GenerateConfig, ModelConfig, ServeConfig, ServerConfig
@@ -11,6 +12,26 @@ from server.engine import EngineConfig
 from server.media import MediaConfig
 
 logger = logging.getLogger(__name__)
+
+
+def number(kind: type, low: float, high: float = math.inf, low_open: bool = False):
+    """An argparse type: a `kind` in [low, high] ((low, high] with low_open). A bad value is an
+    argparse error naming the flag, before anything loads."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        if not math.isfinite(value) or not low <= value <= high or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"must be in {'(' if low_open else '['}{low:g}, {high:g}], got {text}")
+        return value
+
+    return parse
+
+
+COUNT = number(int, 1)  # sizes and limits: at least one
+SECONDS = number(float, 0, low_open=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,10 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--messages", help="JSON file with an OpenAI-style messages array")
     gen.add_argument("--image", help="image file to ask about (with --prompt)")
     gen.add_argument("--template", choices=["chat", "vqa", "base"], help="default: the checkpoint's")
-    gen.add_argument("--max-tokens", type=int, default=GenerateConfig.max_tokens)
-    gen.add_argument("--temperature", type=float, default=GenerateConfig.temperature)
+    gen.add_argument("--max-tokens", type=COUNT, default=GenerateConfig.max_tokens)
+    gen.add_argument("--temperature", type=number(float, 0), default=GenerateConfig.temperature)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--top-logprobs", type=int, default=0, help="K best [token_id, logprob] per token (<= 20)")
+    gen.add_argument(
+        "--top-logprobs", type=number(int, 0, 20), default=0, help="K best [token_id, logprob] per token (<= 20)"
+    )
     gen.add_argument("--json", action="store_true", help="print one JSON object")
 
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
@@ -49,27 +72,27 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the checkpoint's)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-image-pixels", type=int, default=ModelConfig.max_image_pixels)
+    parser.add_argument("--max-model-len", type=COUNT, default=None)
+    parser.add_argument("--max-image-pixels", type=COUNT, default=ModelConfig.max_image_pixels)
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
     d, m = ServerConfig(), MediaConfig()
     parser.add_argument("--host", default=d.host)
-    parser.add_argument("--port", type=int, default=d.port)
+    parser.add_argument("--port", type=number(int, 0, 65535), default=d.port)
     parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: folder name)")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* and /tokenize")
     parser.add_argument("--allowed-origins", nargs="*", default=[], help="CORS origins, e.g. https://app.example")
-    parser.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests)
-    parser.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes)
-    parser.add_argument("--max-n", type=int, default=d.max_n, help="completions per request at most")
-    parser.add_argument("--request-timeout", type=float, default=d.request_timeout_s, help="seconds per request")
-    parser.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout_s,
+    parser.add_argument("--max-queued-requests", type=number(int, 0), default=d.max_queued_requests)
+    parser.add_argument("--max-request-bytes", type=COUNT, default=d.max_request_bytes)
+    parser.add_argument("--max-n", type=COUNT, default=d.max_n, help="completions per request at most")
+    parser.add_argument("--request-timeout", type=SECONDS, default=d.request_timeout_s, help="seconds per request")
+    parser.add_argument("--shutdown-timeout", type=number(float, 0), default=d.shutdown_timeout_s,
                         help="seconds in-flight requests get after SIGTERM")  # fmt: skip
-    parser.add_argument("--image-fetch-timeout", type=float, default=m.fetch_timeout_s)
-    parser.add_argument("--image-connect-timeout", type=float, default=m.connect_timeout_s)
-    parser.add_argument("--max-image-bytes", type=int, default=m.max_image_bytes)
-    parser.add_argument("--max-image-redirects", type=int, default=m.max_redirects)
+    parser.add_argument("--image-fetch-timeout", type=SECONDS, default=m.fetch_timeout_s)
+    parser.add_argument("--image-connect-timeout", type=SECONDS, default=m.connect_timeout_s)
+    parser.add_argument("--max-image-bytes", type=COUNT, default=m.max_image_bytes)
+    parser.add_argument("--max-image-redirects", type=number(int, 0), default=m.max_redirects)
     parser.add_argument("--allow-private-image-urls", action="store_true",
                         help="on-prem: allow image URLs on private, loopback and link-local addresses")  # fmt: skip
     parser.add_argument(
@@ -79,7 +102,6 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
-    require_at_least_one(args, "port", "max_queued_requests", "max_n", "max_request_bytes", "max_image_bytes")
     server = ServerConfig(
         host=args.host, port=args.port, served_model_name=args.served_model_name, api_key=args.api_key,
         allowed_origins=tuple(args.allowed_origins), max_queued_requests=args.max_queued_requests,
@@ -97,12 +119,14 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     d = EngineConfig()
-    parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="running requests at most")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+    parser.add_argument("--max-num-seqs", type=COUNT, default=d.max_num_seqs, help="running requests at most")
+    parser.add_argument("--max-num-batched-tokens", type=COUNT, default=d.max_num_batched_tokens,
                         help="tokens per step; long prompts are split into chunks of at most this")  # fmt: skip
-    parser.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
-    parser.add_argument("--kv-cache-gb", type=float, default=d.kv_cache_gb, help="KV pool size on CPU")
-    parser.add_argument("--gpu-memory-fraction", type=float, default=d.gpu_memory_fraction,
+    parser.add_argument("--block-size", type=COUNT, default=d.block_size, help="tokens per KV block")
+    parser.add_argument(
+        "--kv-cache-gb", type=number(float, 0, low_open=True), default=d.kv_cache_gb, help="KV pool size on CPU"
+    )
+    parser.add_argument("--gpu-memory-fraction", type=number(float, 0, 1, low_open=True), default=d.gpu_memory_fraction,
                         help="share of free GPU memory (after loading) for the KV pool")  # fmt: skip
     parser.add_argument("--no-prefix-caching", action="store_true", help="disable KV reuse across requests")
     parser.add_argument(
@@ -124,16 +148,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                              "on its first image step, about a second a shape, stalling running requests)")  # fmt: skip
 
 
-def require_at_least_one(args: argparse.Namespace, *names: str) -> None:
-    for name in names:
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-
-
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    require_at_least_one(args, "max_num_seqs", "max_num_batched_tokens", "block_size")
-    if args.kv_cache_gb <= 0 or not 0 < args.gpu_memory_fraction <= 1:
-        raise ValueError("--kv-cache-gb must be > 0 and --gpu-memory-fraction in (0, 1]")
     return EngineConfig(
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, block_size=args.block_size, kv_cache_gb=args.kv_cache_gb,

@@ -100,7 +100,18 @@ class Engine:
         self.processor = processor
         self.config = config
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"--max-model-len {self.max_model_len} exceeds the checkpoint's "
+                             f"max_position_embeddings ({cfg.max_position_embeddings}): the model was not trained "
+                             "on longer sequences")  # fmt: skip
         num_blocks = self._num_blocks(model, config)
+        if num_blocks * config.block_size < self.max_model_len:
+            # a request longer than the whole pool would wait forever: nothing it could preempt frees enough
+            raise ValueError(
+                f"the KV pool holds {num_blocks * config.block_size} tokens ({num_blocks} blocks of "
+                f"{config.block_size}), less than one sequence of max_model_len {self.max_model_len}: give it more "
+                "memory (--kv-cache-gb on CPU, --gpu-memory-fraction on CUDA) or lower --max-model-len"
+            )
         runner_config = RunnerConfig(num_blocks, config.block_size, config.encoder_cache_size, config.attention_backend,
                                      config.one_row_gemv, config.pdl)  # fmt: skip
         self.runner = ModelRunner(model, runner_config)

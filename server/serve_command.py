@@ -79,8 +79,11 @@ def run_serve(config: ServeConfig) -> int:
     def load() -> None:
         try:
             load_engine(state)
-        except Exception:  # noqa: BLE001 -- logged with its traceback; the server then exits 1
-            logger.exception("loading the model failed")
+        except Exception as err:  # noqa: BLE001 -- logged; the server then exits 1
+            if isinstance(err, ValueError | OSError):  # a checkpoint or flag problem: the message names it
+                logger.error("cannot serve: %s", err)
+            else:
+                logger.exception("loading the model failed")
             failed.set()
             server.should_exit = True
 

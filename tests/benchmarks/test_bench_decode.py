@@ -16,7 +16,9 @@ def test_crowded_decode_takes_what_the_pool_holds_without_preempting():
     processor = Processor(DigitTokenizer(), model.config)
     prompts = [processor.build(Conversation(query=f"{i:02d}" + "7" * 60)) for i in range(6)]  # ~75 tokens each
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    engine = Engine(model, processor, EngineConfig(num_kv_blocks=20, block_size=16))  # 6 blocks a sequence: 3 fit
+    engine = Engine(
+        model, processor, EngineConfig(num_kv_blocks=20, block_size=16, max_model_len=320)
+    )  # 6 blocks a sequence: 3 fit
     sequences, ms, floor_ms = crowded_decode(engine, prompts, params, steps=4, weight_bytes=0, bandwidth=1e9)
     assert sequences == 3 and ms > 0
     assert engine.scheduler.num_preemptions == 0

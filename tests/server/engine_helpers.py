@@ -26,6 +26,9 @@ class Setup:
 
     def engine(self, **config) -> Engine:
         config.setdefault("num_kv_blocks", 512)  # 8192 tokens: plenty, and quick to allocate
+        # small pools force preemption; the engine refuses a max_model_len its pool cannot hold
+        pool_tokens = config["num_kv_blocks"] * config.get("block_size", EngineConfig.block_size)
+        config.setdefault("max_model_len", min(pool_tokens, self.model.config.max_position_embeddings))
         return Engine(self.model, self.processor, EngineConfig(**config))
 
     def prompts(self, count: int) -> list[PromptInputs]:

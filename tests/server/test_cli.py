@@ -93,7 +93,8 @@ def test_messages_file_with_history_system_and_data_uri(capsys, tmp_path, tiny_c
     [
         (["--model", "/nonexistent", "--prompt", "Hi"], "/nonexistent/config.json: not found"),
         (["--prompt", "Hi", "--image", "/nonexistent.png"], "image file not found"),
-        (["--prompt", "Hi", "--max-tokens", "0"], "max_tokens"),
+        (["--prompt", "Hi", "--max-model-len", "100000"], "exceeds the checkpoint's max_position_embeddings"),
+        (["--prompt", "Hi", "--kv-cache-gb", "0.000001"], "the KV pool holds 16 tokens"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(capsys, tiny_checkpoints, args, message):
@@ -101,6 +102,21 @@ def test_bad_input_exits_2_with_a_message(capsys, tiny_checkpoints, args, messag
         args = ["--model", str(tiny_checkpoints[1]), *args]
     assert main(["generate", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--port", "99999"), ("--max-model-len", "0"), ("--request-timeout", "0"), ("--max-image-pixels", "0"),
+     ("--max-num-seqs", "0"), ("--block-size", "-16"), ("--kv-cache-gb", "nan"), ("--gpu-memory-fraction", "1.5"),
+     ("--max-n", "two"), ("--max-queued-requests", "-1")],
+)  # fmt: skip
+def test_a_flag_out_of_range_is_refused_before_loading(capsys, flag, value):
+    """--port 99999 was a bind() traceback after loading; --max-model-len 0 silently meant the
+    default; --request-timeout 0 timed out every request."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--model", "/nonexistent", flag, value])
+    assert exit_.value.code == 2
+    assert f"argument {flag}:" in capsys.readouterr().err
 
 
 def test_two_images_are_refused(capsys, tmp_path, tiny_checkpoints, image_file):
