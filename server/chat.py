@@ -19,6 +19,7 @@ from server.async_engine import EngineDeadError
 from server.conversation import parse_messages
 from server.errors import APIError, bad_request, unavailable
 from server.protocol import ChatCompletionRequest
+from server.token_bytes import TokenBytes
 
 
 def sampling_params(body: ChatCompletionRequest, max_n: int) -> SamplingParams:
@@ -76,6 +77,13 @@ class ChatHandler:
 
     def __init__(self, state):
         self.state = state
+        self._token_bytes: TokenBytes | None = None  # built once the tokenizer has loaded; caches per token
+
+    @property
+    def token_bytes(self) -> TokenBytes:
+        if self._token_bytes is None:
+            self._token_bytes = TokenBytes(self.state.processor.tokenizer)
+        return self._token_bytes
 
     async def build_prompt(self, body: ChatCompletionRequest) -> PromptInputs:
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
@@ -123,21 +131,23 @@ class ChatHandler:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         state.metrics.prompt_tokens.inc(prompt.num_tokens)
         outputs = state.engine.generate(request_id, prompt, params)
-        context = _Context(request_id, int(time.time()), body, prompt.num_tokens, arrival, state)
+        logprobs = fmt.LogprobFormatter(self.token_bytes, body.return_tokens_as_token_ids)
+        context = _Context(request_id, int(time.time()), body, prompt.num_tokens, arrival, state, logprobs)
         if body.stream:
             return StreamingResponse(context.stream(outputs), media_type="text/event-stream")
         return await context.collect(outputs, request)
 
 
 class _Context:
-    def __init__(self, request_id, created, body: ChatCompletionRequest, num_prompt_tokens, arrival, state):
+    def __init__(self, request_id, created, body: ChatCompletionRequest, num_prompt_tokens, arrival, state,
+                 logprobs: fmt.LogprobFormatter):  # fmt: skip
         self.request_id, self.created, self.body = request_id, created, body
         self.model = state.served_model_name
         self.num_prompt_tokens = num_prompt_tokens
         self.arrival = arrival
         self.state = state
         self.metrics = state.metrics
-        self.logprobs = fmt.LogprobFormatter(state.processor.tokenizer, body.return_tokens_as_token_ids)
+        self.logprobs = logprobs
         self.last_token_time: float | None = None
 
     def _observe(self, output) -> None:

@@ -5,25 +5,21 @@ from __future__ import annotations
 import json
 
 from model.batch import SampledToken
+from server.token_bytes import TokenBytes
 
 
 class LogprobFormatter:
-    def __init__(self, tokenizer, as_token_ids: bool):
-        self.tokenizer = tokenizer
-        self.as_token_ids = as_token_ids
-        self.cache: dict[int, str] = {}
+    """token: the token's text (half a character shows as U+FFFD), or "token_id:N" when asked;
+    bytes: its raw bytes, which concatenated give the completion's UTF-8 (server/token_bytes.py)."""
 
-    def token(self, token_id: int) -> str:
-        if self.as_token_ids:
-            return f"token_id:{token_id}"
-        text = self.cache.get(token_id)
-        if text is None:
-            text = self.cache[token_id] = self.tokenizer.decode([token_id])
-        return text
+    def __init__(self, token_bytes: TokenBytes, as_token_ids: bool):
+        self.token_bytes = token_bytes
+        self.as_token_ids = as_token_ids
 
     def entry(self, token_id: int, logprob: float) -> dict:
-        text = self.token(token_id)
-        return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8"))}
+        data = self.token_bytes(token_id)
+        text = f"token_id:{token_id}" if self.as_token_ids else data.decode("utf-8", errors="replace")
+        return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(data)}
 
     def content(self, tokens: list[SampledToken]) -> dict:
         return {"content": [

@@ -162,9 +162,14 @@ def test_logprobs_n_and_stop(client):
         messages=[{"role": "user", "content": "Hi"}],
         max_tokens=8,
         temperature=0,
+        logprobs=True,
         extra_body={"ignore_eos": True},
     )
     text = greedy.choices[0].message.content
+    # the tokens' bytes are the text (sentencepiece's first space aside: a full decode drops it); the
+    # random model emits stray bytes of byte fallback, U+FFFD in the text as in this decode
+    joined = b"".join(bytes(entry.bytes) for entry in greedy.choices[0].logprobs.content).decode(errors="replace")
+    assert joined.removeprefix(" ") == text
     assert len(text) > 3 and text[1:3].strip(), f"greedy text {text!r} gives no usable stop string"
     stopped = client.chat.completions.create(
         model=MODEL_NAME,
@@ -285,6 +290,18 @@ def test_retrieve_model_and_unknown_routes_in_openai_shape(open_server, client):
         client.models.retrieve("gpt-4")
     assert_error(httpx.post(f"{open_server.url}/v1/embeddings", json={}), 404, code="not_found")
     assert_error(httpx.get(f"{open_server.url}/v1/chat/completions"), 405, code="method_not_allowed")
+
+
+def test_logprob_bytes_are_the_tokens_raw_bytes(client, loaded):
+    """Forced by logit_bias: half of "ü" (byte fallback <0xC3>) and "▁a" (a word with its space).
+    One-token decode gave U+FFFD's bytes [239, 191, 189] and "a"."""
+    tokenizer = loaded[1].tokenizer
+    for piece, want in (("<0xC3>", [0xC3]), ("▁a", list(b" a"))):
+        token_id = tokenizer.convert_tokens_to_ids(piece)
+        response = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=1, temperature=0, logprobs=True,
+                                                  logit_bias={str(token_id): 100})  # fmt: skip
+        assert response.choices[0].logprobs.content[0].bytes == want
 
 
 def test_developer_messages_are_system_messages(open_server):
