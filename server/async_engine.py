@@ -90,10 +90,12 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self._drain_commands(block=not self.engine.has_unfinished)
+                took_commands = self._drain_commands(block=not self.engine.has_unfinished)
                 if self.engine.has_unfinished:
                     for output in self.engine.step():
                         self._deliver(output.request_id, output)
+                    self._record_step()
+                elif took_commands:  # the last requests were aborted: no step will refresh the gauges
                     self._record_step()
         except BaseException as err:  # noqa: BLE001 -- every stream must hear of it, then the thread ends
             logger.exception("engine thread failed")
@@ -101,11 +103,12 @@ class AsyncEngine:
             for request_id in list(self.streams):
                 self._deliver(request_id, EngineDeadError(f"the engine stopped: {err}"))
 
-    def _drain_commands(self, block: bool) -> None:
+    def _drain_commands(self, block: bool) -> bool:
+        """Adds and aborts from the event loop; whether there were any."""
         try:
             command = self.commands.get(timeout=0.5) if block else self.commands.get_nowait()
         except queue.Empty:
-            return
+            return False
         while True:
             if command[0] == "add":
                 _, request_id, prompt, params = command
@@ -119,7 +122,7 @@ class AsyncEngine:
             try:
                 command = self.commands.get_nowait()
             except queue.Empty:
-                return
+                return True
 
     def _record_step(self) -> None:
         m = self.metrics

@@ -138,6 +138,12 @@ class ChatHandler:
         return await context.collect(outputs, request)
 
 
+async def _client_gone(request: Request) -> None:
+    """Returns once the client disconnects: its body is read, so the next ASGI message is that."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 class _Context:
     def __init__(self, request_id, created, body: ChatCompletionRequest, num_prompt_tokens, arrival, state,
                  logprobs: fmt.LogprobFormatter):  # fmt: skip
@@ -171,6 +177,22 @@ class _Context:
                 yield output
 
     async def collect(self, outputs: AsyncIterator, request: Request) -> JSONResponse:
+        """The whole answer, unless the client leaves first: then its sequences are aborted (closing
+        `outputs` does it) instead of generating to max_tokens for no one, as vLLM does."""
+        gather = asyncio.create_task(self._gather(outputs))
+        gone = asyncio.create_task(_client_gone(request))
+        try:
+            await asyncio.wait({gather, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not gather.done():  # the client left (or this handler was cancelled)
+                gather.cancel()
+        try:
+            return await gather
+        except asyncio.CancelledError:  # nginx's 499: nobody reads it, the access log and metrics do
+            return JSONResponse(APIError(499, "client closed the request").body(), status_code=499)
+
+    async def _gather(self, outputs: AsyncIterator) -> JSONResponse:
         n = self.body.n
         finals, logprobs = [None] * n, [[] for _ in range(n)]
         try:

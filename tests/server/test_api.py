@@ -198,7 +198,7 @@ def post(server, body, **kw):
     if body:  # json.dumps writes NaN and Infinity, as Python clients send them; httpx's json= refuses them
         headers = {"content-type": "application/json", **kw.get("headers", {})}
         kw = {**kw, "content": json.dumps(body), "headers": headers}
-    return httpx.post(f"{server.url}/v1/chat/completions", timeout=30, **kw)
+    return httpx.post(f"{server.url}/v1/chat/completions", **{"timeout": 30, **kw})
 
 
 def assert_error(response, status, param=None, code=None):
@@ -387,6 +387,32 @@ def test_disconnect_mid_stream_frees_every_block(open_server, loaded):
         time.sleep(0.02)
     assert kv.num_free_blocks == len(kv.pool.blocks)
     assert not engine.engine.scheduler.requests
+
+
+def test_a_client_that_leaves_a_non_streaming_request_stops_it(tiny_checkpoints):
+    """Its sequences once ran to max_tokens for no one (n=4 x 1500 tokens here); and without
+    look-ahead steps (CPU's default) the running gauge kept them once the engine went idle."""
+    with (
+        running_engine(tiny_checkpoints[1], async_scheduling=False) as (_, processor, engine),
+        serve(ServeConfig(), engine, processor) as live,
+    ):
+        kv = engine.engine.kv
+
+        def metric(name, labels=""):  # the sum over the series whose labels include `labels`
+            text = httpx.get(f"{live.url}/metrics").text
+            return sum(float(line.split()[-1]) for line in text.splitlines()
+                           if line.startswith(f"cogserve:{name}{{") and labels in line)  # fmt: skip
+
+        with pytest.raises(httpx.ReadTimeout):
+            post(live, chat(max_tokens=1500, ignore_eos=True, n=4, temperature=1.0), timeout=1.0)
+        for _ in range(200):
+            if kv.num_free_blocks == len(kv.pool.blocks) and not engine.engine.scheduler.requests:
+                break
+            time.sleep(0.02)
+        assert kv.num_free_blocks == len(kv.pool.blocks) and not engine.engine.scheduler.requests
+        time.sleep(0.1)
+        assert metric("num_requests_running") == 0
+        assert metric("http_responses_total", 'status="499"') == 1
 
 
 def test_request_timeout_and_cors(loaded):
