@@ -115,7 +115,11 @@ class AsyncEngine:
                 self.num_taken += 1
                 try:
                     self.engine.add_request(request_id, prompt, params)
-                except ValueError as err:
+                except ValueError as err:  # a bad request: a 400
+                    self._deliver(request_id, err)
+                except Exception as err:  # noqa: BLE001 -- one request's failure must not stop the others
+                    logger.exception("adding request %s failed", request_id)
+                    self.engine.abort(request_id)  # whatever part of it got in
                     self._deliver(request_id, err)
             elif command[0] == "abort":
                 self.engine.abort(command[1])

@@ -415,6 +415,23 @@ def test_a_client_that_leaves_a_non_streaming_request_stops_it(tiny_checkpoints)
         assert metric("http_responses_total", 'status="499"') == 1
 
 
+def test_a_request_the_engine_fails_to_add_fails_alone(open_server, loaded, monkeypatch):
+    """An unexpected error adding one request (here a stand-in RuntimeError for max_tokens=3) is that
+    request's 500; it once went up the engine thread and stopped the engine for everyone."""
+    engine = loaded[2].engine
+    add = engine.add_request
+
+    def failing_add(request_id, prompt, params):
+        if params.max_tokens == 3:
+            raise RuntimeError("stand-in failure")
+        return add(request_id, prompt, params)
+
+    monkeypatch.setattr(engine, "add_request", failing_add)
+    assert_error(post(open_server, chat(max_tokens=3)), 500, code="internal_error")
+    assert post(open_server, chat(max_tokens=2)).status_code == 200
+    assert httpx.get(f"{open_server.url}/health").status_code == 200
+
+
 def test_request_timeout_and_cors(loaded):
     _, processor, engine = loaded
     config = ServeConfig(server=ServerConfig(request_timeout_s=0.3, allowed_origins=("https://app.example",)))
