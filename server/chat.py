@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +21,8 @@ from server.conversation import parse_messages
 from server.errors import APIError, bad_request, unavailable
 from server.protocol import ChatCompletionRequest
 from server.token_bytes import TokenBytes
+
+logger = logging.getLogger(__name__)
 
 
 def sampling_params(body: ChatCompletionRequest, max_n: int) -> SamplingParams:
@@ -247,6 +250,10 @@ class _Context:
             timeout_s = self.state.config.server.request_timeout_s
             message = f"request timed out after {timeout_s} s" if status == 408 else str(err)
             yield f"data: {json.dumps(APIError(status, message).body())}\n\n"
+        except Exception:  # noqa: BLE001 -- the 200 is sent: the stream must still end with an error and [DONE]
+            logger.exception("stream %s failed", rid)
+            error = APIError(500, f"internal error (request id {rid})", code="internal_error")
+            yield f"data: {json.dumps(error.body())}\n\n"
         finally:
             await outputs.aclose()
         yield fmt.DONE

@@ -428,6 +428,9 @@ def test_a_request_the_engine_fails_to_add_fails_alone(open_server, loaded, monk
 
     monkeypatch.setattr(engine, "add_request", failing_add)
     assert_error(post(open_server, chat(max_tokens=3)), 500, code="internal_error")
+    with httpx.stream("POST", f"{open_server.url}/v1/chat/completions", json=chat(max_tokens=3, stream=True)) as r:
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert json.loads(events[-2])["error"]["code"] == "internal_error" and events[-1] == "[DONE]"
     assert post(open_server, chat(max_tokens=2)).status_code == 200
     assert httpx.get(f"{open_server.url}/health").status_code == 200
 
