@@ -17,7 +17,11 @@ from __future__ import annotations
 import re
 
 from tokenizers.decoders import ByteLevel
-from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+try:  # transformers 5 keeps GPT-2's byte map here; 4.x in the GPT-2 tokenizer module
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+except ImportError:  # pragma: no cover
+    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
