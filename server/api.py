@@ -144,6 +144,9 @@ def build_app(state: AppState) -> FastAPI:
         # A union (content: a string or a list of parts) fails once per branch; the deepest error is
         # the one that names what is wrong (a part's unknown type, not "should be a valid string").
         first = max(errors, key=lambda e: len(e.get("loc", ())), default={})
+        if tuple(first.get("loc", ())) == ("body",):  # no JSON object: FastAPI parses only a JSON content type
+            return bad_request("the request body must be a JSON object, sent with Content-Type: application/json",
+                               None, "invalid_json").response()  # fmt: skip
         loc = [str(p) for p in first.get("loc", ()) if p != "body" and not UNION_BRANCH.match(str(p))]
         message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
         return bad_request(message, ".".join(loc) or None).response()
@@ -166,7 +169,7 @@ def build_app(state: AppState) -> FastAPI:
             raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
         return model_card()
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: some load balancers probe with it
     async def health():
         if state.draining or not state.ready:
             reason = "draining" if state.draining else "loading" if state.engine is None else "engine stopped"

@@ -290,6 +290,7 @@ def test_retrieve_model_and_unknown_routes_in_openai_shape(open_server, client):
         client.models.retrieve("gpt-4")
     assert_error(httpx.post(f"{open_server.url}/v1/embeddings", json={}), 404, code="not_found")
     assert_error(httpx.get(f"{open_server.url}/v1/chat/completions"), 405, code="method_not_allowed")
+    assert httpx.head(f"{open_server.url}/health").status_code == 200  # load balancers' probe
 
 
 def test_logprob_bytes_are_the_tokens_raw_bytes(client, loaded):
@@ -322,6 +323,11 @@ def test_context_overflow_message_states_the_numbers(open_server):
 def test_malformed_json_and_oversized_body(open_server):
     malformed = post(open_server, None, content=b"{not json", headers={"content-type": "application/json"})
     assert_error(malformed, 400, code="invalid_json")
+    for content, content_type in ((json.dumps(chat()), "text/plain"), (b"null", "application/json"), (b"", None)):
+        headers = {"content-type": content_type} if content_type else {}
+        response = post(open_server, None, content=content, headers=headers)
+        assert_error(response, 400, code="invalid_json")  # was "body: Input should be a valid dictionary ..."
+        assert "Content-Type: application/json" in response.json()["error"]["message"]
     huge = chat(messages=[image_message(data_uri(b"x" * (2**20)))])
     assert_error(post(open_server, huge), 413, code="request_too_large")
     assert httpx.get(f"{open_server.url}/health").status_code == 200
