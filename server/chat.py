@@ -186,6 +186,8 @@ class _Context:
         gone = asyncio.create_task(_client_gone(request))
         try:
             await asyncio.wait({gather, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if gone.done() and gone.exception() is not None:  # the connection cannot be watched: just answer
+                await asyncio.wait({gather})
         finally:
             gone.cancel()
             if not gather.done():  # the client left (or this handler was cancelled)

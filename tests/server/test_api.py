@@ -421,6 +421,19 @@ def test_a_client_that_leaves_a_non_streaming_request_stops_it(tiny_checkpoints)
         assert metric("http_responses_total", 'status="499"') == 1
 
 
+def test_a_connection_that_cannot_be_watched_still_gets_its_answer(open_server, monkeypatch):
+    """If the ASGI server's receive() raises, the disconnect watch ends at once: that must not read as
+    the client leaving (a 499 for every request)."""
+    import server.chat
+
+    async def unwatchable(request):
+        raise RuntimeError("stand-in: receive() unavailable")
+
+    monkeypatch.setattr(server.chat, "_client_gone", unwatchable)
+    response = post(open_server, chat())
+    assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
 def test_a_request_the_engine_fails_to_add_fails_alone(open_server, loaded, monkeypatch):
     """An unexpected error adding one request (here a stand-in RuntimeError for max_tokens=3) is that
     request's 500; it once went up the engine thread and stopped the engine for everyone."""
