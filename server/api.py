@@ -169,12 +169,16 @@ def build_app(state: AppState) -> FastAPI:
             raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
         return model_card()
 
-    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: some load balancers probe with it
+    @app.get("/health")
     async def health():
         if state.draining or not state.ready:
             reason = "draining" if state.draining else "loading" if state.engine is None else "engine stopped"
             return JSONResponse({"status": reason}, status_code=503)
-        return {"status": "ok"}
+        return JSONResponse({"status": "ok"})
+
+    @app.head("/health", include_in_schema=False)  # some load balancers probe with HEAD
+    async def health_head():
+        return await health()
 
     @app.get("/version")
     async def version():
