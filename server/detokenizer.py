@@ -8,7 +8,8 @@ with byte fallback a multi-byte character spans several tokens and must never be
 Stop strings may span token boundaries: the text is searched where a stop string could have
 completed, the match and everything after it are cut, and while the request runs the last
 len(longest stop) - 1 characters are held back so that no prefix of a stop string is streamed
-and then retracted.
+and then retracted. Before min_tokens tokens exist no stop string ends the text, as in vLLM: a
+stop string completed earlier stays in the output.
 
 NOTE: tokenizers' DecodeStream would do the windowing in Rust, but it raises on a byte sequence
 that is not valid UTF-8 ("Invalid prefix encountered"), which a sampled model does produce.
@@ -18,13 +19,14 @@ from __future__ import annotations
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), min_tokens: int = 0):
         self.tokenizer = tokenizer
         # NOTE: the Rust decoder directly: transformers' decode() wrapper costs 4x the decode
         # itself, twice per token per request (measured: 14 of 17 ms over 1024 tokens).
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
         self.clean_up = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
         self.stop = stop
+        self.min_tokens = min_tokens
         self.hold_back = max((len(s) for s in stop), default=1) - 1
         self.token_ids: list[int] = []
         self.prefix_offset = 0
@@ -54,6 +56,8 @@ class IncrementalDetokenizer:
     def _append(self, new: str) -> None:
         old_len = len(self.text)
         self.text += new
+        if len(self.token_ids) < self.min_tokens:
+            return
         for stop in self.stop:
             at = self.text.find(stop, max(0, old_len - len(stop) + 1))
             if at != -1:

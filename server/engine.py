@@ -172,8 +172,8 @@ class Engine:
                 child = replace(params, seed=params.child_seed(index))
             seq = SequenceData(internal_id, prompt, child)
             self.scheduler.add(Request(seq, max_tokens, frozenset(stop_ids)))
-            self.tracked[internal_id] = _Tracked(request_id, index, IncrementalDetokenizer(self.processor.tokenizer,
-                                                                                             params.stop))  # fmt: skip
+            detokenizer = IncrementalDetokenizer(self.processor.tokenizer, params.stop, params.min_tokens)
+            self.tracked[internal_id] = _Tracked(request_id, index, detokenizer)
 
     def abort(self, request_id: str) -> None:
         for internal_id in [i for i, t in self.tracked.items() if t.request_id == request_id]:

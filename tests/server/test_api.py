@@ -180,6 +180,11 @@ def test_logprobs_n_and_stop(client):
     )
     assert stopped.choices[0].message.content == text[: text.find(text[1:3])]
     assert stopped.choices[0].finish_reason == "stop"
+    # before min_tokens no stop string ends the completion (vLLM's rule); it once ended at the first match
+    held = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=8, temperature=0, stop=[text[1:3]],
+                                          extra_body={"min_tokens": 8, "ignore_eos": True})  # fmt: skip
+    assert held.usage.completion_tokens == 8 and held.choices[0].message.content.startswith(text[:3])
 
 
 def test_tokens_as_token_ids(open_server):

@@ -13,8 +13,8 @@ def tokenizer(tiny_checkpoint):
     return load_tokenizer(tiny_checkpoint)
 
 
-def stream(tokenizer, ids, stop=()):
-    detok = IncrementalDetokenizer(tokenizer, stop)
+def stream(tokenizer, ids, stop=(), min_tokens=0):
+    detok = IncrementalDetokenizer(tokenizer, stop, min_tokens)
     deltas = []
     for token in ids:
         detok.add([token])
@@ -60,3 +60,15 @@ def test_hold_back_releases_text_that_turned_out_not_to_be_a_stop(tokenizer):
     ids = tokenizer.encode("a red circle", add_special_tokens=False)
     deltas, detok = stream(tokenizer, ids, stop=("red square",))
     assert not detok.stopped and "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_no_stop_string_ends_the_text_before_min_tokens(tokenizer):
+    """As vLLM: a stop string completed within the first min_tokens tokens stays in the text; the
+    first one completed after them cuts it. It once stopped at the first token with min_tokens 5."""
+    text = "a red circle and a red square"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    first_red = next(n for n in range(1, len(ids) + 1) if "red" in tokenizer.decode(ids[:n]))
+    deltas, detok = stream(tokenizer, ids, stop=("red",), min_tokens=first_red + 1)
+    assert detok.stopped and "".join(deltas) == "a red circle and a "
+    _, early = stream(tokenizer, ids, stop=("red",), min_tokens=first_red)  # reached with the first "red"
+    assert early.text == "a "
