@@ -34,6 +34,7 @@ class SamplingParams:
     max_tokens: int | None = None  # None: until max_model_len
     min_tokens: int = 0  # stop tokens are masked until this many tokens exist
     stop: tuple[str, ...] = ()  # stop strings, excluded from the output text
+    include_stop_str_in_output: bool = False  # vLLM's: keep the stop string that ended the text
     stop_token_ids: tuple[int, ...] = ()  # stop on these besides the checkpoint's eos ids
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; K: the sampled token's logprob and the K best

@@ -57,6 +57,7 @@ def sampling_params(body: ChatCompletionRequest, max_n: int) -> SamplingParams:
             max_tokens=max_tokens,
             min_tokens=body.min_tokens,
             stop=stop,
+            include_stop_str_in_output=body.include_stop_str_in_output,
             stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos,
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,

@@ -172,7 +172,8 @@ class Engine:
                 child = replace(params, seed=params.child_seed(index))
             seq = SequenceData(internal_id, prompt, child)
             self.scheduler.add(Request(seq, max_tokens, frozenset(stop_ids)))
-            detokenizer = IncrementalDetokenizer(self.processor.tokenizer, params.stop, params.min_tokens)
+            detokenizer = IncrementalDetokenizer(self.processor.tokenizer, params.stop, params.min_tokens,
+                                                 params.include_stop_str_in_output)  # fmt: skip
             self.tracked[internal_id] = _Tracked(request_id, index, detokenizer)
 
     def abort(self, request_id: str) -> None:

@@ -64,6 +64,7 @@ class ChatCompletionRequest(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     return_tokens_as_token_ids: bool = False
+    include_stop_str_in_output: bool = False
     # CogVLM's prompt template; default: the checkpoint's template_version
     template: Literal["chat", "vqa", "base"] | None = None
     # refused explicitly rather than silently ignored

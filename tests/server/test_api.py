@@ -185,6 +185,10 @@ def test_logprobs_n_and_stop(client):
                                           max_tokens=8, temperature=0, stop=[text[1:3]],
                                           extra_body={"min_tokens": 8, "ignore_eos": True})  # fmt: skip
     assert held.usage.completion_tokens == 8 and held.choices[0].message.content.startswith(text[:3])
+    kept = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=8, temperature=0, stop=[text[1:3]],
+                                          extra_body={"include_stop_str_in_output": True})  # fmt: skip
+    assert kept.choices[0].message.content == text[: text.find(text[1:3]) + 2]
 
 
 def test_tokens_as_token_ids(open_server):

@@ -13,8 +13,8 @@ def tokenizer(tiny_checkpoint):
     return load_tokenizer(tiny_checkpoint)
 
 
-def stream(tokenizer, ids, stop=(), min_tokens=0):
-    detok = IncrementalDetokenizer(tokenizer, stop, min_tokens)
+def stream(tokenizer, ids, stop=(), min_tokens=0, keep_stop=False):
+    detok = IncrementalDetokenizer(tokenizer, stop, min_tokens, keep_stop)
     deltas = []
     for token in ids:
         detok.add([token])
@@ -54,6 +54,8 @@ def test_stop_string_across_token_boundaries_is_cut_and_never_streamed(tokenizer
     assert detok.stopped
     assert "".join(deltas) == "a red "
     assert not any("circ" in d for d in deltas)
+    kept, _ = stream(tokenizer, ids, stop=("circle and",), keep_stop=True)  # include_stop_str_in_output
+    assert "".join(kept) == "a red circle and"
 
 
 def test_hold_back_releases_text_that_turned_out_not_to_be_a_stop(tokenizer):
