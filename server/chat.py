@@ -23,6 +23,10 @@ from server.protocol import ChatCompletionRequest
 from server.token_bytes import TokenBytes
 
 logger = logging.getLogger(__name__)
+# vLLM request fields this server does not implement; a request that sets one gets a 400 rather
+# than an answer that silently ignores it (structured outputs, prompt logprobs, echo, beam search)
+UNSUPPORTED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
+               "prompt_logprobs", "echo", "use_beam_search", "allowed_token_ids", "bad_words")  # fmt: skip
 
 
 def sampling_params(body: ChatCompletionRequest, max_n: int) -> SamplingParams:
@@ -74,6 +78,10 @@ def refuse_unsupported(body: ChatCompletionRequest) -> None:
         raise bad_request("tool and function calling are not supported by CogVLM", "tools", "unsupported")
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise bad_request("only response_format {'type': 'text'} is supported", "response_format", "unsupported")
+    for name in UNSUPPORTED:
+        value = getattr(body, name)
+        if value is not None and value is not False:  # prompt_logprobs=0 asks for them too (and 0 == False)
+            raise bad_request(f"{name} is not supported by cogserve", name, "unsupported")
 
 
 class ChatHandler:

@@ -67,11 +67,21 @@ class ChatCompletionRequest(BaseModel):
     include_stop_str_in_output: bool = False
     # CogVLM's prompt template; default: the checkpoint's template_version
     template: Literal["chat", "vqa", "base"] | None = None
-    # refused explicitly rather than silently ignored
+    # refused explicitly rather than silently ignored: each would change what comes back
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
     response_format: dict | None = None
+    guided_json: Any = None  # vLLM's structured outputs, old and new names
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    prompt_logprobs: int | None = None
+    echo: bool = False
+    use_beam_search: bool = False
+    allowed_token_ids: Any = None
+    bad_words: Any = None
 
 
 class TokenizeRequest(BaseModel):
