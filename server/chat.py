@@ -167,6 +167,7 @@ class _Context:
         self.metrics = state.metrics
         self.logprobs = logprobs
         self.last_token_time: float | None = None
+        self.num_finished = 0  # of the n completions
 
     def _observe(self, output) -> None:
         now = time.monotonic()
@@ -182,6 +183,14 @@ class _Context:
         if output.finished:
             m.e2e_request_latency.observe(now - self.arrival)
             m.finished(output.finish_reason)
+            self.num_finished += 1
+
+    def _close(self) -> None:
+        """Completions that did not finish (client gone, timeout, engine stopped) count as aborted, as
+        vLLM's request_success_total{finished_reason="abort"} does."""
+        for _ in range(self.body.n - self.num_finished):
+            self.metrics.finished("abort")
+        self.num_finished = self.body.n
 
     async def _timed(self, outputs: AsyncIterator) -> AsyncIterator:
         async with asyncio.timeout(self.state.config.server.request_timeout_s):
@@ -224,6 +233,7 @@ class _Context:
             raise bad_request(str(err)) from err
         finally:
             await outputs.aclose()
+            self._close()
         want_logprobs = self.body.logprobs
         choices = [
             fmt.choice(i, out.text, out.finish_reason, self.logprobs.content(logprobs[i]) if want_logprobs else None)
@@ -267,4 +277,5 @@ class _Context:
             yield f"data: {json.dumps(error.body())}\n\n"
         finally:
             await outputs.aclose()
+            self._close()
         yield fmt.DONE

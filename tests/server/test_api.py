@@ -210,6 +210,13 @@ def post(server, body, **kw):
     return httpx.post(f"{server.url}/v1/chat/completions", **{"timeout": 30, **kw})
 
 
+def metric(server, name, labels=""):
+    """The sum over the series of a /metrics counter or gauge whose labels include `labels`."""
+    text = httpx.get(f"{server.url}/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(f"cogserve:{name}{{") and labels in line)  # fmt: skip
+
+
 def assert_error(response, status, param=None, code=None):
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -394,6 +401,7 @@ def test_api_key_queue_limit_and_draining(loaded):
 def test_disconnect_mid_stream_frees_every_block(open_server, loaded):
     _, _, engine = loaded
     kv = engine.engine.kv
+    aborted = metric(open_server, "request_success_total", 'finished_reason="abort"')
     body = chat(max_tokens=1500, ignore_eos=True, stream=True)
     with httpx.stream("POST", f"{open_server.url}/v1/chat/completions", json=body, timeout=30) as response:
         for line in response.iter_lines():
@@ -405,6 +413,7 @@ def test_disconnect_mid_stream_frees_every_block(open_server, loaded):
         time.sleep(0.02)
     assert kv.num_free_blocks == len(kv.pool.blocks)
     assert not engine.engine.scheduler.requests
+    assert metric(open_server, "request_success_total", 'finished_reason="abort"') == aborted + 1
 
 
 def test_a_client_that_leaves_a_non_streaming_request_stops_it(tiny_checkpoints):
@@ -416,11 +425,6 @@ def test_a_client_that_leaves_a_non_streaming_request_stops_it(tiny_checkpoints)
     ):
         kv = engine.engine.kv
 
-        def metric(name, labels=""):  # the sum over the series whose labels include `labels`
-            text = httpx.get(f"{live.url}/metrics").text
-            return sum(float(line.split()[-1]) for line in text.splitlines()
-                           if line.startswith(f"cogserve:{name}{{") and labels in line)  # fmt: skip
-
         with pytest.raises(httpx.ReadTimeout):
             post(live, chat(max_tokens=1500, ignore_eos=True, n=4, temperature=1.0), timeout=1.0)
         for _ in range(200):
@@ -429,8 +433,9 @@ def test_a_client_that_leaves_a_non_streaming_request_stops_it(tiny_checkpoints)
             time.sleep(0.02)
         assert kv.num_free_blocks == len(kv.pool.blocks) and not engine.engine.scheduler.requests
         time.sleep(0.1)
-        assert metric("num_requests_running") == 0
-        assert metric("http_responses_total", 'status="499"') == 1
+        assert metric(live, "num_requests_running") == 0
+        assert metric(live, "http_responses_total", 'status="499"') == 1
+        assert metric(live, "request_success_total", 'finished_reason="abort"') == 4  # the n = 4 completions
 
 
 def test_a_connection_that_cannot_be_watched_still_gets_its_answer(open_server, monkeypatch):
