@@ -163,9 +163,12 @@ class Sampler:
     def _apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
         """OpenAI's logit_bias: added to the logits (after the penalties, before min_tokens' mask),
         so it steers greedy rows too; logprobs stay those of the raw logits, as vLLM's."""
+        vocab = logits.shape[1]
         for i, p in enumerate(params):
-            if p.logit_bias:
-                ids, biases = zip(*p.logit_bias, strict=True)
+            # ids past the vocabulary are refused by the engine; here they are dropped before int64
+            bias = [(t, b) for t, b in p.logit_bias if t < vocab]
+            if bias:
+                ids, biases = zip(*bias, strict=True)
                 ids_t = to_device(list(ids), logits.device, torch.long)
                 logits[i].index_add_(0, ids_t, to_device(list(biases), logits.device, logits.dtype))
 

@@ -170,3 +170,27 @@ def test_logit_bias_is_added_to_the_logits_of_its_row_only():
     # logprobs stay the raw model's, as vLLM's
     (biased,) = sample(logits[1:2], seq("l", temperature=0, logprobs=0, logit_bias=((worst, 100.0),)))
     assert biased.logprob == pytest.approx(torch.log_softmax(logits[1], -1)[worst].item(), abs=1e-5)
+
+
+EDGE_FLOATS = [math.nan, math.inf, -math.inf, -1.0, 0.0, 1e-30, 1e-4, 1e308]
+EDGE_INTS = [-2, -1, 0, 1, 10**6, 2**63 - 1, 2**63, 2**64, -(2**63), -(2**63) - 1, 10**30]
+EDGES = {
+    "temperature": EDGE_FLOATS, "top_p": EDGE_FLOATS, "min_p": EDGE_FLOATS, "presence_penalty": EDGE_FLOATS,
+    "frequency_penalty": EDGE_FLOATS, "repetition_penalty": EDGE_FLOATS, "top_k": EDGE_INTS, "seed": EDGE_INTS,
+    "min_tokens": EDGE_INTS, "logprobs": EDGE_INTS, "stop_token_ids": [(v,) for v in EDGE_INTS],
+    "logit_bias": [((3, v),) for v in EDGE_FLOATS] + [((v, 1.0),) for v in EDGE_INTS],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name, value", [(name, v) for name, values in EDGES.items() for v in values])
+def test_what_validation_accepts_samples(name, value):
+    """Validation and the sampler agree: a value either raises ParamError (a 400) or samples a token
+    in the vocabulary, next to a sampled row (temperature 1, top_p 0.9, a seed). A seed past int64 and
+    a top_k of 1e30 once passed validation and then raised in the engine's step, stopping it for all."""
+    base = {"temperature": 1.0, "top_p": 0.9, "seed": 7, "min_tokens": 3, "stop_token_ids": (5,)}
+    try:
+        row = seq("edge", output_ids=(3, 3), **{**base, name: value})
+    except ParamError:
+        return
+    tokens = sample(torch.randn(2, 50) * 10, row, seq("other", temperature=0.7, top_k=5))
+    assert all(0 <= t.token_id < 50 for t in tokens)

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 
 from server.api import build_app
 from server.config import ServeConfig
-from tests.server.live_server import make_state, running_engine
+from tests.server.live_server import MODEL_NAME, make_state, running_engine
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +22,16 @@ def test_no_input_gives_a_server_error(app):
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def fuzz(case):
-            if isinstance(case.body, dict) and isinstance(case.body.get("max_tokens"), int):
-                case.body["max_tokens"] = min(abs(case.body["max_tokens"]), 4) or 1  # keep generations short
+            if isinstance(case.body, dict):
+                if isinstance(case.body.get("max_tokens"), int):
+                    case.body["max_tokens"] = min(abs(case.body["max_tokens"]), 4) or 1  # keep generations short
+                if "model" in case.body and case.path == "/v1/chat/completions":
+                    case.body["model"] = MODEL_NAME  # past the 404, into sampling and the engine
             response = case.call()
             assert response.status_code < 500, (case.path, case.body, response.text)
+            # a request that passed validation must not have stopped the engine (a huge seed once did)
+            assert app.state.cogserve.ready, (case.path, case.body, response.text)
 
         fuzz()
