@@ -89,6 +89,11 @@ class SamplingParams:
             if not is_real(bias) or abs(bias) > MAX_LOGIT_BIAS:
                 fail("logit_bias", f"values in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]", bias)
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """What validation cannot know without the model: logit_bias ids past its vocabulary."""
+        if outside := sorted(t for t, _ in self.logit_bias if t >= vocab_size):
+            raise ParamError(f"logit_bias holds token ids past the vocabulary (size {vocab_size}): {outside[:5]}")
+
     def child_seed(self, index: int) -> int | None:
         """The seed of completion `index` of n: seed + index, wrapped around the seed range."""
         if self.seed is None:

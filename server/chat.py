@@ -113,10 +113,10 @@ class ChatHandler:
 
     def check_request(self, prompt: PromptInputs, params: SamplingParams) -> None:
         """What needs the model: the engine checks the same, but by then a stream has said 200."""
-        vocab = self.state.vocab_size
-        if outside := sorted(t for t, _ in params.logit_bias if t >= vocab):
-            raise bad_request(f"logit_bias holds token ids past the vocabulary (size {vocab}): {outside[:5]}",
-                              "logit_bias")  # fmt: skip
+        try:
+            params.check_vocab(self.state.vocab_size)
+        except ParamError as err:
+            raise bad_request(str(err), "logit_bias") from err
         limit = self.state.max_model_len
         if prompt.num_tokens >= limit or (params.max_tokens and prompt.num_tokens + params.max_tokens > limit):
             raise bad_request(

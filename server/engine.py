@@ -154,10 +154,7 @@ class Engine:
                 f"prompt of {prompt.num_tokens} tokens (image slots included) leaves no room for output "
                 f"within max_model_len {self.max_model_len}"
             )
-        vocab = self.model.config.vocab_size
-        if any(token_id >= vocab for token_id, _ in params.logit_bias):
-            raise ParamError(f"logit_bias holds token ids past the vocabulary (size {vocab}): "
-                             f"{sorted(t for t, _ in params.logit_bias if t >= vocab)[:5]}")  # fmt: skip
+        params.check_vocab(self.model.config.vocab_size)
         if any(f"{request_id}#{i}" in self.tracked for i in range(params.n)):
             raise ParamError(f"request id {request_id!r} is already in use")
         room = self.max_model_len - prompt.num_tokens

@@ -9,7 +9,8 @@ vocabulary, read the way each of CogVLM's two tokenizer families writes them:
 - sentencepiece (CogVLM-17B's vicuna): "▁" is a space, "<0xE6>" is the byte 0xE6;
 - byte-level BPE (CogVLM2's Llama-3): each character stands for one byte (GPT-2's byte map).
 
-Special tokens (EOS) are not part of the text: their bytes are those of their name, as before.
+Special tokens (EOS) are not part of the text; their names are plain ASCII, so either reading gives
+the bytes of the name.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ class TokenBytes:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self.byte_level = backend is not None and isinstance(backend.decoder, ByteLevel)
         self.char_to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
-        self.special_ids = set(tokenizer.all_special_ids)
         self.cache: dict[int, bytes] = {}
 
     def __call__(self, token_id: int) -> bytes:
@@ -45,8 +45,6 @@ class TokenBytes:
         piece = self.tokenizer.convert_ids_to_tokens(token_id)
         if piece is None:  # an id past the tokenizer's vocabulary (the model's may be padded)
             return b""
-        if token_id in self.special_ids:
-            return piece.encode("utf-8")
         if self.byte_level:
             if all(char in self.char_to_byte for char in piece):
                 return bytes(self.char_to_byte[char] for char in piece)
