@@ -19,6 +19,7 @@ import time
 import torch
 import triton
 
+import kernels.paged_attention as attention_module
 from benchmarks.full_size import ARCHITECTURES, DigitTokenizer, random_model
 from model.processor import Conversation, Processor
 from model.sampling_params import SamplingParams
@@ -108,7 +109,13 @@ def main() -> None:
     parser.add_argument("--modes", default="", help="comma-separated substrings: run only the modes whose name "
                         "contains one (e.g. 'PDL,one-row'); the default mode always runs, as the baseline")  # fmt: skip
     parser.add_argument("--arch", default="cogvlm-17b", choices=[a for a in ARCHITECTURES if "tiny" not in a])
+    parser.add_argument("--split-decode", default="", metavar="TILE,WARPS,SPLITS",
+                        help="the split decode's shape (kernels/paged_attention.py), e.g. the best of "
+                        "bench_decode_attention.py; default: the shipped one")  # fmt: skip
     args = parser.parse_args()
+    if args.split_decode:
+        shape = tuple(int(v) for v in args.split_decode.split(","))
+        attention_module.SPLIT_TILE, attention_module.SPLIT_WARPS, attention_module.MAX_SPLITS = shape
     model = random_model(args.arch)
     language_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                          if "vision" not in n and "embed_tokens" not in n)  # fmt: skip
@@ -178,7 +185,9 @@ def main() -> None:
         same = next((i for i in range(n) if tokens[i] != base[i]), n)
         print(f"batch-1 greedy tokens, {mode}: the first {same} of {len(tokens)} equal cuBLAS's (the first mode)")
 
-    print(f"\ndecode, {args.arch} architecture, random bf16 weights, {torch.cuda.get_device_name()}")
+    split = (attention_module.SPLIT_TILE, attention_module.SPLIT_WARPS, attention_module.MAX_SPLITS)
+    print(f"\ndecode, {args.arch} architecture, random bf16 weights, {torch.cuda.get_device_name()}, "
+          f"split decode (tile, warps, splits) {split}")  # fmt: skip
     print(
         f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); language weights {language_bytes / 2**30:.1f} GiB"
     )

@@ -5,6 +5,8 @@
 #   this order (about 6 minutes on an H200: tests 160 s, gemv 35, decode 40, decode2 40, kernels 60);
 #   decode2 is the decode benchmark on CogVLM2-19B (GQA, 128k vocabulary). For a second call:
 #   [prefill] time to first token for image requests and the vision tower's share (17B and CogVLM2)
+#   [attention] the split decode's shapes at batch 1, then bench_decode with the best one and with
+#     the shipped one, both architectures (about 4 minutes)
 # Logs and JSON go to $OUT (default /tmp/gpu_check). COMMIT=abc1234 names the commit where .git is absent or stale.
 set -uo pipefail
 PARTS=${*:-tests gemv decode decode2 kernels}
@@ -18,7 +20,7 @@ PY=${PY:-python3}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'commit', '${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}')" | tee -a "$OUT/gpu.txt"
 
-tests_rc=0 bench_rc=0 decode_rc=0 gemv_rc=0 decode2_rc=0 prefill_rc=0
+tests_rc=0 bench_rc=0 decode_rc=0 gemv_rc=0 decode2_rc=0 prefill_rc=0 attention_rc=0
 # The GPU machine has no HTTP stack (fastapi, pydantic, openai): the tests that need CUDA are in
 # the kernels, the model and the engine; the HTTP tests run on CPU in CI.
 if want tests; then
@@ -56,6 +58,24 @@ if want prefill; then
     done
 fi
 
+if want attention; then
+    echo "== split decode shapes at batch 1, then decode with the best one and the shipped one =="
+    timeout 200 $PY benchmarks/kernels/bench_decode_attention.py --json "$OUT/bench_attention.json" 2>&1 \
+        | tee "$OUT/bench_attention.log" | tail -n 50
+    attention_rc=${PIPESTATUS[0]}
+    best=$($PY -c "import json; b = json.load(open('$OUT/bench_attention.json'))['best']; print(*b or [], sep=',')")
+    shapes=("")  # "": the shipped shape, the baseline in the same run
+    [[ -n "$best" ]] && shapes=("$best" "")
+    for arch in cogvlm-17b cogvlm2-19b; do
+        for shape in "${shapes[@]}"; do
+            [[ -n "$shape" ]] && split=(--split-decode "$shape") || split=()
+            timeout 150 $PY benchmarks/bench_decode.py --arch $arch --modes PDL "${split[@]}" 2>&1 \
+                | tee -a "$OUT/bench_decode_split.log" | tail -n 12
+            attention_rc=$(( attention_rc || PIPESTATUS[0] ))
+        done
+    done
+fi
+
 if want kernels; then
     echo "== kernel benchmark (expert_linear, mixed prefill) =="
     # COGSERVE_EXPERT_CANDIDATES=1: expert_linear's candidate configs join the tuning (not yet measured)
@@ -72,7 +92,9 @@ for log in "$OUT/bench_decode.log" "$OUT/bench_decode2.log"; do
     [[ -f "$log" ]] && grep -E "^decode, |^\||^HBM floor|^graph replay|^attention kernels|^crowded decode|^batch-1 greedy|failed:" "$log"
 done
 [[ -f "$OUT/bench.log" ]] && grep -E "^geomean|^by batch" "$OUT/bench.log"
+[[ -f "$OUT/bench_attention.log" ]] && grep -E "^best split" "$OUT/bench_attention.log"
+[[ -f "$OUT/bench_decode_split.log" ]] && grep -E "^decode, |^graph replay.*PDL|^attention kernels.*PDL|^\| cuda graphs \+ look-ahead \+ one-row GEMV \+ PDL" "$OUT/bench_decode_split.log"
 [[ -f "$OUT/bench_prefill.log" ]] && grep -E "^prefill, |^\||GEMM" "$OUT/bench_prefill.log"
 echo "tests exit $tests_rc, kernel benchmark exit $bench_rc, decode benchmark exit $decode_rc, gemv exit $gemv_rc," \
-    "CogVLM2 decode exit $decode2_rc, prefill exit $prefill_rc"
-exit $(( tests_rc || bench_rc || decode_rc || gemv_rc || decode2_rc || prefill_rc ))
+    "CogVLM2 decode exit $decode2_rc, prefill exit $prefill_rc, attention exit $attention_rc"
+exit $(( tests_rc || bench_rc || decode_rc || gemv_rc || decode2_rc || prefill_rc || attention_rc ))

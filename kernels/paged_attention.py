@@ -135,38 +135,45 @@ def _decode_split_kernel(
     PDL: tl.constexpr,
 ):
     # fmt: on
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
+    # The sequence length, query row and block table come from the step's input copy, not from
+    # the kernel right before (kernels/pdl.py), so under PDL they load while the rotary kernel
+    # still runs; q and this step's K/V are the rotary kernel's output and load after the wait.
     seq_len = tl.load(seq_lens_ptr + seq)
     per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N  # keys, whole tiles
     # Splits past the last key have nothing to add and leave at once: a CUDA graph fixes the grid
     # (16 splits a head at batch 1) while the context grows from a few tokens, where 15 of the 16
     # would otherwise each store an empty part and count in.
     active = tl.cdiv(seq_len, per_split)  # splits holding keys, 1 to NUM_SPLITS
+    start = split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+    offs = tl.arange(0, BLOCK_N)
+    table = block_tables_ptr + seq * stride_bt
+    physical = tl.load(table + (start + offs) // BLOCK_SIZE, mask=start + offs < end, other=0).to(tl.int64)  # [BN]
+    q_row = tl.load(query_start_ptr + seq).to(tl.int64)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     if split < active:
         kv_head = head // num_q_heads_per_kv
-        start = split * per_split
-        end = tl.minimum(start + per_split, seq_len)
         dims = tl.arange(0, HEAD_DIM)
-        q_row = tl.load(query_start_ptr + seq).to(tl.int64)
         q = tl.load(q_ptr + q_row * stride_qt + head * stride_qh + dims).to(tl.float32)  # [D]
         m_i = tl.full([], float("-inf"), tl.float32)
         l_i = tl.full([], 0.0, tl.float32)
         acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
-        offs = tl.arange(0, BLOCK_N)
         for tile in range(start, end, BLOCK_N):
             key_pos = tile + offs  # [BN]
             valid = key_pos < end
-            physical = tl.load(block_tables_ptr + seq * stride_bt + key_pos // BLOCK_SIZE, mask=valid,
-                               other=0).to(tl.int64)
             kv_offs = (physical[:, None] * stride_kb + (key_pos % BLOCK_SIZE)[:, None] * stride_ks
                        + kv_head * stride_kh + dims[None, :])
             k = tl.load(k_cache_ptr + kv_offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BN, D]
             v = tl.load(v_cache_ptr + kv_offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BN, D]
+            # the next tile's blocks load while this tile's K/V are in flight: the table lookup
+            # is off the chain of dependent loads, but for the first tile
+            upcoming = key_pos + BLOCK_N
+            physical = tl.load(table + upcoming // BLOCK_SIZE, mask=upcoming < end, other=0).to(tl.int64)
             scores = tl.where(valid, tl.sum(q[None, :] * k, axis=1) * scale, float("-inf"))  # [BN]
             m_new = tl.maximum(m_i, tl.max(scores, axis=0))  # finite: every tile holds a valid key
             p = tl.exp(scores - m_new)
@@ -194,6 +201,12 @@ def _decode_split_kernel(
 # Splitting happens only below this many (sequence, head) programs, so as many arrival counts
 # always suffice.
 SPLIT_PROGRAMS = 264
+# The split decode's shape: keys a tile, warps a program, and the most splits per (sequence,
+# head). A split walks its tiles serially, each a block-table load and then a dependent K/V load,
+# so at batch 1 a step's attention is a chain of memory latencies, not a bandwidth cost (H200,
+# 17B, (64, 4, 16): 7.4 us a layer at 71 tokens of context, 14.9 us at 1279, where the K/V read
+# alone takes 4.9 us). benchmarks/kernels/bench_decode_attention.py times the alternatives.
+SPLIT_TILE, SPLIT_WARPS, MAX_SPLITS = 64, 4, 16
 
 
 def _split_parts(num_seqs: int, num_heads: int, splits: int, head_dim: int, device: torch.device):
@@ -210,7 +223,7 @@ def decode_splits(num_seqs: int, num_heads: int) -> int:
     program per head walking its keys serially made a decode step 2.11x the HBM floor; 16 splits
     made it 1.80x."""
     programs = num_seqs * num_heads
-    return 1 if programs >= SPLIT_PROGRAMS else min(16, triton.next_power_of_2(-(-SPLIT_PROGRAMS // programs)))
+    return 1 if programs >= SPLIT_PROGRAMS else min(MAX_SPLITS, triton.next_power_of_2(-(-SPLIT_PROGRAMS // programs)))
 
 
 def paged_attention(
@@ -243,8 +256,8 @@ def paged_attention(
             head_dim**-0.5, num_heads // num_kv_heads,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-            HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=max(64, block_size), NUM_SPLITS=splits, PDL=pdl,
-            **launch,
+            HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=SPLIT_TILE, NUM_SPLITS=splits, PDL=pdl,
+            num_warps=SPLIT_WARPS, **launch,
         )  # fmt: skip
         return out.reshape(num_tokens, num_heads * head_dim)
     # Query heads that share a KV head ride in one program as extra rows of the same tiles, so

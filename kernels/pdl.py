@@ -11,6 +11,11 @@ The kernels here take `pdl` from the caller (EngineConfig.pdl, on by default: 3.
 kernel as a constexpr, so the interpreter (no inline PTX) and GPUs before Hopper never see the
 instruction. Nothing before the wait may write global memory either (kernels/tma.py says why;
 tests/kernels/hopper_compile.py checks every binary).
+
+Every kernel here triggers its dependents (`gdc_launch_dependents`) only after its own wait, so
+when a kernel starts, every kernel but the one right before it has finished: what the step's
+input copies wrote before the chain began (sequence lengths, block tables) may be read before
+the wait. The split decode does (kernels/paged_attention.py); hopper_compile.py checks the order.
 """
 
 from __future__ import annotations

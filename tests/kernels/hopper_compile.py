@@ -51,7 +51,7 @@ class Compiled:
     registers: int = 0  # a thread
     spill_bytes: int = 0  # stack frame a thread: spilled registers, slow; nonzero means the config is too big
     # FEATURES found in the PTX, "pipelined" (TTGIR), "arrival after barrier" and
-    # "write before PDL wait" (PTX order)
+    # "write before PDL wait" and "trigger before PDL wait" (PTX order)
     features: list[str] = dataclasses.field(default_factory=list)
     error: str = ""
 
@@ -144,6 +144,8 @@ class HopperStandIn:
             features.append("arrival after barrier")
         if _writes_before_the_pdl_wait(ptx):
             features.append("write before PDL wait")
+        if _triggers_before_the_pdl_wait(ptx):
+            features.append("trigger before PDL wait")
         self.requested.features = features
 
     def launcher_cls(self, src, metadata):
@@ -171,6 +173,15 @@ def _writes_before_the_pdl_wait(ptx: str) -> bool:
     weights only."""
     wait = ptx.find("griddepcontrol.wait")
     return wait >= 0 and GLOBAL_WRITE.search(ptx, 0, wait) is not None
+
+
+def _triggers_before_the_pdl_wait(ptx: str) -> bool:
+    """Whether griddepcontrol.launch_dependents comes before the first griddepcontrol.wait. Every
+    kernel here triggers its dependents only after its own wait, so when a kernel starts, all but
+    the kernel right before it have finished: the split decode reads the step's sequence lengths
+    and block table before its wait on that account (kernels/pdl.py)."""
+    wait, trigger = ptx.find("griddepcontrol.wait"), ptx.find("griddepcontrol.launch_dependents")
+    return trigger >= 0 and (wait < 0 or trigger < wait)
 
 
 def _arrivals_follow_a_barrier(ptx: str) -> bool:

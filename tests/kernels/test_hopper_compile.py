@@ -76,6 +76,7 @@ def test_each_binary_uses_the_hopper_instructions_its_config_asks_for(records):
         assert ("tma" in r["features"]) == wants_tma, r
         assert ("pdl" in r["features"]) == ("PDL=True" in words), r
         assert "write before PDL wait" not in r["features"], r  # a race with the kernel before
+        assert "trigger before PDL wait" not in r["features"], r  # the next kernel's early reads rest on it
         if r["kernel"] == "_expert_linear_kernel":
             assert "wgmma" in r["features"], r
         if r["kernel"] in ("_expert_linear_kernel", "_gemv_kernel", "_paged_attention_kernel"):

@@ -110,6 +110,24 @@ def test_split_decode_reads_only_the_splits_that_hold_keys(monkeypatch):
     assert not out.isnan().any() and (out.double() - ref64).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("shape", [(32, 4, 16), (128, 8, 32), (64, 4, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_every_split_decode_shape_matches_reference(monkeypatch, shape):
+    """The split decode's (keys a tile, warps, most splits), which bench_decode_attention.py chooses
+    between: one tile a split or several (the next tile's block-table entries load ahead), tiles
+    wider than a 16-token block, a 256-token block wider than a tile, and up to 64 splits to merge."""
+    from kernels import paged_attention as module
+
+    monkeypatch.setattr(module, "SPLIT_TILE", shape[0])
+    monkeypatch.setattr(module, "SPLIT_WARPS", shape[1])
+    monkeypatch.setattr(module, "MAX_SPLITS", shape[2])
+    for block_size, seq_lens, splits in ((16, [1, 71, 700, 129], 32), (256, [300, 5], 64)):
+        args, max_q = make_batch(seq_lens, [1] * len(seq_lens), 4, 2, 16, torch.float32, block_size, num_blocks=200)
+        assert decode_splits(len(seq_lens), 4) == min(shape[2], splits)  # 16 and 8 programs unsplit
+        out = paged_attention(*args, max_q)
+        ref64 = paged_attention_ref(*[a.double() if a.is_floating_point() else a for a in args])
+        assert (out.double() - ref64).abs().max().item() < 1e-5
+
+
 def test_decode_splits_fill_the_gpu_and_stop_when_full():
     assert decode_splits(1, 32) == 16  # batch 1 of CogVLM-17B: 32 programs -> 512
     assert decode_splits(4, 32) == 4

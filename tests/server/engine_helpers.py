@@ -25,11 +25,7 @@ class Setup:
     images: list[Image.Image]
 
     def engine(self, **config) -> Engine:
-        config.setdefault("num_kv_blocks", 512)  # 8192 tokens: plenty, and quick to allocate
-        # small pools force preemption; the engine refuses a max_model_len its pool cannot hold
-        pool_tokens = config["num_kv_blocks"] * config.get("block_size", EngineConfig.block_size)
-        config.setdefault("max_model_len", min(pool_tokens, self.model.config.max_position_embeddings))
-        return Engine(self.model, self.processor, EngineConfig(**config))
+        return Engine(self.model, self.processor, engine_config(self.model, **config))
 
     def prompts(self, count: int) -> list[PromptInputs]:
         """Mixed: every other request has one of 3 images (so some share one), lengths vary."""
@@ -43,6 +39,15 @@ class Setup:
 
     def reference(self, prompt: PromptInputs, max_tokens: int) -> list[int]:
         return generate_reference(self.model, prompt, GenerationParams(max_tokens=max_tokens)).output_token_ids
+
+
+def engine_config(model, **config) -> EngineConfig:
+    """The tests' engine settings: `config` over a 512-block pool, with max_model_len what that pool
+    holds (small pools force preemption; the engine refuses a max_model_len its pool cannot hold)."""
+    config.setdefault("num_kv_blocks", 512)  # 8192 tokens: plenty, and quick to allocate
+    pool_tokens = config["num_kv_blocks"] * config.get("block_size", EngineConfig.block_size)
+    config.setdefault("max_model_len", min(pool_tokens, model.config.max_position_embeddings))
+    return EngineConfig(**config)
 
 
 def make_setup(folder) -> Setup:

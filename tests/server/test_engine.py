@@ -6,7 +6,7 @@ import torch
 from model.decode_graphs import capture_sizes
 from model.processor import Conversation
 from model.sampling_params import ParamError, SamplingParams
-from tests.server.engine_helpers import MAX_TOKENS, greedy
+from tests.server.engine_helpers import MAX_TOKENS, engine_config, greedy
 
 
 def run(engine, prompts, **params):
@@ -19,13 +19,13 @@ def kernel_engine(monkeypatch, setup, tiny_checkpoint, **config):
     where there is a GPU; else in the interpreter, on the CPU model."""
     from model import dispatch
     from model.weights import load_model
-    from server.engine import Engine, EngineConfig
+    from server.engine import Engine
 
     if not torch.cuda.is_available():
         monkeypatch.setattr(dispatch, "FORCE_TRITON", True)
         return setup.engine(**config)
     model = load_model(tiny_checkpoint, torch.float32, "cuda")
-    return Engine(model, setup.processor, EngineConfig(**{"num_kv_blocks": 512, **config}))
+    return Engine(model, setup.processor, engine_config(model, **config))
 
 
 @pytest.mark.parametrize("budget", [1, 5, 7, 16, 33, 2048])
