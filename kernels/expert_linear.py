@@ -77,10 +77,10 @@ GPU_CONFIGS = [
 GPU_CONFIGS.append(_config(128, 256, 64, 8, 3, tma=2, sk=1))
 # Candidates not yet run on a GPU, tuned only with COGSERVE_EXPERT_CANDIDATES=1 (gpu_check.sh's
 # kernel benchmark sets it; the every-config GPU test covers them): a config joins GPU_CONFIGS
-# once that test passes and a benchmark shape shows it winning. (64, 256) with stream-K: one
-# image's 1267 rows as 21 tiles of 64 rows (1344 rows of work) instead of 11 of 128 (1408),
-# and 2.5 waves of tiles on 132 SMs for the 4096-wide projections instead of 1.3.
-CANDIDATE_CONFIGS = [_config(64, 256, 64, 4, 4, tma=2, sk=1)]
+# once that test passes and a benchmark shape shows it winning. None now: (64, 256, 64, 4 warps,
+# 4 stages) with stream-K (one image's 1267 rows as 21 tiles of 64 instead of 11 of 128) passed
+# the test and won none of the 24 shapes on an H200 (tenth session, RESULTS.md).
+CANDIDATE_CONFIGS: list[triton.Config] = []
 # Fits every dtype and both variants: the interpreter's config, the tests' config on GPU, and
 # the fallback when pruning leaves nothing. Its TMA level is capped by the call's TMA_LIMIT.
 SAFE_CONFIG = _config(64, 64, 32, 4, 3, tma=2)

@@ -13,7 +13,7 @@ split count depends on the batch shape only, so CUDA graphs can hold it. The spl
 last for its (sequence, head) does the merge (kernels/arrivals.py: no waiting), so this is
 one launch a layer, not two: at batch 1 the separate merge kernel took 0.061 ms of a 4.45 ms
 CogVLM-17B decode step on an H200, mostly 32 launches. Only the splits that hold keys take part
-(the grid is fixed, the context is not): a sequence whose keys fit one split (up to 64 of them)
+(the grid is fixed, the context is not): a sequence whose keys fit one split (up to 128 of them)
 writes its output directly, with no parts, count or merge. On an H200 the one-launch version
 took 0.31 ms a step at ~40 tokens of context when every split still wrote a part and counted in.
 
@@ -202,11 +202,14 @@ def _decode_split_kernel(
 # always suffice.
 SPLIT_PROGRAMS = 264
 # The split decode's shape: keys a tile, warps a program, and the most splits per (sequence,
-# head). A split walks its tiles serially, each a block-table load and then a dependent K/V load,
-# so at batch 1 a step's attention is a chain of memory latencies, not a bandwidth cost (H200,
-# 17B, (64, 4, 16): 7.4 us a layer at 71 tokens of context, 14.9 us at 1279, where the K/V read
-# alone takes 4.9 us). benchmarks/kernels/bench_decode_attention.py times the alternatives.
-SPLIT_TILE, SPLIT_WARPS, MAX_SPLITS = 64, 4, 16
+# head). At batch 1 a step's attention is a chain of memory latencies, not a bandwidth cost (the
+# K/V of 17B's 32 heads at 1279 tokens take 4.9 us to read; the kernel took 15), so the shape
+# that shortens each program's chain wins: 128-key tiles put a 71-token context in one program
+# (no part, count or merge) and a 1279-token one in 10 splits of one tile each.
+# benchmarks/kernels/bench_decode_attention.py, H200, 2026-11-27 (RESULTS.md), us a layer with
+# PDL, 17B at 71 / 1279 / 4000 tokens: (64, 4) 7.28 / 15.22 / 30.84, (128, 4) 6.85 / 13.59 / 25.65;
+# (128, 8) and (32, 4) lost at 1279 and beyond. 32 query heads at batch 1 take 16 splits.
+SPLIT_TILE, SPLIT_WARPS, MAX_SPLITS = 128, 4, 16
 
 
 def _split_parts(num_seqs: int, num_heads: int, splits: int, head_dim: int, device: torch.device):

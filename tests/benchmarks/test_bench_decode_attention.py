@@ -19,7 +19,7 @@ def test_each_shape_is_checked_against_the_reference(shipped_shape_restored, sha
     device = "cuda" if torch.cuda.is_available() else "cpu"
     inputs = bench.layer_inputs(4, 2, 71, 1, device, torch.float32)
     bench.set_shape(shape)
-    assert attention_module.SPLIT_TILE == shape[0] and attention_module.MAX_SPLITS == shape[2]
+    assert shape == (attention_module.SPLIT_TILE, attention_module.SPLIT_WARPS, attention_module.MAX_SPLITS)
     assert bench.max_error(inputs[0]) <= 2.0
 
 

@@ -65,7 +65,7 @@ def test_a_group_of_three_heads_packs_into_the_tiles(seq_lens, query_lens):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "seq_lens",
-    [[1], [3, 700], [1300], [65, 64, 63, 129]],  # fewer keys than splits, long contexts, tile edges
+    [[1], [3, 700], [1300], [129, 128, 127, 257, 65]],  # fewer keys than splits, long contexts, tile edges
 )
 @pytest.mark.parametrize("heads", [(2, 2), (4, 1)], ids=["mha", "mqa"])
 def test_split_key_decode_matches_reference(dtype, seq_lens, heads):
@@ -102,8 +102,8 @@ def test_split_decode_reads_only_the_splits_that_hold_keys(monkeypatch):
 
     real = module._split_parts
     monkeypatch.setattr(module, "_split_parts", lambda *a: tuple(t.fill_(float("nan")) for t in real(*a)))
-    seq_lens = [3, 64, 65, 200, 1000]  # one split; one whole tile; 2 splits, the second with 1 key; 4; all 16
-    args, max_q = make_batch(seq_lens, [1] * len(seq_lens), 4, 2, 16, torch.float32, num_blocks=320)
+    seq_lens = [3, 128, 129, 400, 2000]  # one split; one whole tile; 2 splits, the second with 1 key; 4; all 16
+    args, max_q = make_batch(seq_lens, [1] * len(seq_lens), 4, 2, 16, torch.float32, num_blocks=640)
     assert decode_splits(len(seq_lens), 4) == 16
     out = paged_attention(*args, max_q)
     ref64 = paged_attention_ref(*[a.double() if a.is_floating_point() else a for a in args])
