@@ -21,6 +21,8 @@ import triton
 
 import kernels.paged_attention as attention_module
 from benchmarks.full_size import ARCHITECTURES, DigitTokenizer, random_model
+from kernels.rotary import rotary_and_write_kv_
+from model.paged_attention import TritonPagedAttention
 from model.processor import Conversation, Processor
 from model.sampling_params import SamplingParams
 from server.engine import Engine, EngineConfig
@@ -103,6 +105,14 @@ def kernel_times(events, steps: int = 5, rows: int = 12) -> str:
     return "\n".join(lines) or "  (the profiler saw no kernels inside the graph)"
 
 
+def attend_after_rotary(self, layer_idx: int, q, k, v, cos_sin):
+    """TritonPagedAttention.attend as it was before the split decode took rotary in (--unfused-rotary)."""
+    k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
+    rotary_and_write_kv_(q, k, v, *cos_sin, k_cache, v_cache, self.slot_mapping, pdl=self.pdl)
+    return attention_module.paged_attention(q, k_cache, v_cache, self.block_tables, self.seq_lens,
+                                            self.query_start_loc, self.max_query_len, pdl=self.pdl)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -112,7 +122,12 @@ def main() -> None:
     parser.add_argument("--split-decode", default="", metavar="TILE,WARPS,SPLITS",
                         help="the split decode's shape (kernels/paged_attention.py), e.g. the best of "
                         "bench_decode_attention.py; default: the shipped one")  # fmt: skip
+    parser.add_argument("--unfused-rotary", action="store_true",
+                        help="the baseline before the split decode took rotary in: rotary's launch, then "
+                        "attention's")  # fmt: skip
     args = parser.parse_args()
+    if args.unfused_rotary:
+        TritonPagedAttention.attend = attend_after_rotary
     if args.split_decode:
         shape = tuple(int(v) for v in args.split_decode.split(","))
         attention_module.SPLIT_TILE, attention_module.SPLIT_WARPS, attention_module.MAX_SPLITS = shape
@@ -186,8 +201,9 @@ def main() -> None:
         print(f"batch-1 greedy tokens, {mode}: the first {same} of {len(tokens)} equal cuBLAS's (the first mode)")
 
     split = (attention_module.SPLIT_TILE, attention_module.SPLIT_WARPS, attention_module.MAX_SPLITS)
+    apart = ", rotary launched apart" if args.unfused_rotary else ""
     print(f"\ndecode, {args.arch} architecture, random bf16 weights, {torch.cuda.get_device_name()}, "
-          f"split decode (tile, warps, splits) {split}")  # fmt: skip
+          f"split decode (tile, warps, splits) {split}{apart}")  # fmt: skip
     print(
         f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); language weights {language_bytes / 2**30:.1f} GiB"
     )

@@ -6,7 +6,8 @@
 #   decode2 is the decode benchmark on CogVLM2-19B (GQA, 128k vocabulary). For a second call:
 #   [prefill] time to first token for image requests and the vision tower's share (17B and CogVLM2)
 #   [attention] the split decode's shapes at batch 1, then bench_decode with the best one and with
-#     the shipped one, both architectures (about 4 minutes)
+#     the shipped one with rotary launched apart (the engine before the fusion), both architectures
+#     (about 4 minutes)
 # Logs and JSON go to $OUT (default /tmp/gpu_check). COMMIT=abc1234 names the commit where .git is absent or stale.
 set -uo pipefail
 PARTS=${*:-tests gemv decode decode2 kernels}
@@ -59,17 +60,17 @@ if want prefill; then
 fi
 
 if want attention; then
-    echo "== split decode shapes at batch 1, then decode with the best one and the shipped one =="
+    echo "== split decode shapes at batch 1, then decode with the best one and the unfused baseline =="
     timeout 200 $PY benchmarks/kernels/bench_decode_attention.py --json "$OUT/bench_attention.json" 2>&1 \
         | tee "$OUT/bench_attention.log" | tail -n 50
     attention_rc=${PIPESTATUS[0]}
     best=$($PY -c "import json; b = json.load(open('$OUT/bench_attention.json'))['best']; print(*b or [], sep=',')")
-    shapes=("")  # "": the shipped shape, the baseline in the same run
-    [[ -n "$best" ]] && shapes=("$best" "")
+    split=()
+    [[ -n "$best" ]] && split=(--split-decode "$best")
     for arch in cogvlm-17b cogvlm2-19b; do
-        for shape in "${shapes[@]}"; do
-            [[ -n "$shape" ]] && split=(--split-decode "$shape") || split=()
-            timeout 150 $PY benchmarks/bench_decode.py --arch $arch --modes PDL "${split[@]}" 2>&1 \
+        # the best shape, then the baseline in the same run: the shipped shape with rotary launched apart
+        for variant in "${split[*]}" "--unfused-rotary"; do
+            timeout 150 $PY benchmarks/bench_decode.py --arch $arch --modes PDL $variant 2>&1 \
                 | tee -a "$OUT/bench_decode_split.log" | tail -n 12
             attention_rc=$(( attention_rc || PIPESTATUS[0] ))
         done

@@ -16,6 +16,9 @@ CogVLM-17B decode step on an H200, mostly 32 launches. Only the splits that hold
 (the grid is fixed, the context is not): a sequence whose keys fit one split (up to 128 of them)
 writes its output directly, with no parts, count or merge. On an H200 the one-launch version
 took 0.31 ms a step at ~40 tokens of context when every split still wrote a part and counted in.
+Handed this step's raw K/V (NewTokens), the split decode also applies rotary to q and k and
+writes K/V into the cache itself, the newest key joining the softmax from registers: one launch
+a layer where rotary took its own (kernels/rotary.py; the other kernel still runs after it).
 
     out[t, h] = softmax(q[t, h] . K[seq(t), kv(h)]^T * scale, causal) @ V[seq(t), kv(h)]
 
@@ -25,6 +28,8 @@ with kv(h) = h // (num_heads / num_kv_heads) (GQA) and the cache laid out as
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -32,6 +37,7 @@ import triton.language as tl
 
 from kernels.arrivals import arrival_counts
 from kernels.pdl import pdl_launch
+from kernels.rotary import check_kv_write, rotary_and_write_kv_
 
 
 # fmt: off
@@ -129,18 +135,21 @@ def _merge_splits(part_acc_ptr, part_ml_ptr, first_part, count, out_ptr, HEAD_DI
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr, arrivals_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr,
+    # ROTARY: this step's raw K/V rows, the rotary tables and the cache slots (kernels/rotary.py's)
+    k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, slot_ptr,
     scale, num_q_heads_per_kv,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
+    stride_knt, stride_knh, stride_vnt, stride_vnh, stride_ct,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    PDL: tl.constexpr,
+    ROTARY: tl.constexpr, PDL: tl.constexpr,
 ):
     # fmt: on
     seq = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
     # The sequence length, query row and block table come from the step's input copy, not from
-    # the kernel right before (kernels/pdl.py), so under PDL they load while the rotary kernel
-    # still runs; q and this step's K/V are the rotary kernel's output and load after the wait.
+    # the kernel right before (kernels/pdl.py), so under PDL they load while that kernel still
+    # runs; q and this step's K/V are its output and load after the wait.
     seq_len = tl.load(seq_lens_ptr + seq)
     per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N  # keys, whole tiles
     # Splits past the last key have nothing to add and leave at once: a CUDA graph fixes the grid
@@ -160,12 +169,35 @@ def _decode_split_kernel(
         kv_head = head // num_q_heads_per_kv
         dims = tl.arange(0, HEAD_DIM)
         q = tl.load(q_ptr + q_row * stride_qt + head * stride_qh + dims).to(tl.float32)  # [D]
+        newest = seq_len - 1  # this step's key: in the cache (written before), or ROTARY's to rotate and write
+        if ROTARY:
+            # kernels/rotary.py's rotation, on the whole head at once: each dim pairs with the one
+            # half a head away, the first half's partner negated; rounded once to the cache dtype
+            HALF: tl.constexpr = HEAD_DIM // 2
+            partner = (dims + HALF) % HEAD_DIM
+            cos = tl.load(cos_ptr + q_row * stride_ct + dims).to(tl.float32)
+            sin = tl.load(sin_ptr + q_row * stride_ct + dims).to(tl.float32)
+            sign = tl.where(dims < HALF, -1.0, 1.0)
+            q_turned = tl.load(q_ptr + q_row * stride_qt + head * stride_qh + partner).to(tl.float32)
+            q = (q * cos + sign * q_turned * sin).to(q_ptr.dtype.element_ty).to(tl.float32)
+            k_row = k_new_ptr + q_row * stride_knt + kv_head * stride_knh
+            k_own, k_turned = tl.load(k_row + dims).to(tl.float32), tl.load(k_row + partner).to(tl.float32)
+            k_new = (k_own * cos + sign * k_turned * sin).to(k_cache_ptr.dtype.element_ty)  # [D]
+            v_row = v_new_ptr + q_row * stride_vnt + kv_head * stride_vnh
+            v_new = tl.load(v_row + dims).to(v_cache_ptr.dtype.element_ty)  # [D]
+            # The program of the newest key's split and the KV head's first query head writes it;
+            # no program of this launch reads that slot (the newest key joins from registers).
+            if (end == seq_len) & (head % num_q_heads_per_kv == 0):
+                slot = tl.load(slot_ptr + q_row)
+                tl.store(k_cache_ptr + slot * stride_ks + kv_head * stride_kh + dims, k_new)
+                tl.store(v_cache_ptr + slot * stride_ks + kv_head * stride_kh + dims, v_new)
         m_i = tl.full([], float("-inf"), tl.float32)
         l_i = tl.full([], 0.0, tl.float32)
         acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
-        for tile in range(start, end, BLOCK_N):
+        cached_end = tl.minimum(end, newest) if ROTARY else end  # ROTARY: the newest key joins after the loop
+        for tile in range(start, cached_end, BLOCK_N):
             key_pos = tile + offs  # [BN]
-            valid = key_pos < end
+            valid = key_pos < cached_end
             kv_offs = (physical[:, None] * stride_kb + (key_pos % BLOCK_SIZE)[:, None] * stride_ks
                        + kv_head * stride_kh + dims[None, :])
             k = tl.load(k_cache_ptr + kv_offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BN, D]
@@ -181,6 +213,15 @@ def _decode_split_kernel(
             l_i = l_i * alpha + tl.sum(p, axis=0)
             acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             m_i = m_new
+        if ROTARY:
+            if end == seq_len:  # the newest key, from registers: one more step of the online softmax
+                score = tl.sum(q * k_new.to(tl.float32), axis=0) * scale
+                m_new = tl.maximum(m_i, score)
+                p_new = tl.exp(score - m_new)
+                alpha = tl.exp(m_i - m_new)  # 0 where no cached key came before
+                l_i = l_i * alpha + p_new
+                acc = acc * alpha + p_new * v_new.to(tl.float32)
+                m_i = m_new
         out = out_ptr + q_row * stride_ot + head * stride_oh
         if active == 1:  # every key in this split: its softmax is the whole one (the merge's bits too)
             tl.store(out + dims, (acc / l_i).to(out_ptr.dtype.element_ty))
@@ -229,16 +270,31 @@ def decode_splits(num_seqs: int, num_heads: int) -> int:
     return 1 if programs >= SPLIT_PROGRAMS else min(MAX_SPLITS, triton.next_power_of_2(-(-SPLIT_PROGRAMS // programs)))
 
 
+class NewTokens(NamedTuple):
+    """This step's keys and values before rotary, and their cache slots: handed to paged_attention,
+    which then rotates q and k and writes K/V itself (kernels/rotary.py's arguments)."""
+
+    k: torch.Tensor  # [T, KV, D], last dim contiguous
+    v: torch.Tensor  # [T, KV, D]
+    cos: torch.Tensor  # [T, 1, D]
+    sin: torch.Tensor  # [T, 1, D]
+    slot_mapping: torch.Tensor  # [T] int64: block * block_size + row
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, num_heads, head_dim]: every sequence's new tokens, flat
-    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], this step's K already written
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # same
     block_tables: torch.Tensor,  # [B, max_blocks] int32
     seq_lens: torch.Tensor,  # [B] int32: tokens in the cache per sequence, this step's included
     query_start_loc: torch.Tensor,  # [B + 1] int32: cumulative new-token counts
     max_query_len: int,  # host-side, from the scheduler: sizes the grid without a sync
     pdl: bool = False,  # programmatic dependent launches (kernels/pdl.py)
+    new: NewTokens | None = None,  # None: q is rotated and this step's K/V are in the cache already
 ) -> torch.Tensor:  # [T, num_heads * head_dim]
+    """With `new`, rotary and the K/V write happen here (q may be left rotated or not): inside the
+    split decode, where a batch-1 step's rotary launch took 1.7 us a layer on an H200 (0.053 ms of
+    a 3.75 ms 17B step) and its boundary more; before the other kernel, as rotary_and_write_kv_."""
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     if head_dim & (head_dim - 1) or block_size & (block_size - 1) or block_size < 16:
@@ -251,16 +307,22 @@ def paged_attention(
     num_seqs = block_tables.shape[0]
     pdl, launch = pdl_launch(pdl, q.device)
     splits = decode_splits(num_seqs, num_heads) if max_query_len == 1 else 1
+    if new is not None:
+        check_kv_write(q, new.k, new.v, new.cos, new.sin, k_cache, v_cache, new.slot_mapping)
+        if splits == 1:
+            rotary_and_write_kv_(q, *new[:4], k_cache, v_cache, new.slot_mapping, pdl=pdl)
     if splits > 1:  # decode with few programs: split each sequence's keys, then merge (flash-decoding)
         part_acc, part_ml = _split_parts(num_seqs, num_heads, splits, head_dim, q.device)
+        k_new, v_new, cos, sin, slots = new if new is not None else (q, q, q, q, seq_lens)  # unread without ROTARY
         _decode_split_kernel[(num_seqs, num_heads, splits)](
             q, k_cache, v_cache, out, part_acc, part_ml, arrival_counts(q.device, SPLIT_PROGRAMS),
-            block_tables, seq_lens, query_start_loc,
+            block_tables, seq_lens, query_start_loc, k_new, v_new, cos, sin, slots,
             head_dim**-0.5, num_heads // num_kv_heads,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-            HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=SPLIT_TILE, NUM_SPLITS=splits, PDL=pdl,
-            num_warps=SPLIT_WARPS, **launch,
+            k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), cos.stride(0),
+            HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=SPLIT_TILE, NUM_SPLITS=splits,
+            ROTARY=new is not None, PDL=pdl, num_warps=SPLIT_WARPS, **launch,
         )  # fmt: skip
         return out.reshape(num_tokens, num_heads * head_dim)
     # Query heads that share a KV head ride in one program as extra rows of the same tiles, so

@@ -66,6 +66,21 @@ def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         raise ValueError("q, k, cos and sin need a contiguous last dim (cos and sin the same strides)")
 
 
+def check_kv_write(q, k, v, cos, sin, k_cache, v_cache, slot_mapping) -> None:
+    """rotary_and_write_kv_'s arguments (the split decode takes the same ones, kernels/paged_attention.py)."""
+    _check(q, k, cos, sin)
+    num_tokens, _, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if v.shape != k.shape or v.stride(-1) != 1:
+        raise ValueError(f"v must be shaped like k {tuple(k.shape)} with a contiguous last dim, got {tuple(v.shape)}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.shape != v_cache.shape \
+            or k_cache.shape[2:] != k.shape[1:] or k_cache.dtype != k.dtype:  # fmt: skip
+        raise ValueError(f"k_cache and v_cache must be contiguous [num_blocks, block_size, {num_kv_heads}, "
+                         f"{head_dim}] in k's dtype, got {tuple(k_cache.shape)} {k_cache.dtype}")  # fmt: skip
+    if slot_mapping.shape != (num_tokens,):
+        raise ValueError(f"slot_mapping must have one slot per token ({num_tokens}), got {tuple(slot_mapping.shape)}")
+
+
 def rotary_embedding_(
     q: torch.Tensor,  # [T, H, D], last dim contiguous; rotated in place
     k: torch.Tensor,  # [T, KV, D], same
@@ -93,17 +108,9 @@ def rotary_and_write_kv_(
     pdl: bool = False,  # a programmatic dependent launch (kernels/pdl.py)
 ) -> None:
     """Rotary on q and k, and this step's K/V into their cache slots, in one launch."""
-    _check(q, k, cos, sin)
+    check_kv_write(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    if v.shape != k.shape or v.stride(-1) != 1:
-        raise ValueError(f"v must be shaped like k {tuple(k.shape)} with a contiguous last dim, got {tuple(v.shape)}")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.shape != v_cache.shape \
-            or k_cache.shape[2:] != k.shape[1:] or k_cache.dtype != k.dtype:  # fmt: skip
-        raise ValueError(f"k_cache and v_cache must be contiguous [num_blocks, block_size, {num_kv_heads}, "
-                         f"{head_dim}] in k's dtype, got {tuple(k_cache.shape)} {k_cache.dtype}")  # fmt: skip
-    if slot_mapping.shape != (num_tokens,):
-        raise ValueError(f"slot_mapping must have one slot per token ({num_tokens}), got {tuple(slot_mapping.shape)}")
     if num_tokens:
         pdl, launch = pdl_launch(pdl, q.device)
         _rotary_kernel[(num_tokens, num_heads + num_kv_heads)](

@@ -18,7 +18,7 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
-from kernels.paged_attention import paged_attention
+from kernels.paged_attention import NewTokens, paged_attention
 from kernels.rotary import rotary_and_write_kv_
 from model.rotary import rotate_qk
 from model.transfer import to_device
@@ -53,7 +53,8 @@ class PagedAttentionMetadata:
 
 class TritonPagedAttention:
     """GPU backend: one launch rotates q and k and writes K/V into their slots, then one reads
-    the blocks through the block table (kernels/paged_attention.py); nothing is gathered or padded."""
+    the blocks through the block table (kernels/paged_attention.py); a small decode batch does
+    both in one launch. Nothing is gathered or padded."""
 
     def __init__(self, cache: PagedKVCache, pdl: bool = False):
         self.cache = cache
@@ -85,9 +86,9 @@ class TritonPagedAttention:
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin) -> torch.Tensor:
         k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        rotary_and_write_kv_(q, k, v, *cos_sin, k_cache, v_cache, self.slot_mapping, pdl=self.pdl)
+        new = NewTokens(k, v, *cos_sin, self.slot_mapping)  # small decode batches: rotary inside the attention launch
         return paged_attention(q, k_cache, v_cache, self.block_tables, self.seq_lens,
-                               self.query_start_loc, self.max_query_len, pdl=self.pdl)  # fmt: skip
+                               self.query_start_loc, self.max_query_len, pdl=self.pdl, new=new)  # fmt: skip
 
 
 class FlashAttnPagedAttention:

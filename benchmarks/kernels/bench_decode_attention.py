@@ -8,7 +8,9 @@ fastest. The issue's target (a 17B batch-1 step within 1.2x the HBM floor) was 0
 
 Timing as in a decode step: 32 launches over 32 different KV caches (one per layer, so L2 does
 not hold the next layer's keys) in one CUDA graph, replay time / 32, with and without
-programmatic dependent launch. Every shape's output is checked against the torch reference.
+programmatic dependent launch. Each launch rotates the new row's q and k and writes its K/V, as
+the engine calls it; for the shipped shape also the two launches it replaced (rotary, then
+attention). Every shape's output is checked against the torch reference.
 
     python benchmarks/kernels/bench_decode_attention.py [--json out.json]
 """
@@ -23,7 +25,9 @@ import torch
 import triton
 
 import kernels.paged_attention as attention_module
-from kernels.paged_attention import paged_attention, paged_attention_ref
+from kernels.paged_attention import NewTokens, paged_attention, paged_attention_ref
+from kernels.rotary import rotary_and_write_kv_
+from model.rotary import rotary_cos_sin
 
 # (name, query heads, KV heads); head_dim 128, 16-token blocks (EngineConfig's)
 ARCHS = [("cogvlm-17b", 32, 32), ("cogvlm2-19b", 32, 8)]
@@ -39,8 +43,11 @@ def set_shape(shape: tuple[int, int, int]) -> None:
 
 
 def layer_inputs(heads: int, kv_heads: int, context: int, layers: int, device, dtype=torch.bfloat16):
-    """One decode row's q and a KV cache per layer, blocks scattered over each layer's pool."""
+    """Per layer: a decode row's paged_attention arguments over its own KV cache (blocks scattered
+    over the pool), and the row's raw K/V with its rotary tables and slot (NewTokens), as the
+    engine hands them over."""
     blocks = -(-context // BLOCK_SIZE)
+    cos, sin = rotary_cos_sin(torch.tensor([context - 1], device=device), HEAD_DIM, 10000.0, dtype)
     out = []
     for layer in range(layers):
         g = torch.Generator().manual_seed(layer)
@@ -48,24 +55,35 @@ def layer_inputs(heads: int, kv_heads: int, context: int, layers: int, device, d
         v = torch.randn(blocks + 8, BLOCK_SIZE, kv_heads, HEAD_DIM, generator=g).to(device, dtype)
         table = torch.randperm(blocks + 8, generator=g)[:blocks].to(device, torch.int32)[None]
         q = torch.randn(1, heads, HEAD_DIM, generator=g).to(device, dtype)
+        k_new, v_new = (torch.randn(1, kv_heads, HEAD_DIM, generator=g).to(device, dtype) for _ in range(2))
+        slot = table[0, (context - 1) // BLOCK_SIZE].long() * BLOCK_SIZE + (context - 1) % BLOCK_SIZE
         seq_lens = torch.tensor([context], dtype=torch.int32, device=device)
         starts = torch.tensor([0, 1], dtype=torch.int32, device=device)
-        out.append((q, k, v, table, seq_lens, starts))
+        out.append(((q, k, v, table, seq_lens, starts), NewTokens(k_new, v_new, cos, sin, slot[None])))
     return out
 
 
-def max_error(args) -> float:
-    """The kernel's largest error against the float64 reference, over plain torch's at the same dtype."""
-    exact = paged_attention_ref(*[a.double() if a.is_floating_point() else a for a in args])
-    ours = (paged_attention(*args, 1).double() - exact).abs().max().item()
-    torch_err = (paged_attention_ref(*args).double() - exact).abs().max().item()
-    return ours / max(torch_err, 1e-12)
+def max_error(args, new: NewTokens) -> float:
+    """The largest error of attention that rotates and writes the new row itself (the engine's call),
+    against float64 attention over what rotary_and_write_kv_ leaves, over plain torch's at the same dtype."""
+    q, k_cache, v_cache, *rest = args
+    rotated = (q.clone(), k_cache.clone(), v_cache.clone(), *rest)
+    rotary_and_write_kv_(rotated[0], *new[:4], *rotated[1:3], new.slot_mapping)
+    exact = paged_attention_ref(*[a.double() if a.is_floating_point() else a for a in rotated])
+    ours = paged_attention(q.clone(), k_cache.clone(), v_cache.clone(), *rest, 1, new=new)
+    torch_err = (paged_attention_ref(*rotated).double() - exact).abs().max().item()
+    return (ours.double() - exact).abs().max().item() / max(torch_err, 1e-12)
 
 
-def per_layer_us(inputs, pdl: bool) -> float:
+def per_layer_us(inputs, pdl: bool, fused: bool = True) -> float:
+    """fused: one launch a layer (attention rotates and writes the new row); else the rotary
+    launch, then attention over the cache (the engine's way before the fusion)."""
+
     def step():
-        for args in inputs:
-            paged_attention(*args, 1, pdl=pdl)
+        for (q, k_cache, v_cache, *rest), new in inputs:
+            if not fused:
+                rotary_and_write_kv_(q, *new[:4], k_cache, v_cache, new.slot_mapping, pdl=pdl)
+            paged_attention(q, k_cache, v_cache, *rest, 1, pdl=pdl, new=new if fused else None)
 
     step()  # compile and allocate the arrival counts outside the capture
     torch.cuda.synchronize()
@@ -80,16 +98,18 @@ def main() -> None:
     parser.add_argument("--json", help="write every timing and the winning shape here")
     args = parser.parse_args()
     shipped = (attention_module.SPLIT_TILE, attention_module.SPLIT_WARPS, attention_module.MAX_SPLITS)
-    results = []  # (arch, context, shape, us without PDL, us with PDL, error ratio)
+    results = []  # (arch, context, shape, us without PDL, us with PDL, us with PDL unfused, error ratio)
     for arch, heads, kv_heads in ARCHS:
         for context in CONTEXTS:
             inputs = layer_inputs(heads, kv_heads, context, LAYERS, "cuda")
             for shape in SHAPES:
                 set_shape(shape)
                 try:
-                    error = max_error(inputs[0])
+                    error = max_error(*inputs[0])
                     plain, pdl = per_layer_us(inputs, False), per_layer_us(inputs, True)
-                    results.append((arch, context, shape, plain, pdl, error))
+                    # the rotary launch before attention, as before the fusion: the shipped shape only
+                    unfused = per_layer_us(inputs, True, fused=False) if shape == shipped else float("nan")
+                    results.append((arch, context, shape, plain, pdl, unfused, error))
                 except Exception as err:  # noqa: BLE001  (a shape that fails to compile is reported, not fatal)
                     print(f"{arch} {context} {shape} failed: {type(err).__name__}: {str(err)[:200]}")
             del inputs
@@ -97,15 +117,15 @@ def main() -> None:
     set_shape(shipped)
 
     print(f"\nsplit decode at batch 1, bf16, {torch.cuda.get_device_name()}; us a layer (32 layers in one graph)")
-    print("| arch | context | (tile, warps, splits) | us | us with PDL | error / torch's |")
-    print("|---|---|---|---|---|---|")
-    for arch, context, shape, plain, pdl, error in results:
-        print(f"| {arch} | {context} | {shape} | {plain:.2f} | {pdl:.2f} | {error:.2f} |")
+    print("| arch | context | (tile, warps, splits) | us | us with PDL | rotary + attention, PDL | error / torch's |")
+    print("|---|---|---|---|---|---|---|")
+    for arch, context, shape, plain, pdl, unfused, error in results:
+        print(f"| {arch} | {context} | {shape} | {plain:.2f} | {pdl:.2f} | {unfused:.2f} | {error:.2f} |")
     # The winner: the lowest geomean with PDL (the engine's default) over both archs and every
     # context, among shapes whose error stays within 2x torch's; the shipped shape is the baseline.
     scores = {}
     for shape in SHAPES:
-        times = [pdl for _, _, s, _, pdl, error in results if s == shape and error <= 2.0]
+        times = [pdl for _, _, s, _, pdl, _, error in results if s == shape and error <= 2.0]
         if len(times) == len(ARCHS) * len(CONTEXTS):
             scores[shape] = math.exp(sum(math.log(t) for t in times) / len(times))
     if scores:
@@ -115,7 +135,7 @@ def main() -> None:
               f"the shipped {shipped}: {base:.2f} us, {base / scores[best]:.2f}x)")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"results": [[a, c, list(s), p, q, e] for a, c, s, p, q, e in results],
+            json.dump({"results": [[a, c, list(s), *times] for a, c, s, *times in results],
                        "best": list(best) if scores else None}, f, indent=1)  # fmt: skip
 
 

@@ -62,8 +62,9 @@ def production_calls(quick: bool, dtype: torch.dtype) -> list[tuple[str, Callabl
         tables = torch.arange(seqs * blocks, dtype=torch.int32).reshape(seqs, blocks)
         lens = torch.full((seqs,), context, dtype=torch.int32)
         starts = torch.arange(seqs + 1, dtype=torch.int32) * query_len
-        q = t(seqs * query_len, 32, 128)
-        paged_attention.paged_attention(q, cache, cache, tables, lens, starts, query_len, pdl)
+        q, k, cos = t(seqs * query_len, 32, 128), t(seqs * query_len, kv_heads, 128), t(seqs * query_len, 1, 128)
+        new = paged_attention.NewTokens(k, k, cos, cos, torch.arange(seqs * query_len))  # as the engine calls it
+        paged_attention.paged_attention(q, cache, cache, tables, lens, starts, query_len, pdl, new)
 
     def rotate(kv_heads: int, pdl: bool):
         q, k, cos = t(64, 32, 128), t(64, kv_heads, 128), t(64, 1, 128)

@@ -4,7 +4,9 @@ compiled on GPU): decode rows, prefill chunks over a cached prefix, GQA, scatter
 import pytest
 import torch
 
-from kernels.paged_attention import decode_splits, paged_attention, paged_attention_ref
+from kernels.paged_attention import NewTokens, decode_splits, paged_attention, paged_attention_ref
+from kernels.rotary import rotary_and_write_kv_
+from model.rotary import rotary_cos_sin
 from tests.kernels.error_bound import DEVICE, DTYPES
 
 
@@ -126,6 +128,59 @@ def test_every_split_decode_shape_matches_reference(monkeypatch, shape):
         out = paged_attention(*args, max_q)
         ref64 = paged_attention_ref(*[a.double() if a.is_floating_point() else a for a in args])
         assert (out.double() - ref64).abs().max().item() < 1e-5
+
+
+def new_token_rows(seq_lens, args, num_heads, num_kv_heads, head_dim, dtype):
+    """This step's raw q, k, v (strided views of one fused QKV output, as the model hands them over),
+    their rotary tables, and the cache slot of each sequence's newest key."""
+    tables = args[3]
+    generator = torch.Generator().manual_seed(7)
+    qkv = torch.randn(len(seq_lens), (num_heads + 2 * num_kv_heads) * head_dim, generator=generator).to(DEVICE, dtype)
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=1)
+    q, k, v = (t.unflatten(1, (-1, head_dim)) for t in (q, k, v))
+    positions = torch.tensor([s - 1 for s in seq_lens], device=DEVICE)
+    cos, sin = rotary_cos_sin(positions * 37, head_dim, 10000.0, dtype)  # x37: angles far from zero
+    block_size = args[1].shape[1]
+    blocks = torch.stack([tables[b, p // block_size] for b, p in enumerate(positions)]).long()
+    slots = blocks * block_size + positions % block_size
+    return q, NewTokens(k, v, cos, sin, slots)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seq_lens", [[1], [3, 700, 129], [256, 128]], ids=str)
+@pytest.mark.parametrize("heads", [(2, 2), (4, 2)], ids=["mha", "gqa2"])
+@pytest.mark.parametrize("split", [True, False], ids=["split", "one-pass"])
+def test_attention_that_rotates_and_writes_equals_rotary_then_attention(monkeypatch, dtype, seq_lens, heads, split):
+    """paged_attention with this step's raw K/V (`new`) attends over what rotary_and_write_kv_
+    leaves (within the kernels' error bound: the newest key joins the softmax last) and leaves the
+    same cache, where only the newest slots change. The split decode does it in-kernel, the newest
+    key from registers; the other path launches rotary first."""
+    from kernels import paged_attention as module
+
+    if not split:
+        monkeypatch.setattr(module, "SPLIT_PROGRAMS", 1)  # every decode batch takes the one-pass kernel
+    args, max_q = make_batch(seq_lens, [1] * len(seq_lens), *heads, 16, dtype, num_blocks=200)
+    assert (decode_splits(len(seq_lens), heads[0]) > 1) == split
+    q, new = new_token_rows(seq_lens, args, *heads, 16, dtype)
+    q_first, caches_first = q.clone(), [c.clone() for c in args[1:3]]
+    rotary_and_write_kv_(q_first, *new[:4], *caches_first, new.slot_mapping)
+    rotated = (q_first, *caches_first, *args[3:])  # what attention without `new` would read
+    caches = [c.clone() for c in args[1:3]]
+    out = paged_attention(q.clone(), *caches, *args[3:], max_q, new=new)
+    ref64 = paged_attention_ref(*[a.double() if a.is_floating_point() else a for a in rotated])
+    torch_err = (paged_attention_ref(*rotated).double() - ref64).abs().max().item()
+    assert (out.double() - ref64).abs().max().item() <= 2 * torch_err + 1e-5
+    if DEVICE == "cpu":  # the interpreter rounds alike; compiled code may fuse a multiply-add differently
+        assert all(map(torch.equal, caches, caches_first))
+    else:
+        for cache, first in zip(caches, caches_first, strict=True):
+            torch.testing.assert_close(cache, first, rtol=1e-2, atol=1e-2)
+    written = torch.zeros(args[1].shape[0] * args[1].shape[1], dtype=torch.bool, device=DEVICE)
+    written[new.slot_mapping] = True
+    for cache, before in zip(caches, args[1:3], strict=True):
+        flat, flat_before = cache.flatten(0, 1), before.flatten(0, 1)
+        assert torch.equal(flat[~written], flat_before[~written])  # nothing but the newest slots
+        assert not torch.equal(flat[written], flat_before[written])
 
 
 def test_decode_splits_fill_the_gpu_and_stop_when_full():
