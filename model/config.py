@@ -24,6 +24,20 @@ class ConfigError(ValueError):
     """A config.json that is not a CogVLM checkpoint we can run; the message names file and key."""
 
 
+def read_key(source: str, d: dict, key: str, kind: type = int, where: str = "", default=_REQUIRED):
+    """d[key] as an int, float or str; a missing required key, or a value of another JSON type (a
+    string "4096", a bool, 1.5 for an int), is an error naming the file (`source`) and the key."""
+    if key not in d:
+        if default is _REQUIRED:
+            raise ConfigError(f"{source}: required key '{where}{key}' is missing")
+        return default
+    value = d[key]
+    allowed = (int, float) if kind is float else (kind,)
+    if isinstance(value, bool) or not isinstance(value, allowed):
+        raise ConfigError(f"{source}: key '{where}{key}' must be {_KIND_NAMES[kind]}, got {value!r}")
+    return kind(value)
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     """EVA2-CLIP-E tower (COGVLM.md section 6)."""
@@ -104,17 +118,7 @@ class CogVLMConfig:
             raise ConfigError(f"{source}: key 'vision_config' is missing; not a CogVLM checkpoint")
 
         def read(d: dict, key: str, kind: type = int, where: str = "", default=_REQUIRED):
-            """d[key] as an int, float or str; a missing required key, or a value of another JSON
-            type (a string "4096", a bool, 1.5 for an int), is an error naming the key."""
-            if key not in d:
-                if default is _REQUIRED:
-                    raise ConfigError(f"{source}: required key '{where}{key}' is missing")
-                return default
-            value = d[key]
-            allowed = (int, float) if kind is float else (kind,)
-            if isinstance(value, bool) or not isinstance(value, allowed):
-                raise ConfigError(f"{source}: key '{where}{key}' must be {_KIND_NAMES[kind]}, got {value!r}")
-            return kind(value)
+            return read_key(source, d, key, kind, where, default)
 
         generation = detect_generation(raw)
         v = "vision_config."

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from model.generation_config import GenerationDefaults
 from model.processor import Processor, PromptError
 from server.async_engine import AsyncEngine
 from server.chat import ChatHandler
@@ -46,6 +47,7 @@ class AppState:
     processor: Processor | None = None
     max_model_len: int = 0
     vocab_size: int = 0  # the model's: logit_bias ids must be below it
+    generation_defaults: GenerationDefaults = GenerationDefaults()  # the checkpoint's sampling defaults
     draining: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
 

@@ -13,6 +13,7 @@ from dataclasses import replace
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from model.generation_config import GenerationDefaults
 from model.processor import PromptError, PromptInputs
 from model.sampling_params import MAX_LOGPROBS, ParamError, SamplingParams
 from server import openai_format as fmt
@@ -29,7 +30,10 @@ UNSUPPORTED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
                "prompt_logprobs", "echo", "use_beam_search", "allowed_token_ids", "bad_words")  # fmt: skip
 
 
-def sampling_params(body: ChatCompletionRequest, max_n: int) -> SamplingParams:
+def sampling_params(body: ChatCompletionRequest, max_n: int, defaults: GenerationDefaults) -> SamplingParams:
+    """The request's sampling; a field it leaves unset takes the checkpoint's default (`defaults`,
+    model/generation_config.py) and then OpenAI's. A default max_tokens is applied by
+    ChatHandler.check_request, which can cap it to the context left."""
     if not 1 <= body.n <= max_n:
         raise bad_request(f"n must be between 1 and {max_n}, got {body.n}", "n")
     if body.top_logprobs is not None:
@@ -50,13 +54,13 @@ def sampling_params(body: ChatCompletionRequest, max_n: int) -> SamplingParams:
     try:
         return SamplingParams(
             n=body.n,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=body.top_k or 0,
-            min_p=body.min_p or 0.0,
+            temperature=first_set(body.temperature, defaults.temperature, 1.0),
+            top_p=first_set(body.top_p, defaults.top_p, 1.0),
+            top_k=first_set(body.top_k, defaults.top_k, 0),
+            min_p=first_set(body.min_p, defaults.min_p, 0.0),
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
-            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            repetition_penalty=first_set(body.repetition_penalty, defaults.repetition_penalty, 1.0),
             seed=body.seed,
             max_tokens=max_tokens,
             min_tokens=body.min_tokens,
@@ -71,6 +75,10 @@ def sampling_params(body: ChatCompletionRequest, max_n: int) -> SamplingParams:
         name = str(err).split()[0]
         raise bad_request(str(err), "max_completion_tokens" if body.max_completion_tokens and name == "max_tokens"
                           else name) from err  # fmt: skip
+
+
+def first_set(*values):
+    return next(v for v in values if v is not None)
 
 
 def refuse_unsupported(body: ChatCompletionRequest) -> None:
@@ -111,13 +119,18 @@ class ChatHandler:
         # preprocessing (resize, normalise) and tokenisation: off the event loop
         return await asyncio.to_thread(self.state.processor.build, conversation, body.template)
 
-    def check_request(self, prompt: PromptInputs, params: SamplingParams) -> None:
-        """What needs the model: the engine checks the same, but by then a stream has said 200."""
+    def check_request(self, prompt: PromptInputs, params: SamplingParams) -> SamplingParams:
+        """What needs the model: the engine checks the same, but by then a stream has said 200.
+        Returns `params` with the checkpoint's default max_tokens where the request set none,
+        capped to the context the prompt leaves (vLLM's way with a default)."""
         try:
             params.check_vocab(self.state.vocab_size)
         except ParamError as err:
             raise bad_request(str(err), "logit_bias") from err
         limit = self.state.max_model_len
+        default_max = self.state.generation_defaults.max_tokens
+        if params.max_tokens is None and default_max is not None and prompt.num_tokens < limit:
+            params = replace(params, max_tokens=max(params.min_tokens, 1, min(default_max, limit - prompt.num_tokens)))
         if prompt.num_tokens >= limit or (params.max_tokens and prompt.num_tokens + params.max_tokens > limit):
             raise bad_request(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -127,6 +140,7 @@ class ChatHandler:
                 "messages",
                 "context_length_exceeded",
             )
+        return params
 
     async def __call__(self, body: ChatCompletionRequest, request: Request):
         state = self.state
@@ -135,9 +149,9 @@ class ChatHandler:
         if body.model != state.served_model_name:
             raise APIError(404, f"The model `{body.model}` does not exist.", "model", "model_not_found")
         refuse_unsupported(body)
-        params = sampling_params(body, state.config.server.max_n)
+        params = sampling_params(body, state.config.server.max_n, state.generation_defaults)
         prompt = await self.build_prompt(body)
-        self.check_request(prompt, params)
+        params = self.check_request(prompt, params)
         if state.engine.num_waiting >= state.config.server.max_queued_requests:
             raise unavailable(f"the queue is full ({state.config.server.max_queued_requests} waiting); retry")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"

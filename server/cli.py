@@ -89,6 +89,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=SECONDS, default=d.request_timeout_s, help="seconds per request")
     parser.add_argument("--shutdown-timeout", type=number(float, 0), default=d.shutdown_timeout_s,
                         help="seconds in-flight requests get after SIGTERM")  # fmt: skip
+    parser.add_argument("--generation-config", default=d.generation_config, metavar="{auto,none,FOLDER}",
+                        help="sampling defaults for fields a request leaves unset: auto, the checkpoint's "
+                        "generation_config.json (vLLM's default); none, OpenAI's; or a folder holding one")  # fmt: skip
     parser.add_argument("--image-fetch-timeout", type=SECONDS, default=m.fetch_timeout_s)
     parser.add_argument("--image-connect-timeout", type=SECONDS, default=m.connect_timeout_s)
     parser.add_argument("--max-image-bytes", type=COUNT, default=m.max_image_bytes)
@@ -106,7 +109,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         host=args.host, port=args.port, served_model_name=args.served_model_name, api_key=args.api_key,
         allowed_origins=tuple(args.allowed_origins), max_queued_requests=args.max_queued_requests,
         max_request_bytes=args.max_request_bytes, max_n=args.max_n, request_timeout_s=args.request_timeout,
-        shutdown_timeout_s=args.shutdown_timeout,
+        shutdown_timeout_s=args.shutdown_timeout, generation_config=args.generation_config,
     )  # fmt: skip
     media = MediaConfig(
         fetch_timeout_s=args.image_fetch_timeout, connect_timeout_s=args.image_connect_timeout,

@@ -48,6 +48,9 @@ class ServerConfig:
     max_n: int = 16  # completions per request
     request_timeout_s: float = 600.0  # per request, queueing included
     shutdown_timeout_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish
+    # sampling defaults for what a request leaves unset (model/generation_config.py): auto (the
+    # checkpoint's generation_config.json, if any), none, or a folder holding one
+    generation_config: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import uvicorn
 
+from model.generation_config import FILE_NAME, load_generation_defaults
 from server.api import AppState, build_app
 from server.async_engine import AsyncEngine
 from server.config import ServeConfig
@@ -29,12 +30,17 @@ def make_state(config: ServeConfig) -> AppState:
 def load_engine(state: AppState) -> None:
     """The slow part (35 GB for CogVLM-17B); the server answers /health with 503 meanwhile."""
     start = time.perf_counter()
+    # first: a broken generation_config.json fails the start before 35 GB of weights load
+    defaults = load_generation_defaults(state.config.server.generation_config, state.config.model.model)
+    if defaults.set_fields():  # vLLM says the same: a surprise otherwise
+        logger.warning("sampling defaults from %s for fields a request leaves unset: %s "
+                       "(--generation-config none for OpenAI's)", FILE_NAME, defaults.set_fields())  # fmt: skip
     model, processor = load_everything(state.config.model)
     engine = Engine(model, processor, state.config.engine)
     async_engine = AsyncEngine(engine, state.metrics)
     async_engine.start()
     state.processor, state.max_model_len = processor, engine.max_model_len
-    state.vocab_size = model.config.vocab_size
+    state.vocab_size, state.generation_defaults = model.config.vocab_size, defaults
     state.engine = async_engine  # last: this makes the server ready
     logger.info("model loaded in %.1f s; serving %s", time.perf_counter() - start, state.served_model_name)
 
