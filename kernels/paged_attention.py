@@ -307,10 +307,10 @@ def paged_attention(
     num_seqs = block_tables.shape[0]
     pdl, launch = pdl_launch(pdl, q.device)
     splits = decode_splits(num_seqs, num_heads) if max_query_len == 1 else 1
-    if new is not None:
+    if new is not None and splits == 1:  # the one-pass kernel reads the cache: rotary's launch first
+        rotary_and_write_kv_(q, *new[:4], k_cache, v_cache, new.slot_mapping, pdl=pdl)
+    elif new is not None:
         check_kv_write(q, new.k, new.v, new.cos, new.sin, k_cache, v_cache, new.slot_mapping)
-        if splits == 1:
-            rotary_and_write_kv_(q, *new[:4], k_cache, v_cache, new.slot_mapping, pdl=pdl)
     if splits > 1:  # decode with few programs: split each sequence's keys, then merge (flash-decoding)
         part_acc, part_ml = _split_parts(num_seqs, num_heads, splits, head_dim, q.device)
         k_new, v_new, cos, sin, slots = new if new is not None else (q, q, q, q, seq_lens)  # unread without ROTARY

@@ -183,6 +183,16 @@ def test_attention_that_rotates_and_writes_equals_rotary_then_attention(monkeypa
         assert not torch.equal(flat[written], flat_before[written])
 
 
+@pytest.mark.parametrize("seq_lens", [[9], [9] * 80], ids=["split", "one-pass"])
+def test_attention_that_rotates_refuses_what_rotary_refuses(seq_lens):
+    args, max_q = make_batch(seq_lens, [1] * len(seq_lens), 4, 2, 16, torch.float32, num_blocks=100)
+    q, new = new_token_rows(seq_lens, args, 4, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        paged_attention(q, *args[1:], max_q, new=new._replace(slot_mapping=new.slot_mapping[:0]))
+    with pytest.raises(ValueError, match="v must be shaped like k"):
+        paged_attention(q, *args[1:], max_q, new=new._replace(v=new.v[:, :1]))
+
+
 def test_decode_splits_fill_the_gpu_and_stop_when_full():
     assert decode_splits(1, 32) == 16  # batch 1 of CogVLM-17B: 32 programs -> 512
     assert decode_splits(4, 32) == 4
