@@ -25,11 +25,11 @@ from server.conversation import parse_messages
 from server.errors import APIError, bad_request, unavailable
 from server.media import ImageFetcher
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, TokenizeRequest
+from server.protocol import ChatCompletionRequest, DetokenizeRequest, TokenizeRequest
 
 logger = logging.getLogger(__name__)
 VERSION = "0.1.0"
-PROTECTED_PREFIXES = ("/v1/", "/tokenize")
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 # pydantic's labels for the branch of a union in an error's location: `str`, `list[...]`
 UNION_BRANCH = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|tagged-union\[.*\])$")
@@ -205,6 +205,17 @@ def build_app(state: AppState) -> FastAPI:
             conversation = replace(conversation, image=Image.new("RGB", (size, size)))
         prompt = state.processor.build(conversation, body.template)
         return {"count": prompt.num_tokens, "max_model_len": state.max_model_len, "tokens": prompt.input_ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        """vLLM's: token ids back to text, special tokens as written (<s>, </s>)."""
+        state.check_accepting()
+        if body.model is not None and body.model != state.served_model_name:
+            raise APIError(404, f"The model `{body.model}` does not exist.", "model", "model_not_found")
+        outside = [t for t in body.tokens if not 0 <= t < state.vocab_size]
+        if outside:
+            raise bad_request(f"tokens must be ids in [0, {state.vocab_size}), got {outside[:5]}", "tokens")
+        return {"prompt": state.processor.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     if server.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(server.allowed_origins), allow_methods=["*"],

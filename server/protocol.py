@@ -84,6 +84,13 @@ class ChatCompletionRequest(BaseModel):
     bad_words: Any = None
 
 
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]
+
+
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 

@@ -334,6 +334,20 @@ def test_developer_messages_are_system_messages(open_server):
     assert tokens("developer") == tokens("system") != tokens("user")
 
 
+def test_detokenize_reverses_tokenize_and_refuses_ids_outside_the_vocabulary(open_server):
+    messages = [{"role": "user", "content": "Where is the red circle?"}]
+    tokens = httpx.post(f"{open_server.url}/tokenize", json={"messages": messages}).json()["tokens"]
+    response = httpx.post(f"{open_server.url}/detokenize", json={"model": MODEL_NAME, "tokens": tokens})
+    assert response.status_code == 200, response.text
+    text = response.json()["prompt"]
+    assert text.startswith("<s>") and "Where is the red circle?" in text  # special tokens as written
+    vocab = open_server.state.vocab_size
+    for bad in ([vocab], [5, -1]):  # past the vocabulary; negative (the tokenizer raised: a 500)
+        assert_error(httpx.post(f"{open_server.url}/detokenize", json={"tokens": bad}), 400, param="tokens")
+    assert_error(httpx.post(f"{open_server.url}/detokenize", json={"tokens": "12"}), 400)
+    assert_error(httpx.post(f"{open_server.url}/detokenize", json={"model": "gpt-4", "tokens": [1]}), 404)
+
+
 def test_context_overflow_message_states_the_numbers(open_server):
     message = post(open_server, chat(max_tokens=5000)).json()["error"]["message"]
     assert "2048" in message and "5000" in message
@@ -389,6 +403,7 @@ def test_api_key_queue_limit_and_draining(loaded):
     config = ServeConfig(server=ServerConfig(api_key="sekrit", max_queued_requests=0))
     with serve(config, engine, processor) as live:
         assert_error(post(live, chat()), 401, code="invalid_api_key")
+        assert_error(httpx.post(f"{live.url}/detokenize", json={"tokens": [1]}), 401, code="invalid_api_key")
         full = post(live, chat(), headers={"Authorization": "Bearer sekrit"})
         assert_error(full, 503)
         assert full.headers["retry-after"]
