@@ -106,7 +106,8 @@ def kernel_times(events, steps: int = 5, rows: int = 12) -> str:
 
 
 def attend_after_rotary(self, layer_idx: int, q, k, v, cos_sin):
-    """TritonPagedAttention.attend as it was before the split decode took rotary in (--unfused-rotary)."""
+    """TritonPagedAttention.attend as it was before the split decode took rotary in (the "rotary
+    apart" mode: the baseline of that change, in the same run)."""
     k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
     rotary_and_write_kv_(q, k, v, *cos_sin, k_cache, v_cache, self.slot_mapping, pdl=self.pdl)
     return attention_module.paged_attention(q, k_cache, v_cache, self.block_tables, self.seq_lens,
@@ -122,12 +123,7 @@ def main() -> None:
     parser.add_argument("--split-decode", default="", metavar="TILE,WARPS,SPLITS",
                         help="the split decode's shape (kernels/paged_attention.py), e.g. the best of "
                         "bench_decode_attention.py; default: the shipped one")  # fmt: skip
-    parser.add_argument("--unfused-rotary", action="store_true",
-                        help="the baseline before the split decode took rotary in: rotary's launch, then "
-                        "attention's")  # fmt: skip
     args = parser.parse_args()
-    if args.unfused_rotary:
-        TritonPagedAttention.attend = attend_after_rotary
     if args.split_decode:
         shape = tuple(int(v) for v in args.split_decode.split(","))
         attention_module.SPLIT_TILE, attention_module.SPLIT_WARPS, attention_module.MAX_SPLITS = shape
@@ -145,17 +141,22 @@ def main() -> None:
 
     results, replays, kernel_tables, long_ms, attention = {}, {}, {}, {}, {}
     crowded = None  # (sequences, ms a step, floor ms): many sequences at an image prompt's length
-    modes = {  # cuda graphs, look-ahead, one-row GEMV (kernels/gemv.py at batch 1), PDL (kernels/pdl.py)
-        "cuda graphs + look-ahead": (True, True, False, False),
-        "cuda graphs + look-ahead + one-row GEMV": (True, True, True, False),
-        "cuda graphs + look-ahead + one-row GEMV + PDL": (True, True, True, True),
-        "cuda graphs": (True, False, False, False),
-    }  # eager (no graphs): 15.7 ms a step at batch 1 on an H200 (RESULTS.md); not rerun, to keep gpu_check short
+    # cuda graphs, look-ahead, one-row GEMV (kernels/gemv.py at batch 1), PDL (kernels/pdl.py), and
+    # rotary inside the split decode (kernels/paged_attention.py) or launched apart, as before
+    modes = {
+        "cuda graphs + look-ahead": (True, True, False, False, True),
+        "cuda graphs + look-ahead + one-row GEMV": (True, True, True, False, True),
+        "cuda graphs + look-ahead + one-row GEMV + PDL": (True, True, True, True, True),
+        "cuda graphs + look-ahead + one-row GEMV + PDL, rotary apart": (True, True, True, True, False),
+    }  # not rerun, to keep gpu_check short (RESULTS.md has them): eager, 15.7 ms a step at batch 1 on an
+    # H200; cuda graphs without look-ahead, 4.96 ms (17B, tenth session)
     if args.modes:
         wanted = [w.strip() for w in args.modes.split(",") if w.strip()]
         modes = {m: v for i, (m, v) in enumerate(modes.items()) if i == 0 or any(w in m for w in wanted)}
     batch1_tokens = {}  # greedy tokens of the batch-1 run per mode: the GEMV paths should agree
-    for mode, (cuda_graphs, look_ahead, one_row_gemv, pdl) in modes.items():
+    fused_attend = TritonPagedAttention.attend
+    for mode, (cuda_graphs, look_ahead, one_row_gemv, pdl, rotary_inside) in modes.items():
+        TritonPagedAttention.attend = fused_attend if rotary_inside else attend_after_rotary
         # text-only steps never run the routed expert kernels: nothing to tune at start
         config = EngineConfig(max_num_seqs=64, gpu_memory_fraction=0.5, cuda_graphs=cuda_graphs,
                               async_scheduling=look_ahead, one_row_gemv=one_row_gemv, pdl=pdl,
@@ -194,6 +195,7 @@ def main() -> None:
         engine = None
         gc.collect()
         torch.cuda.empty_cache()
+    TritonPagedAttention.attend = fused_attend
     base = batch1_tokens.get("cuda graphs + look-ahead", [])
     for mode, tokens in batch1_tokens.items():
         n = min(len(tokens), len(base))
@@ -201,9 +203,8 @@ def main() -> None:
         print(f"batch-1 greedy tokens, {mode}: the first {same} of {len(tokens)} equal cuBLAS's (the first mode)")
 
     split = (attention_module.SPLIT_TILE, attention_module.SPLIT_WARPS, attention_module.MAX_SPLITS)
-    apart = ", rotary launched apart" if args.unfused_rotary else ""
     print(f"\ndecode, {args.arch} architecture, random bf16 weights, {torch.cuda.get_device_name()}, "
-          f"split decode (tile, warps, splits) {split}{apart}")  # fmt: skip
+          f"split decode (tile, warps, splits) {split}")  # fmt: skip
     print(
         f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); language weights {language_bytes / 2**30:.1f} GiB"
     )

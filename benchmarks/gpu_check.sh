@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The one GPU check a lent machine runs (< 8 minutes, no network): the GPU tests with compiled
 # kernels, then the kernel and decode benchmarks; their short tables are printed last.
-# Usage (repo root): bash benchmarks/gpu_check.sh [tests] [gemv] [decode] [decode2] [kernels]   # no argument: these, in
-#   this order (about 6 minutes on an H200: tests 160 s, gemv 35, decode 40, decode2 40, kernels 60);
-#   decode2 is the decode benchmark on CogVLM2-19B (GQA, 128k vocabulary). For a second call:
+# Usage (repo root): bash benchmarks/gpu_check.sh [tests] [decode] [decode2] [attention] [kernels]  # no argument:
+#   these, run in this order (about 7.5 minutes on an H200: tests 210 s, decode 50, decode2 55,
+#   attention 65, kernels 60); decode2 is the decode benchmark on CogVLM2-19B (GQA, 128k
+#   vocabulary); attention times the split decode's shapes at batch 1 and its rotary inside
+#   against rotary's own launch. For a second call:
+#   [gemv] the one-row GEMV's configs against cuBLAS (35 s)
 #   [prefill] time to first token for image requests and the vision tower's share (17B and CogVLM2)
-#   [attention] the split decode's shapes at batch 1, then bench_decode with the best one and with
-#     the shipped one with rotary launched apart (the engine before the fusion), both architectures
-#     (about 4 minutes)
 # Logs and JSON go to $OUT (default /tmp/gpu_check). COMMIT=abc1234 names the commit where .git is absent or stale.
 set -uo pipefail
-PARTS=${*:-tests gemv decode decode2 kernels}
+PARTS=${*:-tests decode decode2 attention kernels}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -33,7 +33,7 @@ if want tests; then
     tests_rc=${PIPESTATUS[0]}
 fi
 
-if want gemv; then  # before decode: decode's one-row GEMV mode then finds these kernels compiled
+if want gemv; then
     echo "== one-row GEMV (kernels/gemv.py, fused prologues) against cuBLAS, CogVLM-17B's decode projections =="
     timeout 180 $PY benchmarks/kernels/bench_gemv.py --json "$OUT/bench_gemv.json" 2>&1 | tee "$OUT/bench_gemv.log"
     gemv_rc=${PIPESTATUS[0]}
@@ -60,26 +60,15 @@ if want prefill; then
 fi
 
 if want attention; then
-    echo "== split decode shapes at batch 1, then decode with the best one and the unfused baseline =="
+    echo "== split decode shapes at batch 1 (the fused rotary launch, and the two launches it replaced) =="
     timeout 200 $PY benchmarks/kernels/bench_decode_attention.py --json "$OUT/bench_attention.json" 2>&1 \
         | tee "$OUT/bench_attention.log" | tail -n 50
     attention_rc=${PIPESTATUS[0]}
-    best=$($PY -c "import json; b = json.load(open('$OUT/bench_attention.json'))['best']; print(*b or [], sep=',')")
-    split=()
-    [[ -n "$best" ]] && split=(--split-decode "$best")
-    for arch in cogvlm-17b cogvlm2-19b; do
-        # the best shape, then the baseline in the same run: the shipped shape with rotary launched apart
-        for variant in "${split[*]}" "--unfused-rotary"; do
-            timeout 150 $PY benchmarks/bench_decode.py --arch $arch --modes PDL $variant 2>&1 \
-                | tee -a "$OUT/bench_decode_split.log" | tail -n 12
-            attention_rc=$(( attention_rc || PIPESTATUS[0] ))
-        done
-    done
 fi
 
 if want kernels; then
     echo "== kernel benchmark (expert_linear, mixed prefill) =="
-    # COGSERVE_EXPERT_CANDIDATES=1: expert_linear's candidate configs join the tuning (not yet measured)
+    # COGSERVE_EXPERT_CANDIDATES=1: expert_linear's candidate configs, if any, join the tuning
     COGSERVE_EXPERT_CANDIDATES=1 timeout 200 $PY benchmarks/kernels/bench_expert_linear.py --json "$OUT/bench_expert_linear.json" 2>&1 \
         | tee "$OUT/bench.log" | tail -n 40
     bench_rc=${PIPESTATUS[0]}
@@ -93,8 +82,7 @@ for log in "$OUT/bench_decode.log" "$OUT/bench_decode2.log"; do
     [[ -f "$log" ]] && grep -E "^decode, |^\||^HBM floor|^graph replay|^attention kernels|^crowded decode|^batch-1 greedy|failed:" "$log"
 done
 [[ -f "$OUT/bench.log" ]] && grep -E "^geomean|^by batch" "$OUT/bench.log"
-[[ -f "$OUT/bench_attention.log" ]] && grep -E "^best split" "$OUT/bench_attention.log"
-[[ -f "$OUT/bench_decode_split.log" ]] && grep -E "^decode, |^graph replay.*PDL|^attention kernels.*PDL|^\| cuda graphs \+ look-ahead \+ one-row GEMV \+ PDL" "$OUT/bench_decode_split.log"
+[[ -f "$OUT/bench_attention.log" ]] && grep -E "^best split|^rotary inside" "$OUT/bench_attention.log"
 [[ -f "$OUT/bench_prefill.log" ]] && grep -E "^prefill, |^\||GEMM" "$OUT/bench_prefill.log"
 echo "tests exit $tests_rc, kernel benchmark exit $bench_rc, decode benchmark exit $decode_rc, gemv exit $gemv_rc," \
     "CogVLM2 decode exit $decode2_rc, prefill exit $prefill_rc, attention exit $attention_rc"

@@ -15,7 +15,7 @@ def shipped_shape_restored(monkeypatch):
         monkeypatch.setattr(attention_module, name, getattr(attention_module, name))
 
 
-@pytest.mark.parametrize("shape", [bench.SHAPES[0], (128, 8, 32)])
+@pytest.mark.parametrize("shape", [bench.shapes()[0], (64, 8, 32)])
 def test_each_shape_is_checked_against_the_reference(shipped_shape_restored, shape):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     inputs = bench.layer_inputs(4, 2, 71, 1, device, torch.float32)
