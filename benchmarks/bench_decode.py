@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+from typing import NamedTuple
 
 import torch
 import triton
 
+import kernels.gemv as gemv_module
 import kernels.paged_attention as attention_module
 from benchmarks.full_size import ARCHITECTURES, DigitTokenizer, random_model
 from kernels.rotary import rotary_and_write_kv_
@@ -105,6 +107,17 @@ def kernel_times(events, steps: int = 5, rows: int = 12) -> str:
     return "\n".join(lines) or "  (the profiler saw no kernels inside the graph)"
 
 
+class Mode(NamedTuple):
+    """How a decode benchmark mode runs; the defaults are the engine's on a Hopper GPU."""
+
+    cuda_graphs: bool = True
+    look_ahead: bool = True  # async scheduling
+    one_row_gemv: bool = True  # kernels/gemv.py at batch 1; else cuBLAS
+    pdl: bool = True  # kernels/pdl.py
+    rotary_inside: bool = True  # the split decode applies rotary; else rotary's own launch, as before
+    early_trigger: bool = False  # kernels/gemv.py's EARLY_TRIGGER
+
+
 def attend_after_rotary(self, layer_idx: int, q, k, v, cos_sin):
     """TritonPagedAttention.attend as it was before the split decode took rotary in (the "rotary
     apart" mode: the baseline of that change, in the same run)."""
@@ -141,13 +154,12 @@ def main() -> None:
 
     results, replays, kernel_tables, long_ms, attention = {}, {}, {}, {}, {}
     crowded = None  # (sequences, ms a step, floor ms): many sequences at an image prompt's length
-    # cuda graphs, look-ahead, one-row GEMV (kernels/gemv.py at batch 1), PDL (kernels/pdl.py), and
-    # rotary inside the split decode (kernels/paged_attention.py) or launched apart, as before
-    modes = {
-        "cuda graphs + look-ahead": (True, True, False, False, True),
-        "cuda graphs + look-ahead + one-row GEMV": (True, True, True, False, True),
-        "cuda graphs + look-ahead + one-row GEMV + PDL": (True, True, True, True, True),
-        "cuda graphs + look-ahead + one-row GEMV + PDL, rotary apart": (True, True, True, True, False),
+    modes = {  # the third is the engine's default
+        "cuda graphs + look-ahead": Mode(one_row_gemv=False, pdl=False),
+        "cuda graphs + look-ahead + one-row GEMV": Mode(pdl=False),
+        "cuda graphs + look-ahead + one-row GEMV + PDL": Mode(),
+        "cuda graphs + look-ahead + one-row GEMV + PDL, rotary apart": Mode(rotary_inside=False),
+        "cuda graphs + look-ahead + one-row GEMV + PDL, GEMV triggers early": Mode(early_trigger=True),
     }  # not rerun, to keep gpu_check short (RESULTS.md has them): eager, 15.7 ms a step at batch 1 on an
     # H200; cuda graphs without look-ahead, 4.96 ms (17B, tenth session)
     if args.modes:
@@ -155,11 +167,13 @@ def main() -> None:
         modes = {m: v for i, (m, v) in enumerate(modes.items()) if i == 0 or any(w in m for w in wanted)}
     batch1_tokens = {}  # greedy tokens of the batch-1 run per mode: the GEMV paths should agree
     fused_attend = TritonPagedAttention.attend
-    for mode, (cuda_graphs, look_ahead, one_row_gemv, pdl, rotary_inside) in modes.items():
-        TritonPagedAttention.attend = fused_attend if rotary_inside else attend_after_rotary
+    for mode, m in modes.items():
+        TritonPagedAttention.attend = fused_attend if m.rotary_inside else attend_after_rotary
+        gemv_module.EARLY_TRIGGER = m.early_trigger
+        look_ahead = m.look_ahead
         # text-only steps never run the routed expert kernels: nothing to tune at start
-        config = EngineConfig(max_num_seqs=64, gpu_memory_fraction=0.5, cuda_graphs=cuda_graphs,
-                              async_scheduling=look_ahead, one_row_gemv=one_row_gemv, pdl=pdl,
+        config = EngineConfig(max_num_seqs=64, gpu_memory_fraction=0.5, cuda_graphs=m.cuda_graphs,
+                              async_scheduling=m.look_ahead, one_row_gemv=m.one_row_gemv, pdl=m.pdl,
                               tune_expert_kernels=False)  # fmt: skip
         try:  # a mode that fails (a new kernel on a new machine) is reported; the others still run
             engine = Engine(model, processor, config)
@@ -195,7 +209,7 @@ def main() -> None:
         engine = None
         gc.collect()
         torch.cuda.empty_cache()
-    TritonPagedAttention.attend = fused_attend
+    TritonPagedAttention.attend, gemv_module.EARLY_TRIGGER = fused_attend, False
     base = batch1_tokens.get("cuda graphs + look-ahead", [])
     for mode, tokens in batch1_tokens.items():
         n = min(len(tokens), len(base))

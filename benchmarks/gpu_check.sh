@@ -2,7 +2,7 @@
 # The one GPU check a lent machine runs (< 8 minutes, no network): the GPU tests with compiled
 # kernels, then the kernel and decode benchmarks; their short tables are printed last.
 # Usage (repo root): bash benchmarks/gpu_check.sh [tests] [decode] [decode2] [attention] [kernels]  # no argument:
-#   these, run in this order (about 7.5 minutes on an H200: tests 210 s, decode 50, decode2 55,
+#   these, run in this order (about 7.7 minutes on an H200: tests 210 s, decode 60, decode2 65,
 #   attention 65, kernels 60); decode2 is the decode benchmark on CogVLM2-19B (GQA, 128k
 #   vocabulary); attention times the split decode's shapes at batch 1 and its rotary inside
 #   against rotary's own launch. For a second call:

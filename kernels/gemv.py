@@ -60,6 +60,13 @@ GPU_CONFIGS = [
     _config(16, 512, 4, 1),
 ]
 SAFE_CONFIG = _config(16, 128, 4, 2)  # the interpreter's and the tests' config
+# Under PDL, where the GEMV lets the next kernel launch: after its K loop (False, as measured so
+# far: 3.79 ms a 17B batch-1 step on an H200), or right after its own wait (True). The next
+# launch waits until every program of this one has started and said so, so early costs this one
+# no SM slot; it lets the next GEMV's programs sit resident with their first weight tile loaded
+# while this one streams, where now they start only as this one's programs leave the loop. Not
+# yet timed: bench_decode.py's "GEMV triggers early" mode and bench_gemv.py's column measure it.
+EARLY_TRIGGER = False
 
 
 def _configs() -> list[triton.Config]:
@@ -105,6 +112,7 @@ def _gemv_kernel(
     N, K, stride_wn, eps,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, K_POW2: tl.constexpr,
     PDL: tl.constexpr,  # launched as a programmatic dependent launch: wait before reading inputs
+    EARLY_TRIGGER: tl.constexpr,  # PDL: let the next kernel launch right after the wait (EARLY_TRIGGER below)
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """out[rows] = W[rows] @ prologue(x) for this program's BLOCK_N rows."""
@@ -121,6 +129,8 @@ def _gemv_kernel(
     w = tl.load(w_ptrs, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
     if PDL:
         tl.extra.cuda.gdc_wait()
+        if EARLY_TRIGGER:
+            tl.extra.cuda.gdc_launch_dependents()
     inv_rms = 1.0
     if PROLOGUE == 1:  # the row's mean square first, from one load of the whole row (one L2 latency)
         whole = tl.arange(0, K_POW2)
@@ -139,7 +149,7 @@ def _gemv_kernel(
         a = _input_chunk(x_ptr, residual_ptr, norm_ptr, k, k_ok, K, inv_rms, PROLOGUE, HAS_RESIDUAL)
         w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         acc += w.to(tl.float32) * a.to(tl.float32)[None, :]
-    if PDL:
+    if PDL and not EARLY_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its own weight loads
     tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
 
@@ -166,7 +176,7 @@ def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0, pdl=F
         norm_weight if norm_weight is not None else x, out_features, in_features, weight.stride(0), eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None,
         K_POW2=triton.next_power_of_2(in_features) if prologue == RMS_NORM else 1,  # one compile for the others
-        PDL=pdl, **launch,
+        PDL=pdl, EARLY_TRIGGER=EARLY_TRIGGER, **launch,
     )  # fmt: skip
     return out, residual_out
 

@@ -75,6 +75,15 @@ def production_calls(quick: bool, dtype: torch.dtype) -> list[tuple[str, Callabl
         ("17B projections", lambda: projections(3 * hidden, 11008, False)),
         ("CogVLM2 projections", lambda: projections(hidden + 2 * 1024, 14336, True)),  # 8 KV heads, vision QKV bias
     ]
+
+    def one_row_early_trigger():  # the PDL trigger right after the wait (gemv.EARLY_TRIGGER)
+        gemv.EARLY_TRIGGER = True
+        try:
+            one_row(True)
+        finally:
+            gemv.EARLY_TRIGGER = False
+
+    calls.append(("one-row GEMVs pdl=True early trigger", one_row_early_trigger))
     for pdl in pdl_modes:
         calls.append((f"one-row GEMVs pdl={pdl}", lambda pdl=pdl: one_row(pdl)))
         for kv in (32, 8):  # 17B, CogVLM2 (GQA)

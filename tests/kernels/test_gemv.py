@@ -104,10 +104,15 @@ def test_every_gpu_config_is_correct(monkeypatch, config):
 
 
 @pytest.mark.gpu
-def test_dependent_chain_under_pdl_matches_waiting_launches():
+@pytest.mark.parametrize("early_trigger", [False, True], ids=["trigger-after-loop", "trigger-after-wait"])
+def test_dependent_chain_under_pdl_matches_waiting_launches(monkeypatch, early_trigger):
     """Each GEMV reads the one before's output: under programmatic dependent launch a read before
     the wait would race. A chain of 24, eager and replayed from a CUDA graph, must equal the
-    same chain launched without PDL, bit for bit (one config: the tests' SAFE_CONFIG)."""
+    same chain launched without PDL, bit for bit (one config: the tests' SAFE_CONFIG), wherever
+    the GEMV lets the next one launch (kernels/gemv.py's EARLY_TRIGGER)."""
+    from kernels import gemv as module
+
+    monkeypatch.setattr(module, "EARLY_TRIGGER", early_trigger)
     k = 1024
     weights = [(torch.randn(k, k, device=DEVICE) / k**0.5).to(torch.bfloat16) for _ in range(3)]
     norm = torch.rand(k, device=DEVICE, dtype=torch.bfloat16) + 0.5
