@@ -77,10 +77,14 @@ GPU_CONFIGS = [
 GPU_CONFIGS.append(_config(128, 256, 64, 8, 3, tma=2, sk=1))
 # Candidates not yet run on a GPU, tuned only with COGSERVE_EXPERT_CANDIDATES=1 (gpu_check.sh's
 # kernel benchmark sets it; the every-config GPU test covers them): a config joins GPU_CONFIGS
-# once that test passes and a benchmark shape shows it winning. None now: (64, 256, 64, 4 warps,
-# 4 stages) with stream-K (one image's 1267 rows as 21 tiles of 64 instead of 11 of 128) passed
-# the test and won none of the 24 shapes on an H200 (tenth session, RESULTS.md).
-CANDIDATE_CONFIGS: list[triton.Config] = []
+# once that test passes and a benchmark shape shows it winning. (64, 256, 64, 4 warps, 4 stages)
+# with stream-K passed the test and won none of the 24 shapes on an H200 (tenth session). Now,
+# for the shapes furthest from the dense GEMM (one image, and every gate_up: 1.15x to 1.38x):
+CANDIDATE_CONFIGS = [
+    _config(128, 128, 64, 8, 4, tma=2, sk=1),  # the gated MLP's tile with a stream-K tail (none had one)
+    _config(128, 256, 128, 8, 2, tma=2),  # half the K iterations, each twice as long: 196 KB in 2 stages
+    _config(128, 256, 64, 8, 4, tma=2, sk=1),  # the stream-K config with a 4th stage
+]
 # Fits every dtype and both variants: the interpreter's config, the tests' config on GPU, and
 # the fallback when pruning leaves nothing. Its TMA level is capped by the call's TMA_LIMIT.
 SAFE_CONFIG = _config(64, 64, 32, 4, 3, tma=2)
