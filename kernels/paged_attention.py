@@ -294,7 +294,8 @@ def paged_attention(
 ) -> torch.Tensor:  # [T, num_heads * head_dim]
     """With `new`, rotary and the K/V write happen here (q may be left rotated or not): inside the
     split decode, where a batch-1 step's rotary launch took 1.7 us a layer on an H200 (0.053 ms of
-    a 3.75 ms 17B step) and its boundary more; before the other kernel, as rotary_and_write_kv_."""
+    a 3.75 ms 17B step) and its boundary more; for the one-pass kernel, rotary_and_write_kv_
+    launches first."""
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     if head_dim & (head_dim - 1) or block_size & (block_size - 1) or block_size < 16:
