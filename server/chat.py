@@ -260,12 +260,18 @@ class _Context:
 
     async def stream(self, outputs: AsyncIterator) -> AsyncIterator[str]:
         rid, created, model = self.request_id, self.created, self.model
-        with_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        options = self.body.stream_options
+        with_usage = bool(options and options.include_usage)
+        continuous = with_usage and options.continuous_usage_stats  # vLLM's: the usage so far in every chunk
         completion_tokens = 0
+
+        def chunk(choice: dict) -> str:
+            so_far = fmt.usage(self.num_prompt_tokens, completion_tokens) if continuous else None
+            return fmt.chunk(rid, created, model, [choice], with_usage, so_far)
+
         try:
             for i in range(self.body.n):
-                yield fmt.chunk(rid, created, model, [fmt.delta_choice(i, {"role": "assistant", "content": ""})],
-                                with_usage)  # fmt: skip
+                yield chunk(fmt.delta_choice(i, {"role": "assistant", "content": ""}))
             async for output in self._timed(outputs):
                 self._observe(output)
                 completion_tokens += len(output.new_token_ids)
@@ -273,11 +279,9 @@ class _Context:
                 if self.body.logprobs and output.new_logprobs:
                     logprobs = self.logprobs.content(output.new_logprobs)
                 if output.new_text or logprobs:
-                    choice = fmt.delta_choice(output.index, {"content": output.new_text}, None, logprobs)
-                    yield fmt.chunk(rid, created, model, [choice], with_usage)
+                    yield chunk(fmt.delta_choice(output.index, {"content": output.new_text}, None, logprobs))
                 if output.finished:
-                    choice = fmt.delta_choice(output.index, {}, output.finish_reason)
-                    yield fmt.chunk(rid, created, model, [choice], with_usage)
+                    yield chunk(fmt.delta_choice(output.index, {}, output.finish_reason))
             if with_usage:
                 yield fmt.usage_chunk(rid, created, model, fmt.usage(self.num_prompt_tokens, completion_tokens))
         except (TimeoutError, EngineDeadError, ValueError) as err:

@@ -43,11 +43,13 @@ def choice(index: int, text: str, finish_reason: str | None, logprobs: dict | No
             "finish_reason": finish_reason}  # fmt: skip
 
 
-def chunk(request_id: str, created: int, model: str, choices: list[dict], with_usage: bool) -> str:
+def chunk(request_id: str, created: int, model: str, choices: list[dict], with_usage: bool,
+          usage_: dict | None = None) -> str:  # fmt: skip
+    """with_usage: the chunk has a "usage" key, null unless `usage_` (continuous usage stats) is given."""
     body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": choices}  # fmt: skip
     if with_usage:
-        body["usage"] = None
+        body["usage"] = usage_
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 

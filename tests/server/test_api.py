@@ -143,6 +143,25 @@ def test_streaming_with_usage_and_done(client, open_server):
     assert raw.text.endswith("data: [DONE]\n\n") and raw.headers["content-type"].startswith("text/event-stream")
 
 
+def test_continuous_usage_stats_count_every_chunk(open_server):
+    def stream(options):
+        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6,
+                "ignore_eos": True, "stream": True, "stream_options": options}  # fmt: skip
+        raw = httpx.post(f"{open_server.url}/v1/chat/completions", json=body, timeout=60).text
+        return [json.loads(line[6:]) for line in raw.split("\n\n") if line.startswith("data: {")]
+
+    chunks = stream({"include_usage": True, "continuous_usage_stats": True})
+    usages = [c["usage"] for c in chunks]
+    assert usages[0]["completion_tokens"] == 0 and usages[-1]["completion_tokens"] == 6
+    counts = [u["completion_tokens"] for u in usages]
+    assert counts == sorted(counts) and len(set(counts)) > 2  # grows as tokens stream
+    assert all(u["prompt_tokens"] == usages[0]["prompt_tokens"] > 0 for u in usages)
+    assert all(u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] for u in usages)
+    plain = stream({"include_usage": True})  # the OpenAI default: null until the last chunk
+    assert all(c["usage"] is None for c in plain[:-1]) and plain[-1]["usage"]["completion_tokens"] == 6
+    assert all("usage" not in c for c in stream({"continuous_usage_stats": True}))  # needs include_usage, as in vLLM
+
+
 def test_logprobs_n_and_stop(client):
     response = client.chat.completions.create(
         model=MODEL_NAME,
