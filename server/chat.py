@@ -90,6 +90,17 @@ def refuse_unsupported(body: ChatCompletionRequest) -> None:
         value = getattr(body, name)
         if value is not None and value is not False:  # prompt_logprobs=0 asks for them too (and 0 == False)
             raise bad_request(f"{name} is not supported by cogserve", name, "unsupported")
+    if body.best_of is not None and body.best_of > body.n:
+        raise bad_request(f"best_of ({body.best_of}) above n ({body.n}) is not supported by cogserve", "best_of",
+                          "unsupported")  # fmt: skip
+    if body.chat_template is not None or body.chat_template_kwargs:
+        name = "chat_template" if body.chat_template is not None else "chat_template_kwargs"
+        raise bad_request(f"{name} is not supported: CogVLM's prompts come from `template` (chat, vqa or base)",
+                          name, "unsupported")  # fmt: skip
+    if not body.add_generation_prompt or body.continue_final_message:
+        name = "continue_final_message" if body.continue_final_message else "add_generation_prompt"
+        raise bad_request(f"{name} is not supported: the prompt always ends where the answer starts", name,
+                          "unsupported")  # fmt: skip
 
 
 class ChatHandler:

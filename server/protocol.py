@@ -83,6 +83,11 @@ class ChatCompletionRequest(BaseModel):
     use_beam_search: bool = False
     allowed_token_ids: Any = None
     bad_words: Any = None
+    best_of: int | None = None  # up to n: the same as n; more: sampling best_of and keeping n
+    chat_template: str | None = None  # vLLM's Jinja templates: CogVLM's prompts are `template`'s
+    chat_template_kwargs: dict | None = None
+    add_generation_prompt: bool = True  # False: the prompt would stop before "Answer:"
+    continue_final_message: bool = False  # True: the last assistant message would be continued
 
 
 class DetokenizeRequest(BaseModel):

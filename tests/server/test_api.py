@@ -263,6 +263,11 @@ def chat(**extra):
         (chat(guided_json={"type": "object"}), 400, "guided_json", "unsupported"),
         (chat(prompt_logprobs=0), 400, "prompt_logprobs", "unsupported"),
         (chat(echo=True), 400, "echo", "unsupported"),
+        (chat(best_of=3), 400, "best_of", "unsupported"),
+        (chat(chat_template="{{ messages }}"), 400, "chat_template", "unsupported"),
+        (chat(chat_template_kwargs={"enable_thinking": True}), 400, "chat_template_kwargs", "unsupported"),
+        (chat(add_generation_prompt=False), 400, "add_generation_prompt", "unsupported"),
+        (chat(continue_final_message=True), 400, "continue_final_message", "unsupported"),
         (chat(messages=[{"role": "assistant", "content": "x"}]), 400, "messages", None),
         (chat(messages=[]), 400, "messages", None),
         (chat(max_tokens=5000), 400, "messages", "context_length_exceeded"),
@@ -293,6 +298,16 @@ def chat(**extra):
 def test_bad_requests_get_openai_errors_and_the_server_stays_healthy(open_server, body, status, param, code):
     assert_error(post(open_server, body), status, param, code)
     assert httpx.get(f"{open_server.url}/health").status_code == 200
+
+
+def test_the_values_that_change_nothing_are_served(open_server):
+    """best_of up to n, the default generation-prompt flags and empty template kwargs ask for
+    nothing cogserve does not do: only other values are refused."""
+    body = chat(n=2, best_of=2, temperature=1.0, add_generation_prompt=True, continue_final_message=False,
+                chat_template_kwargs={})  # fmt: skip
+    response = post(open_server, body)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 2
 
 
 def test_integers_past_int64_are_served(open_server):
