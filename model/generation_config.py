@@ -1,11 +1,12 @@
 """Sampling defaults from a checkpoint's generation_config.json, as vLLM's `--generation-config auto`.
 
-A model's authors put their recommended sampling there (Llama-3 based chat models such as
-CogVLM2 usually ship temperature 0.6 and top_p 0.9). vLLM applies those values to every request
-that leaves the field unset, and so do we: a request's own value always wins, and without a
-file (or with `--generation-config none`) the OpenAI defaults hold (temperature 1, top_p 1, no
-top_k, min_p or repetition penalty, max_tokens up to the context). As in vLLM, `do_sample` is
-not read: a file that sets a temperature gets it. Only these keys are read:
+A model's authors put their recommended sampling there (Llama-3-8B-Instruct, CogVLM2's language
+model, ships temperature 0.6 and top_p 0.9). vLLM applies those values to every request that
+leaves the field unset, and so do we: a request's own value always wins, and without a file (or
+with `--generation-config none`) the OpenAI defaults hold (temperature 1, top_p 1, no top_k,
+min_p or repetition penalty, max_tokens up to the context). As in vLLM, `do_sample` and
+`max_length` (which counts the prompt) are not read: a file that sets a temperature gets it.
+Only these keys are read:
 
     temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens (-> max_tokens)
 """
