@@ -66,6 +66,7 @@ def sampling_params(body: ChatCompletionRequest, max_n: int, defaults: Generatio
             min_tokens=body.min_tokens,
             stop=stop,
             include_stop_str_in_output=body.include_stop_str_in_output,
+            skip_special_tokens=body.skip_special_tokens,
             stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos,
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,

@@ -170,7 +170,8 @@ class Engine:
             seq = SequenceData(internal_id, prompt, child)
             self.scheduler.add(Request(seq, max_tokens, frozenset(stop_ids)))
             detokenizer = IncrementalDetokenizer(self.processor.tokenizer, params.stop, params.min_tokens,
-                                                 params.include_stop_str_in_output)  # fmt: skip
+                                                 params.include_stop_str_in_output,
+                                                 params.skip_special_tokens)  # fmt: skip
             self.tracked[internal_id] = _Tracked(request_id, index, detokenizer)
 
     def abort(self, request_id: str) -> None:

@@ -300,6 +300,21 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_healthy(open_server
     assert httpx.get(f"{open_server.url}/health").status_code == 200
 
 
+def test_skip_special_tokens_false_shows_them(open_server):
+    """vLLM's skip_special_tokens: the model writing <s> (logit_bias forces it) shows as text only
+    when the request asks; the stop token that ends a request is never text."""
+    bos = open_server.state.processor.tokenizer.bos_token_id
+
+    def text(**extra):
+        body = chat(max_tokens=2, temperature=0, logit_bias={str(bos): 100}, **extra)
+        response = post(open_server, body)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    assert text() == ""
+    assert text(skip_special_tokens=False) == "<s><s>"
+
+
 def test_the_values_that_change_nothing_are_served(open_server):
     """best_of up to n, the default generation-prompt flags and empty template kwargs ask for
     nothing cogserve does not do: only other values are refused."""

@@ -74,3 +74,17 @@ def test_no_stop_string_ends_the_text_before_min_tokens(tokenizer):
     assert detok.stopped and "".join(deltas) == "a red circle and a "
     _, early = stream(tokenizer, ids, stop=("red",), min_tokens=first_red)  # reached with the first "red"
     assert early.text == "a "
+
+
+def test_special_tokens_leave_no_text_unless_asked(tokenizer):
+    ids = tokenizer.encode("a red circle", add_special_tokens=False)
+    bos = tokenizer.bos_token_id
+    with_specials = [bos, *ids, bos]
+    assert "".join(stream(tokenizer, with_specials)[0]) == tokenizer.decode(ids)  # vLLM's default: skipped
+    detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=False)
+    for token in with_specials:
+        detok.add([token])
+    detok.flush()
+    text = detok.take_delta(finished=True)
+    assert text == tokenizer.decode(with_specials, skip_special_tokens=False)
+    assert text.startswith(tokenizer.bos_token) and text.endswith(tokenizer.bos_token)
