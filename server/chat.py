@@ -78,6 +78,20 @@ def sampling_params(body: ChatCompletionRequest, max_n: int, defaults: Generatio
                           else name) from err  # fmt: skip
 
 
+def check_truncation(body: ChatCompletionRequest, prompt: PromptInputs) -> None:
+    """vLLM's truncate_prompt_tokens keeps a prompt's last N tokens. CogVLM's image slots sit right
+    after BOS, so a cut prompt would lose its image or its BOS: served where it cuts nothing (and
+    -1, the context), refused where it would cut rather than silently served whole."""
+    n = body.truncate_prompt_tokens
+    if n is None or n == -1:
+        return
+    if n < 1:
+        raise bad_request(f"truncate_prompt_tokens must be -1 or >= 1, got {n}", "truncate_prompt_tokens")
+    if prompt.num_tokens > n:
+        raise bad_request(f"truncate_prompt_tokens ({n}) would cut this {prompt.num_tokens}-token prompt: "
+                          "cogserve does not truncate prompts", "truncate_prompt_tokens", "unsupported")  # fmt: skip
+
+
 def first_set(*values):
     return next(v for v in values if v is not None)
 
@@ -163,6 +177,7 @@ class ChatHandler:
         refuse_unsupported(body)
         params = sampling_params(body, state.config.server.max_n, state.generation_defaults)
         prompt = await self.build_prompt(body)
+        check_truncation(body, prompt)
         params = self.check_request(prompt, params)
         if state.engine.num_waiting >= state.config.server.max_queued_requests:
             raise unavailable(f"the queue is full ({state.config.server.max_queued_requests} waiting); retry")

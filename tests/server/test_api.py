@@ -268,6 +268,8 @@ def chat(**extra):
         (chat(chat_template_kwargs={"enable_thinking": True}), 400, "chat_template_kwargs", "unsupported"),
         (chat(add_generation_prompt=False), 400, "add_generation_prompt", "unsupported"),
         (chat(continue_final_message=True), 400, "continue_final_message", "unsupported"),
+        (chat(truncate_prompt_tokens=3), 400, "truncate_prompt_tokens", "unsupported"),  # would cut
+        (chat(truncate_prompt_tokens=0), 400, "truncate_prompt_tokens", None),
         (chat(messages=[{"role": "assistant", "content": "x"}]), 400, "messages", None),
         (chat(messages=[]), 400, "messages", None),
         (chat(max_tokens=5000), 400, "messages", "context_length_exceeded"),
@@ -316,13 +318,16 @@ def test_skip_special_tokens_false_shows_them(open_server):
 
 
 def test_the_values_that_change_nothing_are_served(open_server):
-    """best_of up to n, the default generation-prompt flags and empty template kwargs ask for
-    nothing cogserve does not do: only other values are refused."""
+    """best_of up to n, the default generation-prompt flags, empty template kwargs and a
+    truncate_prompt_tokens that cuts nothing ask for nothing cogserve does not do: only other
+    values are refused."""
     body = chat(n=2, best_of=2, temperature=1.0, add_generation_prompt=True, continue_final_message=False,
                 chat_template_kwargs={})  # fmt: skip
     response = post(open_server, body)
     assert response.status_code == 200, response.text
     assert len(response.json()["choices"]) == 2
+    for truncate in (-1, 1000):  # the context; more than the prompt holds
+        assert post(open_server, chat(truncate_prompt_tokens=truncate)).status_code == 200
 
 
 def test_integers_past_int64_are_served(open_server):
