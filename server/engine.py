@@ -215,8 +215,9 @@ class Engine:
             detok = tracked.detokenizer
             finish_reason = event.finish_reason
             token_id = event.token.token_id
-            if not (finish_reason == "stop" and token_id in request.stop_token_ids):
-                detok.add([token_id])  # the stop token itself is not text
+            stop_token = finish_reason == "stop" and token_id in request.stop_token_ids
+            if not stop_token or request.seq.params.include_stop_str_in_output:
+                detok.add([token_id])  # the stop token is text only when asked, as in vLLM
             if detok.stopped and finish_reason is None:
                 finish_reason = "stop"
                 self.scheduler.finish(request.request_id, "stop")

@@ -367,3 +367,22 @@ def test_engine_on_cuda_matches_the_cpu_reference(
     assert (graphs is not None and len(graphs.graphs) == len(graphs.sizes) and graphs.num_runs > 0) == cuda_graphs
     assert all(layer.one_row_gemv == one_row_gemv and layer.pdl == pdl for layer in engine.model.model.layers)
     assert getattr(engine.runner.attention, "pdl", False) == pdl and (graphs is None or graphs.pdl == pdl)
+
+
+def test_a_stop_token_is_text_only_when_asked(setup, prompts_and_reference):
+    """stop_token_ids end the completion on that token; its own text joins the output only with
+    include_stop_str_in_output (vLLM's rule), as a stop string's does."""
+    prompts, reference = prompts_and_reference
+    tokenizer = setup.processor.tokenizer
+    specials = set(tokenizer.all_special_ids)
+    # a prompt whose greedy answer has a plain token first seen after the first position
+    index, prompt, ids = next((k, p, ids) for p, ids in zip(prompts, reference, strict=True)
+                              for k in range(1, len(ids)) if ids[k] not in specials | set(ids[:k]))  # fmt: skip
+    engine = setup.engine()
+    params = {"stop_token_ids": (ids[index],)}
+    cut = engine.generate([(prompt, greedy(MAX_TOKENS, **params))])[0][0]
+    kept = engine.generate([(prompt, greedy(MAX_TOKENS, include_stop_str_in_output=True, **params))])[0][0]
+    assert cut.finish_reason == kept.finish_reason == "stop"
+    assert cut.token_ids == kept.token_ids == ids[: index + 1]
+    assert cut.text == tokenizer.decode(ids[:index], skip_special_tokens=True)
+    assert kept.text == tokenizer.decode(ids[: index + 1], skip_special_tokens=True) != cut.text
