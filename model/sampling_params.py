@@ -35,7 +35,7 @@ class SamplingParams:
     min_tokens: int = 0  # stop tokens are masked until this many tokens exist
     stop: tuple[str, ...] = ()  # stop strings, excluded from the output text
     include_stop_str_in_output: bool = False  # vLLM's: keep the stop string that ended the text
-    skip_special_tokens: bool = True  # vLLM's: special tokens leave no text (the stop token never does)
+    skip_special_tokens: bool = True  # vLLM's: special tokens leave no text
     stop_token_ids: tuple[int, ...] = ()  # stop on these besides the checkpoint's eos ids
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; K: the sampled token's logprob and the K best

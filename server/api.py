@@ -22,7 +22,7 @@ from server.async_engine import AsyncEngine
 from server.chat import ChatHandler
 from server.config import ServeConfig
 from server.conversation import parse_messages
-from server.errors import APIError, bad_request, unavailable
+from server.errors import APIError, bad_request, model_not_found, unavailable
 from server.media import ImageFetcher
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -168,7 +168,7 @@ def build_app(state: AppState) -> FastAPI:
     @app.get("/v1/models/{model:path}")  # OpenAI's "retrieve model"; :path: names may hold slashes
     async def model(model: str):
         if model != state.served_model_name:
-            raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
+            raise model_not_found(model)
         return model_card()
 
     @app.get("/health")
@@ -195,7 +195,7 @@ def build_app(state: AppState) -> FastAPI:
         """Prompt tokens as the model will see them, image slots included; no image is fetched."""
         state.check_accepting()
         if body.model is not None and body.model != state.served_model_name:
-            raise APIError(404, f"The model `{body.model}` does not exist.", "model", "model_not_found")
+            raise model_not_found(body.model)
         try:
             conversation, image_url = parse_messages([m.model_dump(exclude_none=True) for m in body.messages])
         except PromptError as err:
@@ -211,7 +211,7 @@ def build_app(state: AppState) -> FastAPI:
         """vLLM's: token ids back to text, special tokens as written (<s>, </s>)."""
         state.check_accepting()
         if body.model is not None and body.model != state.served_model_name:
-            raise APIError(404, f"The model `{body.model}` does not exist.", "model", "model_not_found")
+            raise model_not_found(body.model)
         outside = [t for t in body.tokens if not 0 <= t < state.vocab_size]
         if outside:
             raise bad_request(f"tokens must be ids in [0, {state.vocab_size}), got {outside[:5]}", "tokens")

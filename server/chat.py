@@ -19,7 +19,7 @@ from model.sampling_params import MAX_LOGPROBS, ParamError, SamplingParams
 from server import openai_format as fmt
 from server.async_engine import EngineDeadError
 from server.conversation import parse_messages
-from server.errors import APIError, bad_request, unavailable
+from server.errors import APIError, bad_request, model_not_found, unavailable
 from server.protocol import ChatCompletionRequest
 from server.token_bytes import TokenBytes
 
@@ -173,7 +173,7 @@ class ChatHandler:
         arrival = time.monotonic()
         state.check_accepting()
         if body.model != state.served_model_name:
-            raise APIError(404, f"The model `{body.model}` does not exist.", "model", "model_not_found")
+            raise model_not_found(body.model)
         refuse_unsupported(body)
         params = sampling_params(body, state.config.server.max_n, state.generation_defaults)
         prompt = await self.build_prompt(body)

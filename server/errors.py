@@ -38,5 +38,9 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param, code)
 
 
+def model_not_found(name: str) -> APIError:
+    return APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+
+
 def unavailable(message: str, retry_after_s: int = 1) -> APIError:
     return APIError(503, message, code="service_unavailable", headers={"Retry-After": str(retry_after_s)})

@@ -58,9 +58,8 @@ def delta_choice(index: int, delta: dict, finish_reason: str | None = None, logp
 
 
 def usage_chunk(request_id: str, created: int, model: str, usage_: dict) -> str:
-    body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [], "usage": usage_}  # fmt: skip
-    return f"data: {json.dumps(body)}\n\n"
+    """The stream's last chunk with include_usage: no choices, the whole usage."""
+    return chunk(request_id, created, model, [], True, usage_)
 
 
 DONE = "data: [DONE]\n\n"

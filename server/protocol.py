@@ -67,7 +67,7 @@ class ChatCompletionRequest(BaseModel):
     return_tokens_as_token_ids: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True  # False: special tokens (<s>, ...) the model writes appear in the text
-    truncate_prompt_tokens: int | None = None  # served only where it cuts nothing (ChatHandler.check_request)
+    truncate_prompt_tokens: int | None = None  # served only where it cuts nothing (chat.check_truncation)
     # CogVLM's prompt template; default: the checkpoint's template_version
     template: Literal["chat", "vqa", "base"] | None = None
     # refused explicitly rather than silently ignored: each would change what comes back
