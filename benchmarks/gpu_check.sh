@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The one GPU check a lent machine runs (< 8 minutes, no network): the GPU tests with compiled
 # kernels, then the kernel and decode benchmarks; their short tables are printed last.
-# Usage (repo root): bash benchmarks/gpu_check.sh [tests] [decode] [decode2] [attention] [kernels]  # no argument:
-#   these, run in this order (about 8 minutes on an H200: tests 220 s, decode 60, decode2 55,
-#   attention 65, kernels 80; give the call 600 s); decode2 is the decode benchmark on
+# Usage (repo root): bash benchmarks/gpu_check.sh [tests] [decode] [decode2] [attention] [kernels] [gemv]  # no
+#   argument: these, run in this order (about 7 minutes on an H200: tests ~90 s with pytest-xdist, decode 80,
+#   decode2 55, attention 65, kernels 80, gemv 35; give the call 600 s); decode2 is the decode benchmark on
 #   CogVLM2-19B (GQA, 128k vocabulary); attention times the split decode's shapes at batch 1 and
-#   its rotary inside against rotary's own launch. For a second call:
-#   [gemv] the one-row GEMV's configs against cuBLAS (35 s)
+#   its rotary inside against rotary's own launch; gemv, the one-row GEMV's configs against cuBLAS.
+#   For a second call:
 #   [prefill] time to first token for image requests and the vision tower's share (17B and CogVLM2)
 # Logs and JSON go to $OUT (default /tmp/gpu_check). COMMIT=abc1234 names the commit where .git is absent or stale.
 set -uo pipefail
-PARTS=${*:-tests decode decode2 attention kernels}
+PARTS=${*:-tests decode decode2 attention kernels gemv}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -26,7 +26,9 @@ tests_rc=0 bench_rc=0 decode_rc=0 gemv_rc=0 decode2_rc=0 prefill_rc=0 attention_
 # the kernels, the model and the engine; the HTTP tests run on CPU in CI.
 if want tests; then
     echo "== GPU tests (compiled kernels) =="
-    timeout 300 $PY -m pytest -rf --tb=short tests/kernels tests/model tests/server/test_engine.py \
+    # pytest-xdist (in the machine's image): 6 workers compile the kernels side by side, 220 s -> ~90 s
+    XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 6")
+    timeout 300 $PY -m pytest $XDIST -rf --tb=short tests/kernels tests/model tests/server/test_engine.py \
         tests/server/test_scheduler.py tests/server/test_detokenizer.py \
         tests/server/test_async_scheduling.py::test_lookahead_on_cuda_gives_the_same_outputs \
         2>&1 | tee "$OUT/tests.log" | tail -n 40
