@@ -36,11 +36,13 @@ from kernels.rms_norm import rms_norm_ref
 PLAIN, RMS_NORM, SILU_AND_MUL = 0, 1, 2  # the prologue
 
 
-def _config(bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+def _config(bn: int, bk: int, warps: int, stages: int, ahead: int = 0) -> triton.Config:
     # STAGES reaches the K loop itself: Triton pipelines a loop without tl.dot only when told to
     # (tl.range's num_stages); the launch option alone left each weight tile loading only after
     # the one before had been used (checked in the TTGIR, Triton 3.6 and 3.7).
-    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages}, num_warps=warps, num_stages=stages)
+    # AHEAD: weight tiles issued right after the PDL wait, before the prologue (see the kernel).
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages, "AHEAD": ahead}, num_warps=warps,
+                         num_stages=stages)  # fmt: skip
 
 
 # Timed on an H200 (benchmarks/kernels/bench_gemv.py, RESULTS.md, eighth session): each of these
@@ -59,14 +61,19 @@ GPU_CONFIGS = [
     _config(8, 1024, 4, 1),
     _config(16, 512, 4, 1),
 ]
+# Candidates not yet timed, tuned only with COGSERVE_GEMV_CANDIDATES=1 (bench_gemv.py and
+# bench_decode.py's "tiles ahead" modes): each shape's winner above, with one or two more weight
+# tiles in flight while the RMSNorm prologue reduces its row (a chain of L2 loads and a reduction
+# during which the winners have nothing else in flight from HBM). One joins GPU_CONFIGS once a
+# decode step shows it winning.
+CANDIDATE_CONFIGS = [
+    _config(32, 256, 4, 4, ahead=2),
+    _config(8, 1024, 4, 3, ahead=1),
+    _config(16, 512, 4, 1, ahead=1),
+    _config(16, 512, 4, 1, ahead=2),
+    _config(8, 1024, 4, 1, ahead=1),
+]
 SAFE_CONFIG = _config(16, 128, 4, 2)  # the interpreter's and the tests' config
-# Under PDL, where the GEMV lets the next kernel launch: after its K loop (False, as measured so
-# far: 3.79 ms a 17B batch-1 step on an H200), or right after its own wait (True). The next
-# launch waits until every program of this one has started and said so, so early costs this one
-# no SM slot; it lets the next GEMV's programs sit resident with their first weight tile loaded
-# while this one streams, where now they start only as this one's programs leave the loop. Not
-# yet timed: bench_decode.py's "GEMV triggers early" mode and bench_gemv.py's column measure it.
-EARLY_TRIGGER = False
 
 
 def _configs() -> list[triton.Config]:
@@ -74,7 +81,7 @@ def _configs() -> list[triton.Config]:
         return [SAFE_CONFIG]  # NOTE: the interpreter cannot autotune over several configs
     if os.environ.get("COGSERVE_AUTOTUNE", "1") == "0":
         return [SAFE_CONFIG]
-    return GPU_CONFIGS
+    return GPU_CONFIGS + (CANDIDATE_CONFIGS if os.environ.get("COGSERVE_GEMV_CANDIDATES") == "1" else [])
 
 
 @triton.jit
@@ -112,10 +119,12 @@ def _gemv_kernel(
     N, K, stride_wn, eps,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, K_POW2: tl.constexpr,
     PDL: tl.constexpr,  # launched as a programmatic dependent launch: wait before reading inputs
-    EARLY_TRIGGER: tl.constexpr,  # PDL: let the next kernel launch right after the wait (EARLY_TRIGGER below)
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    EARLY_TRIGGER: tl.constexpr,  # PDL: let the next kernel launch right after the wait (see _launch)
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, AHEAD: tl.constexpr,
 ):  # fmt: skip
-    """out[rows] = W[rows] @ prologue(x) for this program's BLOCK_N rows."""
+    """out[rows] = W[rows] @ prologue(x) for this program's BLOCK_N rows. AHEAD (0 to 2): weight
+    tiles 1..AHEAD load right after the wait, so they stream from HBM while the prologue's row
+    reduction runs; the K loop then starts at tile 1 + AHEAD."""
     pid = tl.program_id(0)
     n0 = pid * BLOCK_N
     rows = n0 + tl.arange(0, BLOCK_N)
@@ -131,6 +140,10 @@ def _gemv_kernel(
         tl.extra.cuda.gdc_wait()
         if EARLY_TRIGGER:
             tl.extra.cuda.gdc_launch_dependents()
+    if AHEAD >= 1:
+        w1 = tl.load(w_ptrs + BLOCK_K, mask=row_ok[:, None] & (BLOCK_K + cols < K)[None, :], other=0.0)
+    if AHEAD >= 2:
+        w2 = tl.load(w_ptrs + 2 * BLOCK_K, mask=row_ok[:, None] & (2 * BLOCK_K + cols < K)[None, :], other=0.0)
     inv_rms = 1.0
     if PROLOGUE == 1:  # the row's mean square first, from one load of the whole row (one L2 latency)
         whole = tl.arange(0, K_POW2)
@@ -143,7 +156,15 @@ def _gemv_kernel(
     # per tile would put warp shuffles between consecutive weight loads
     a = _input_chunk(x_ptr, residual_ptr, norm_ptr, cols, cols < K, K, inv_rms, PROLOGUE, HAS_RESIDUAL)
     acc = w.to(tl.float32) * a.to(tl.float32)[None, :]  # [BN, BK]
-    for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):  # STAGES - 1 tiles in flight ahead
+    if AHEAD >= 1:
+        a = _input_chunk(x_ptr, residual_ptr, norm_ptr, BLOCK_K + cols, BLOCK_K + cols < K, K, inv_rms, PROLOGUE,
+                         HAS_RESIDUAL)  # fmt: skip
+        acc += w1.to(tl.float32) * a.to(tl.float32)[None, :]
+    if AHEAD >= 2:
+        a = _input_chunk(x_ptr, residual_ptr, norm_ptr, 2 * BLOCK_K + cols, 2 * BLOCK_K + cols < K, K, inv_rms,
+                         PROLOGUE, HAS_RESIDUAL)  # fmt: skip
+        acc += w2.to(tl.float32) * a.to(tl.float32)[None, :]
+    for k0 in tl.range((1 + AHEAD) * BLOCK_K, K, BLOCK_K, num_stages=STAGES):  # STAGES - 1 tiles in flight ahead
         k = k0 + cols
         k_ok = k < K
         a = _input_chunk(x_ptr, residual_ptr, norm_ptr, k, k_ok, K, inv_rms, PROLOGUE, HAS_RESIDUAL)
@@ -154,7 +175,14 @@ def _gemv_kernel(
     tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0, pdl=False):
+def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0, pdl=False, early_trigger=False):
+    """early_trigger (with pdl): where this GEMV lets the next kernel launch: right after its own
+    wait (True), or after its K loop (False). The next launch waits until every program of this
+    one has started and said so, so early costs this one no SM slot; it lets the next kernel's
+    programs sit resident with their first weight tile loaded while this one streams. On an H200
+    (eleventh session) early on every GEMV cost a 17B step 0.21 ms (3.78 -> 3.99 ms replayed) and
+    isolated chains of one projection gained 0.2 to 1.1 us a launch except qkv (+4 us), so the
+    model chooses per projection (model/cogvlm.py, EARLY_TRIGGER)."""
     if x.dim() != 2 or x.shape[0] != 1 or not x.is_contiguous():
         raise ValueError(f"gemv takes one contiguous row [1, K], got {tuple(x.shape)} (strides {x.stride()})")
     in_features = x.shape[1] // 2 if prologue == SILU_AND_MUL else x.shape[1]
@@ -176,13 +204,14 @@ def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0, pdl=F
         norm_weight if norm_weight is not None else x, out_features, in_features, weight.stride(0), eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None,
         K_POW2=triton.next_power_of_2(in_features) if prologue == RMS_NORM else 1,  # one compile for the others
-        PDL=pdl, EARLY_TRIGGER=EARLY_TRIGGER, **launch,
+        PDL=pdl, EARLY_TRIGGER=pdl and early_trigger, **launch,
     )  # fmt: skip
     return out, residual_out
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, pdl: bool = False) -> torch.Tensor:  # [1, K] @ [N, K]^T -> [1, N]
-    return _launch(x, weight, PLAIN, pdl=pdl)[0]
+def gemv(x: torch.Tensor, weight: torch.Tensor, pdl: bool = False, early_trigger: bool = False) -> torch.Tensor:
+    """[1, K] @ [N, K]^T -> [1, N]"""
+    return _launch(x, weight, PLAIN, pdl=pdl, early_trigger=early_trigger)[0]
 
 
 def rms_norm_gemv(
@@ -192,15 +221,17 @@ def rms_norm_gemv(
     eps: float,
     weight: torch.Tensor,  # [N, K]
     pdl: bool = False,
+    early_trigger: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # W @ rms_norm(x + residual) [1, N]; x + residual (None without)
-    return _launch(x, weight, RMS_NORM, residual, norm_weight, eps, pdl)
+    return _launch(x, weight, RMS_NORM, residual, norm_weight, eps, pdl, early_trigger)
 
 
-def silu_and_mul_gemv(gate_up: torch.Tensor, weight: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+def silu_and_mul_gemv(gate_up: torch.Tensor, weight: torch.Tensor, pdl: bool = False,
+                      early_trigger: bool = False) -> torch.Tensor:  # fmt: skip
     """[1, 2K] (gate | up), [N, K] -> [1, N]"""
     if gate_up.dim() != 2 or gate_up.shape[1] % 2:
         raise ValueError(f"gate_up must be [1, 2K], got {tuple(gate_up.shape)}")
-    return _launch(gate_up, weight, SILU_AND_MUL, pdl=pdl)[0]
+    return _launch(gate_up, weight, SILU_AND_MUL, pdl=pdl, early_trigger=early_trigger)[0]
 
 
 def rms_norm_gemv_ref(x, residual, norm_weight, eps, weight):

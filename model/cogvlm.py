@@ -20,6 +20,11 @@ from model.rms_norm import RMSNorm
 from model.rotary import rotary_cos_sin
 from model.vision import VisionTower
 
+# Which of a batch-1 layer's one-row GEMVs let the next kernel launch right after their PDL wait
+# instead of after their K loop (kernels/gemv.py, _launch). All four early cost a 17B step 0.21 ms
+# on an H200 (eleventh session); bench_decode.py's "early" modes time subsets against none.
+EARLY_TRIGGER: frozenset[str] = frozenset()  # of "qkv", "dense", "gate_up", "down"
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: CogVLMConfig, layer_idx: int):
@@ -59,13 +64,15 @@ class DecoderLayer(nn.Module):
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         qkv_weight = attn.language_expert_query_key_value.weight
-        pdl = self.pdl
-        qkv, summed = rms_norm_gemv(hidden, residual, norm1.weight, norm1.eps, qkv_weight, pdl)
+        pdl, early = self.pdl, EARLY_TRIGGER
+        qkv, summed = rms_norm_gemv(hidden, residual, norm1.weight, norm1.eps, qkv_weight, pdl, "qkv" in early)
         residual = hidden if residual is None else summed
         ctx = attn.attend(qkv, cos_sin, attention)  # [1, H * D]
-        attn_out = gemv(ctx.contiguous(), attn.language_expert_dense.weight, pdl)
-        gate_up, residual = rms_norm_gemv(attn_out, residual, norm2.weight, norm2.eps, mlp.language_gate_up, pdl)
-        return silu_and_mul_gemv(gate_up, mlp.language_mlp.down_proj.weight, pdl), residual
+        attn_out = gemv(ctx.contiguous(), attn.language_expert_dense.weight, pdl, "dense" in early)
+        gate_up, residual = rms_norm_gemv(attn_out, residual, norm2.weight, norm2.eps, mlp.language_gate_up, pdl,
+                                          "gate_up" in early)  # fmt: skip
+        down = silu_and_mul_gemv(gate_up, mlp.language_mlp.down_proj.weight, pdl, "down" in early)
+        return down, residual
 
 
 class CogVLMModel(nn.Module):

@@ -8,8 +8,12 @@ all rows with one weight). bf16, CogVLM-17B and CogVLM2 shapes, serving-like bat
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import math
+import pstats
+import time
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +63,34 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def host_us(fn, calls: int = 50) -> float:
+    """Microseconds of host time a call takes to enqueue its work: 50 calls queue far fewer
+    launches than CUDA's queue holds, so the host never waits on the GPU here. Where this exceeds
+    the GPU time, the eager timing above measures the host."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def host_profile(fn, calls: int = 200, rows: int = 14) -> str:
+    """Where a call's host time goes: cProfile over `calls` calls, by own time."""
+    fn()
+    torch.cuda.synchronize()
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(calls):
+        fn()
+    profile.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(rows)
+    return text.getvalue()
+
+
 def tile_of(config) -> str:
     k = config.kwargs
     sk = ", SK" if k.get("SK") else ""  # the stream-K tail (see the kernel's docstring)
@@ -96,28 +128,35 @@ def run_case(name, proj, mask, n_in, n_out, gated) -> dict:
     if gated:
         gl, ul, gv, uv = (weight(n_out) for _ in range(4))
         gate_up_l, gate_up_v = torch.cat([gl, ul]), torch.cat([gv, uv])
-        ours = bench(lambda: expert_gated_up(x, mask, gl, ul, gv, uv, routing=routing))
+        call = lambda: expert_gated_up(x, mask, gl, ul, gv, uv, routing=routing)  # noqa: E731
+        ours = bench(call)
         config, tuning = tile_of(_expert_linear_kernel.best_config), tuning_times()
         err = rel_err(
             expert_gated_up(x, mask, gl, ul, gv, uv),
             expert_gated_up_ref(x.float(), mask, *(w.float() for w in (gl, ul, gv, uv))),
         )
         peers = bench(lambda: peers_gated(x, mask, gate_up_l, gate_up_v))
-        dense = bench(lambda: F.linear(x, gate_up_l))
+        dense_call = lambda: F.linear(x, gate_up_l)  # noqa: E731
+        dense = bench(dense_call)
         flops = 2 * m * n_in * 2 * n_out
     else:
         wl, wv = weight(n_out), weight(n_out)
-        ours = bench(lambda: expert_linear(x, mask, wl, wv, routing=routing))
+        call = lambda: expert_linear(x, mask, wl, wv, routing=routing)  # noqa: E731
+        ours = bench(call)
         config, tuning = tile_of(_expert_linear_kernel.best_config), tuning_times()
         err = rel_err(expert_linear(x, mask, wl, wv), expert_linear_ref(x.float(), mask, wl.float(), wv.float()))
         peers = bench(lambda: expert_linear_ref(x, mask, wl, wv))
-        dense = bench(lambda: F.linear(x, wl))
+        dense_call = lambda: F.linear(x, wl)  # noqa: E731
+        dense = bench(dense_call)
         flops = 2 * m * n_in * n_out
     return {
         "model": name, "proj": proj, "rows": m, "vision_rows": int(mask.sum()), "ours_ms": ours,
         "peers_ms": peers, "dense_ms": dense, "tflops": flops / ours / 1e9,
         "speedup_vs_peers": peers / ours, "ratio_vs_dense": ours / dense, "config": config, "rel_err_vs_fp32": err,
         "tuning_ms": tuning, "tuning_best_ms_by_tma_level": best_by_tma_level(tuning),
+        "host_us": host_us(call), "dense_host_us": host_us(dense_call),
+        # the smallest shape (17B dense, one image), where the host time showed (eleventh session)
+        "host_profile": host_profile(call) if name == "cogvlm-17b x1" and proj == "dense" else None,
     }  # fmt: skip
 
 
@@ -141,7 +180,8 @@ def main() -> None:
     # Rows print as they finish, so a run cut short by its time limit still leaves its numbers.
     print(f"expert projections, bf16, {torch.cuda.get_device_name()}; times are medians in ms")
     header = f"{'batch':<17}{'proj':<9}{'rows':>7}{'ours':>9}{'TFLOP/s':>9}{'peers':>9}{'dense':>9}"
-    print(header + f"{'vs peers':>10}{'vs dense':>10}  (BM, BN, BK, warps, stages, TMA); tuning's best ms by TMA level")
+    print(header + f"{'vs peers':>10}{'vs dense':>10}  host us: ours, dense  (BM, BN, BK, warps, stages, TMA); "
+          "tuning's best ms by TMA level")  # fmt: skip
     results = []
     for case in cases:
         r = run_case(*case)
@@ -150,7 +190,9 @@ def main() -> None:
         tuning = " ".join(f"{level}:{ms:.3f}" for level, ms in sorted(r["tuning_best_ms_by_tma_level"].items()))
         print(f"{r['model']:<17}{r['proj']:<9}{r['rows']:>7}{r['ours_ms']:>9.3f}{r['tflops']:>9.0f}{r['peers_ms']:>9.3f}"
               f"{r['dense_ms']:>9.3f}{r['speedup_vs_peers']:>9.2f}x{r['ratio_vs_dense']:>9.2f}x  "
-              f"({r['config']}); {tuning}", flush=True)  # fmt: skip
+              f"{r['host_us']:5.0f}, {r['dense_host_us']:3.0f}  ({r['config']}); {tuning}", flush=True)  # fmt: skip
+        if r["host_profile"]:
+            print(f"host time of {r['model']} {r['proj']}, by function:\n{r['host_profile']}", flush=True)
 
     # Decode: no vision token; the host knows, so the model takes the dense path (model/experts.py).
     decode = []

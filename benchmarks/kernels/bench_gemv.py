@@ -12,7 +12,7 @@ layer runs before it today, and the fused kernel that replaces both:
 
 Timing as in a decode step: every variant runs over 32 different weight matrices (one per
 layer, so L2 never holds the next one) inside one CUDA graph (no launch gaps), replay time / 32.
-Each config of kernels/gemv.py is timed alone (the autotuner picks the best of them), with
+Each config of kernels/gemv.py (candidates included) is timed alone (the autotuner picks the best of them), with
 programmatic dependent launch (each GEMV loads its first weight tile while the one before
 drains), and the best one again without it.
 
@@ -31,7 +31,7 @@ import triton
 import kernels.gemv as gemv_module
 from benchmarks.bench_decode import copy_bandwidth
 from kernels.activation import silu_and_mul
-from kernels.gemv import GPU_CONFIGS, gemv, rms_norm_gemv, silu_and_mul_gemv
+from kernels.gemv import CANDIDATE_CONFIGS, GPU_CONFIGS, gemv, rms_norm_gemv, silu_and_mul_gemv
 from kernels.rms_norm import rms_norm
 
 # (name, out_features, in_features, the op before it): the language expert's projections of CogVLM-17B
@@ -59,13 +59,13 @@ def variants(n: int, k: int, op: str | None, dev: str = "cuda", dt: torch.dtype 
     plain = x[:, :k].contiguous()
     if op == "rms_norm":
         row = lambda: rms_norm(x, norm, EPS, residual)[0]  # noqa: E731
-        ours = lambda w, pdl=True: rms_norm_gemv(x, residual, norm, EPS, w, pdl)[0]  # noqa: E731
+        ours = lambda w, pdl=True, early=False: rms_norm_gemv(x, residual, norm, EPS, w, pdl, early)[0]  # noqa: E731
     elif op == "silu_and_mul":
         row = lambda: silu_and_mul(x[:, :k], x[:, k:])  # noqa: E731
-        ours = lambda w, pdl=True: silu_and_mul_gemv(x, w, pdl)  # noqa: E731
+        ours = lambda w, pdl=True, early=False: silu_and_mul_gemv(x, w, pdl, early)  # noqa: E731
     else:
         row = lambda: plain  # noqa: E731
-        ours = lambda w, pdl=True: gemv(plain, w, pdl)  # noqa: E731
+        ours = lambda w, pdl=True, early=False: gemv(plain, w, pdl, early)  # noqa: E731
     return (lambda w: F.linear(plain, w)), (lambda w: F.linear(row(), w)), ours, row
 
 
@@ -87,7 +87,7 @@ def bench_shape(name: str, n: int, k: int, op: str | None) -> dict:
     row["unfused"] = per_layer_us(lambda: [unfused(w) for w in weights])
     kernel = gemv_module._gemv_kernel
     all_configs = list(kernel.configs)
-    for config in GPU_CONFIGS:
+    for config in GPU_CONFIGS + CANDIDATE_CONFIGS:  # each alone; the candidates too
         kernel.configs, kernel.cache = [config], {}
         try:
             got = ours(weights[0]).float()
@@ -102,14 +102,11 @@ def bench_shape(name: str, n: int, k: int, op: str | None) -> dict:
     row["ours"] = row["configs"].get(row["best"])
     row["ours_no_pdl"] = row["ours_early"] = row["ours_rounded"] = None
     if row["best"] is not None:  # the best config again, launched without PDL (each GEMV waits for the last)
-        kernel.configs, kernel.cache = [c for c in GPU_CONFIGS if str(c) == row["best"]], {}
+        kernel.configs, kernel.cache = [c for c in GPU_CONFIGS + CANDIDATE_CONFIGS if str(c) == row["best"]], {}
         row["ours_no_pdl"] = per_layer_us(lambda: [ours(w, pdl=False) for w in weights])
         row["ours_rounded"] = correctly_rounded(ours(weights[0]), exact)
-        gemv_module.EARLY_TRIGGER = True  # and with the next GEMV launched right after each one's wait
-        try:
-            row["ours_early"] = per_layer_us(lambda: [ours(w) for w in weights])
-        finally:
-            gemv_module.EARLY_TRIGGER = False
+        # and with the next GEMV launched right after each one's wait
+        row["ours_early"] = per_layer_us(lambda: [ours(w, early=True) for w in weights])
     kernel.configs, kernel.cache = all_configs, {}
     return row
 

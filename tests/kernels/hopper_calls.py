@@ -33,7 +33,7 @@ def production_calls(quick: bool, dtype: torch.dtype) -> list[tuple[str, Callabl
         expert_linear.GPU_CONFIGS + expert_linear.CANDIDATE_CONFIGS, quick, ("TMA", "SK"),
         [lambda c, gated=gated: expert_linear.fits(c, size, gated) for gated in (False, True)],
     )  # fmt: skip
-    gemv._gemv_kernel.configs = _choose(gemv.GPU_CONFIGS, quick, ("STAGES",))
+    gemv._gemv_kernel.configs = _choose(gemv.GPU_CONFIGS + gemv.CANDIDATE_CONFIGS, quick, ("STAGES", "AHEAD"))
     pdl_modes = (True,) if quick else (False, True)  # PDL only adds an instruction: quick takes the superset
 
     def t(*shape):
@@ -49,11 +49,11 @@ def production_calls(quick: bool, dtype: torch.dtype) -> list[tuple[str, Callabl
         expert_linear.expert_gated_up(x, mask, *(t(intermediate, hidden) for _ in range(4)))
         expert_linear.expert_linear(t(tokens, intermediate), mask, t(hidden, intermediate), t(hidden, intermediate))
 
-    def one_row(pdl: bool):
-        gemv.gemv(row, t(hidden, hidden), pdl=pdl)  # o_proj
-        gemv.rms_norm_gemv(row, row, norm, 1e-5, t(3 * hidden, hidden), pdl=pdl)  # qkv, gate_up
+    def one_row(pdl: bool, early: bool = False):
+        gemv.gemv(row, t(hidden, hidden), pdl=pdl, early_trigger=early)  # o_proj
+        gemv.rms_norm_gemv(row, row, norm, 1e-5, t(3 * hidden, hidden), pdl, early)  # qkv, gate_up
         gemv.rms_norm_gemv(row, None, norm, 1e-5, t(3 * hidden, hidden), pdl=pdl)  # the first layer's qkv
-        gemv.silu_and_mul_gemv(t(1, 2 * 11008), t(hidden, 11008), pdl=pdl)  # down
+        gemv.silu_and_mul_gemv(t(1, 2 * 11008), t(hidden, 11008), pdl=pdl, early_trigger=early)  # down
 
     def attention(seqs: int, query_len: int, kv_heads: int, block_size: int, pdl: bool):
         context = tokens + 64
@@ -76,14 +76,7 @@ def production_calls(quick: bool, dtype: torch.dtype) -> list[tuple[str, Callabl
         ("CogVLM2 projections", lambda: projections(hidden + 2 * 1024, 14336, True)),  # 8 KV heads, vision QKV bias
     ]
 
-    def one_row_early_trigger():  # the PDL trigger right after the wait (gemv.EARLY_TRIGGER)
-        gemv.EARLY_TRIGGER = True
-        try:
-            one_row(True)
-        finally:
-            gemv.EARLY_TRIGGER = False
-
-    calls.append(("one-row GEMVs pdl=True early trigger", one_row_early_trigger))
+    calls.append(("one-row GEMVs pdl=True early trigger", lambda: one_row(True, early=True)))
     for pdl in pdl_modes:
         calls.append((f"one-row GEMVs pdl={pdl}", lambda pdl=pdl: one_row(pdl)))
         for kv in (32, 8):  # 17B, CogVLM2 (GQA)

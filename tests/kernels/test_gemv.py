@@ -7,7 +7,9 @@ import torch
 
 import kernels.gemv as gemv_module
 from kernels.gemv import (
+    CANDIDATE_CONFIGS,
     GPU_CONFIGS,
+    SAFE_CONFIG,
     gemv,
     rms_norm_gemv,
     rms_norm_gemv_ref,
@@ -84,35 +86,52 @@ def test_rejects_what_it_cannot_run():
         silu_and_mul_gemv(torch.randn(1, 63, device=DEVICE), w)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("config", GPU_CONFIGS, ids=str)
-def test_every_gpu_config_is_correct(monkeypatch, config):
-    """The autotuner may pick any config; each must compute the same function, every prologue."""
+def check_every_prologue(config, shapes, dtype):
+    """Under `config` alone: the plain, RMSNorm and silu-and-mul GEMVs each within the error bound."""
     kernel = gemv_module._gemv_kernel
-    monkeypatch.setattr(kernel, "configs", [config])
-    monkeypatch.setattr(kernel, "cache", {})
-    for n, k in [(300, 1000)]:  # past a row tile and a K tile, 16-byte aligned rows (TMA)
-        x, w = inputs(n, k, torch.bfloat16)
+    kernel.configs, kernel.cache = [config], {}
+    for n, k in shapes:
+        x, w = inputs(n, k, dtype)
         check_close(gemv(x, w), x.double() @ w.double().T, x @ w.T)
-        residual, norm_weight = torch.randn_like(x), torch.rand(k, device=DEVICE, dtype=torch.bfloat16)
+        residual, norm_weight = torch.randn_like(x), torch.rand(k, device=DEVICE, dtype=dtype)
         out, _ = rms_norm_gemv(x, residual, norm_weight, 1e-5, w)
         exact, _ = rms_norm_gemv_ref(*f64(x, residual, norm_weight), 1e-5, w.double())
         check_close(out, exact, rms_norm_gemv_ref(x, residual, norm_weight, 1e-5, w)[0])
-        gate_up = torch.randn(1, 2 * k, device=DEVICE, dtype=torch.bfloat16)
+        gate_up = torch.randn(1, 2 * k, device=DEVICE, dtype=dtype)
         exact = silu_and_mul_gemv_ref(gate_up.double(), w.double())
         check_close(silu_and_mul_gemv(gate_up, w), exact, silu_and_mul_gemv_ref(gate_up, w))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("config", GPU_CONFIGS + CANDIDATE_CONFIGS, ids=str)
+def test_every_gpu_config_is_correct(monkeypatch, config):
+    """The autotuner may pick any config; each must compute the same function, every prologue:
+    K past a K tile, and K past the tiles a config loads ahead of its loop."""
+    kernel = gemv_module._gemv_kernel
+    monkeypatch.setattr(kernel, "configs", kernel.configs)
+    monkeypatch.setattr(kernel, "cache", {})
+    check_every_prologue(config, [(300, 1000), (300, 3000)], torch.bfloat16)
+
+
+@pytest.mark.parametrize("ahead", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tiles_loaded_ahead_of_the_loop(monkeypatch, ahead, dtype):
+    """AHEAD weight tiles load before the prologue and the loop starts after them: with K inside
+    those tiles (72: the first one, partly; 200: two, the second partly) and past them (700)."""
+    kernel = gemv_module._gemv_kernel
+    monkeypatch.setattr(kernel, "configs", kernel.configs)
+    monkeypatch.setattr(kernel, "cache", {})
+    config = type(SAFE_CONFIG)({**SAFE_CONFIG.kwargs, "AHEAD": ahead}, num_warps=4, num_stages=2)
+    check_every_prologue(config, [(40, 72), (40, 200), (40, 700)], dtype)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("early_trigger", [False, True], ids=["trigger-after-loop", "trigger-after-wait"])
-def test_dependent_chain_under_pdl_matches_waiting_launches(monkeypatch, early_trigger):
+def test_dependent_chain_under_pdl_matches_waiting_launches(early_trigger):
     """Each GEMV reads the one before's output: under programmatic dependent launch a read before
     the wait would race. A chain of 24, eager and replayed from a CUDA graph, must equal the
     same chain launched without PDL, bit for bit (one config: the tests' SAFE_CONFIG), wherever
-    the GEMV lets the next one launch (kernels/gemv.py's EARLY_TRIGGER)."""
-    from kernels import gemv as module
-
-    monkeypatch.setattr(module, "EARLY_TRIGGER", early_trigger)
+    the GEMV lets the next one launch (early_trigger)."""
     k = 1024
     weights = [(torch.randn(k, k, device=DEVICE) / k**0.5).to(torch.bfloat16) for _ in range(3)]
     norm = torch.rand(k, device=DEVICE, dtype=torch.bfloat16) + 0.5
@@ -120,11 +139,12 @@ def test_dependent_chain_under_pdl_matches_waiting_launches(monkeypatch, early_t
     def chain(x, pdl):
         residual = None
         for i in range(8):
-            h, residual = rms_norm_gemv(x, residual, norm, 1e-5, weights[0], pdl)  # reads x and the last sum
+            early = pdl and early_trigger
+            h, residual = rms_norm_gemv(x, residual, norm, 1e-5, weights[0], pdl, early)  # reads x and the last sum
             if residual is None:
                 residual = x
-            x = gemv(h, weights[1], pdl)
-            x = silu_and_mul_gemv(torch.cat([x, h], dim=1), weights[2], pdl) if i % 2 else x
+            x = gemv(h, weights[1], pdl, early)
+            x = silu_and_mul_gemv(torch.cat([x, h], dim=1), weights[2], pdl, early) if i % 2 else x
         return x, residual
 
     x0 = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
