@@ -75,16 +75,15 @@ GPU_CONFIGS = [
 # prefill shapes of bench_expert_linear.py (down at one image: 0.201 ms against 0.237), and took
 # the geomean against one dense GEMM from 1.20x to 1.18x; (128, 128) with SK won none, and left.
 GPU_CONFIGS.append(_config(128, 256, 64, 8, 3, tma=2, sk=1))
-# Candidates not yet run on a GPU, tuned only with COGSERVE_EXPERT_CANDIDATES=1 (gpu_check.sh's
-# kernel benchmark sets it; the every-config GPU test covers them): a config joins GPU_CONFIGS
-# once that test passes and a benchmark shape shows it winning. (64, 256, 64, 4 warps, 4 stages)
-# with stream-K passed the test and won none of the 24 shapes on an H200 (tenth session). Now,
-# for the shapes furthest from the dense GEMM (one image, and every gate_up: 1.15x to 1.38x):
-CANDIDATE_CONFIGS = [
-    _config(128, 128, 64, 8, 4, tma=2, sk=1),  # the gated MLP's tile with a stream-K tail (none had one)
-    _config(128, 256, 128, 8, 2, tma=2),  # half the K iterations, each twice as long: 196 KB in 2 stages
-    _config(128, 256, 64, 8, 4, tma=2, sk=1),  # the stream-K config with a 4th stage
-]
+# The same with a 4th stage won 4 of the 24 shapes in one H200 run and 5 of the 16 of a second
+# (eleventh session; one image's dense and down, CogVLM2's down at 4 images by 4.7%: 1.723 ms
+# against 1.808). Tried beside it and left: the gated tile (128, 128) with stream-K, and BLOCK_K
+# 128 in 2 stages; (64, 256, 64, 4 warps, 4 stages) with stream-K in the tenth session. None won a shape.
+GPU_CONFIGS.append(_config(128, 256, 64, 8, 4, tma=2, sk=1))
+# Candidates, tuned only with COGSERVE_EXPERT_CANDIDATES=1 (gpu_check.sh's kernel benchmark sets
+# it; the every-config GPU test covers them): a config joins GPU_CONFIGS once that test passes
+# and a benchmark shape shows it winning.
+CANDIDATE_CONFIGS: list[triton.Config] = []
 # Fits every dtype and both variants: the interpreter's config, the tests' config on GPU, and
 # the fallback when pruning leaves nothing. Its TMA level is capped by the call's TMA_LIMIT.
 SAFE_CONFIG = _config(64, 64, 32, 4, 3, tma=2)
