@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
 
 # Every expert region of the routed row order starts on a multiple of this, so any BLOCK_M that
 # divides it never mixes experts in one tile, whichever config the autotuner picks. Smaller
@@ -37,12 +36,12 @@ class ExpertRouting:
 
 def _num_slots(num_tokens: int) -> int:
     """Routed row slots for num_tokens rows: each expert's region rounded up to ALIGN_M."""
-    return triton.cdiv(num_tokens, ALIGN_M) * ALIGN_M + ALIGN_M
+    return -(-num_tokens // ALIGN_M) * ALIGN_M + ALIGN_M  # plain ints: triton.cdiv costs microseconds a call
 
 
 def tuning_bucket(num_tokens: int) -> int:
     """The row bucket (M_BUCKET) of the autotuning key for a call with num_tokens rows."""
-    return triton.next_power_of_2(_num_slots(num_tokens))
+    return 1 << (_num_slots(num_tokens) - 1).bit_length()  # the next power of two (triton.next_power_of_2)
 
 
 def tuning_row_counts(max_rows: int) -> list[int]:

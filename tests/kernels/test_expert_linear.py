@@ -281,3 +281,49 @@ def test_tuning_row_counts_cover_every_bucket_once(max_rows):
 
 def test_the_default_token_budget_tunes_four_buckets():
     assert tuning_row_counts(2048) == [ALIGN_M, 3 * ALIGN_M, 7 * ALIGN_M, 2048]  # EngineConfig's comment
+
+
+def test_a_tuned_key_skips_the_autotuner_and_launches_its_choice(monkeypatch):
+    """After the autotuner has chosen a config for a key, later calls of that key launch the JIT
+    function with it directly (the autotuner's per-call key costs host time), with the same
+    result; a new key, new configs or a cleared cache go through the autotuner again."""
+    kernel = kernel_module._expert_linear_kernel
+    small = kernel_module.SAFE_CONFIG
+    other = type(small)({**small.kwargs, "BLOCK_M": 32}, num_warps=4, num_stages=3)
+    monkeypatch.setattr(kernel, "configs", [small, other])
+    monkeypatch.setattr(kernel, "cache", {})
+    # the interpreter cannot time configs: this tuner prefers `other`
+    monkeypatch.setattr(kernel, "_bench", lambda *args, config, **kwargs: 1.0 if config is other else 2.0)
+    tuned, launched = [], []  # calls through the autotuner; BLOCK_M of every launch
+    autotuner_run, jit_run = kernel.run, kernel_module._JIT.run
+
+    def through_autotuner(*args, **kwargs):
+        tuned.append(1)
+        return autotuner_run(*args, **kwargs)
+
+    def launch(*args, **kwargs):
+        launched.append(kwargs["BLOCK_M"])
+        return jit_run(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", through_autotuner)
+    monkeypatch.setattr(kernel_module._JIT, "run", launch)
+
+    x = torch.randn(130, 72, device=DEVICE)
+    mask = pattern("long_run", 130)
+    w_lang, w_vis, _, _ = weights(40, 72, torch.float32)
+    want = expert_linear_ref(x.double(), mask, w_lang.double(), w_vis.double())
+    first = expert_linear(x, mask, w_lang, w_vis)
+    assert len(tuned) == 1 and launched[-1] == 32  # tuned: the autotuner ran its choice
+    second = expert_linear(x, mask, w_lang, w_vis)
+    assert len(tuned) == 1 and launched[-1] == 32  # the same choice, without the autotuner
+    assert torch.equal(first, second)
+    check_close(second, want, expert_linear_ref(x, mask, w_lang, w_vis))
+
+    expert_linear(x, mask, *weights(24, 72, torch.float32)[:2])  # another output width: another key
+    assert len(tuned) == 2
+    kernel.cache.clear()  # as tests/kernels/hopper_compile.py does
+    expert_linear(x, mask, w_lang, w_vis)
+    assert len(tuned) == 3
+    monkeypatch.setattr(kernel, "configs", [other, small])  # new configs: every choice is forgotten
+    expert_linear(x, mask, w_lang, w_vis)
+    assert len(tuned) == 4
