@@ -32,17 +32,20 @@ import triton.language as tl
 
 from kernels.pdl import pdl_launch
 from kernels.rms_norm import rms_norm_ref
+from kernels.sm_count import sm_count
 
 PLAIN, RMS_NORM, SILU_AND_MUL = 0, 1, 2  # the prologue
 
 
-def _config(bn: int, bk: int, warps: int, stages: int, ahead: int = 0) -> triton.Config:
+def _config(bn: int, bk: int, warps: int, stages: int, ahead: int = 0, per_sm: int = 0) -> triton.Config:
     # STAGES reaches the K loop itself: Triton pipelines a loop without tl.dot only when told to
     # (tl.range's num_stages); the launch option alone left each weight tile loading only after
     # the one before had been used (checked in the TTGIR, Triton 3.6 and 3.7).
     # AHEAD: weight tiles issued right after the PDL wait, before the prologue (see the kernel).
-    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages, "AHEAD": ahead}, num_warps=warps,
-                         num_stages=stages)  # fmt: skip
+    # PER_SM: persistent, at most this many programs an SM, each looping over row blocks (0: one
+    # program a row block).
+    kwargs = {"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages, "AHEAD": ahead, "PER_SM": per_sm}
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
 # Timed on an H200 (benchmarks/kernels/bench_gemv.py, RESULTS.md, eighth session): each of these
@@ -71,7 +74,19 @@ GPU_CONFIGS = [
 ]
 # Candidates, tuned only with COGSERVE_GEMV_CANDIDATES=1 (bench_gemv.py times each alone; the
 # GPU tests check each): a config joins GPU_CONFIGS once a decode step shows it winning.
-CANDIDATE_CONFIGS: list[triton.Config] = []
+# Not yet timed: persistent programs. One program a row block leaves a last partial wave (17B's
+# qkv: 1536 blocks of 8 rows, about 1.5 waves of resident programs) and has every program reduce
+# the input row again for its RMSNorm (1536 reads of the 8 KB row); the GEMVs run 2 to 3.4 us
+# over their weights' copy time each (RESULTS.md, eleventh session). Persistent programs stream
+# (row block, K tile) pairs in one pipelined loop and reduce the row once. Compiled for sm_90
+# they take 123 to 154 registers a thread: 3 programs of 4 warps fit an SM's 64K registers.
+CANDIDATE_CONFIGS: list[triton.Config] = [
+    _config(8, 1024, 4, 3, per_sm=3),
+    _config(8, 1024, 4, 2, per_sm=3),
+    _config(16, 512, 4, 3, per_sm=3),
+    _config(32, 256, 4, 4, per_sm=3),
+    _config(8, 1024, 4, 3, per_sm=2),
+]
 SAFE_CONFIG = _config(16, 128, 4, 2)  # the interpreter's and the tests' config
 
 
@@ -111,6 +126,39 @@ def _input_chunk(x_ptr, residual_ptr, norm_ptr, k, k_ok, K, inv_rms, PROLOGUE: t
     return a
 
 
+@triton.jit
+def _persistent_rest(x_ptr, w_ptr, out_ptr, residual_ptr, norm_ptr, acc, inv_rms, N, K, stride_wn,
+                     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+                     EARLY_TRIGGER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     STAGES: tl.constexpr):  # fmt: skip
+    """A persistent program's work after the first K tile of its first row block (acc, [BN, BK]):
+    the (row block, K tile) pairs pid * k_tiles + 1, ... of blocks pid, pid + programs, ... in one
+    pipelined loop, storing each block as its last tile is added."""
+    pid, programs = tl.program_id(0), tl.num_programs(0)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    steps = tl.cdiv(tl.cdiv(N, BLOCK_N) - pid, programs) * k_tiles  # the grid keeps pid below the blocks
+    lanes, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
+    for step in tl.range(1, steps, num_stages=STAGES):
+        block, kt = pid + (step // k_tiles) * programs, step % k_tiles
+        if kt == 0:  # the block before is complete
+            done = block - programs
+            tl.store(out_ptr + done * BLOCK_N + lanes, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty),
+                     mask=done * BLOCK_N + lanes < N)  # fmt: skip
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        rows = block * BLOCK_N + lanes
+        k = kt * BLOCK_K + cols
+        k_ok = k < K
+        a = _input_chunk(x_ptr, residual_ptr, norm_ptr, k, k_ok, K, inv_rms, PROLOGUE, HAS_RESIDUAL)
+        w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + k[None, :]  # [BN, BK]
+        w = tl.load(w_ptrs, mask=(rows < N)[:, None] & k_ok[None, :], other=0.0)
+        acc += w.to(tl.float32) * a.to(tl.float32)[None, :]
+    if PDL and not EARLY_TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
+    last = pid + (steps // k_tiles - 1) * programs
+    tl.store(out_ptr + last * BLOCK_N + lanes, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty),
+             mask=last * BLOCK_N + lanes < N)  # fmt: skip
+
+
 @triton.autotune(configs=_configs(), key=["N", "K", "PROLOGUE", "HAS_RESIDUAL"])
 @triton.jit
 def _gemv_kernel(
@@ -120,10 +168,12 @@ def _gemv_kernel(
     PDL: tl.constexpr,  # launched as a programmatic dependent launch: wait before reading inputs
     EARLY_TRIGGER: tl.constexpr,  # PDL: let the next kernel launch right after the wait (see _launch)
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, AHEAD: tl.constexpr,
+    PER_SM: tl.constexpr,
 ):  # fmt: skip
-    """out[rows] = W[rows] @ prologue(x) for this program's BLOCK_N rows. AHEAD (0 to 2): weight
-    tiles 1..AHEAD load right after the wait, so they stream from HBM while the prologue's row
-    reduction runs; the K loop then starts at tile 1 + AHEAD."""
+    """out[rows] = W[rows] @ prologue(x) for this program's BLOCK_N rows (PER_SM = 0), or for the
+    row blocks pid, pid + programs, ... (PER_SM > 0: persistent). AHEAD (0 to 2, not
+    persistent): weight tiles 1..AHEAD load right after the wait, so they stream from HBM while
+    the prologue's row reduction runs; the K loop then starts at tile 1 + AHEAD."""
     pid = tl.program_id(0)
     n0 = pid * BLOCK_N
     rows = n0 + tl.arange(0, BLOCK_N)
@@ -155,23 +205,27 @@ def _gemv_kernel(
     # per tile would put warp shuffles between consecutive weight loads
     a = _input_chunk(x_ptr, residual_ptr, norm_ptr, cols, cols < K, K, inv_rms, PROLOGUE, HAS_RESIDUAL)
     acc = w.to(tl.float32) * a.to(tl.float32)[None, :]  # [BN, BK]
-    if AHEAD >= 1:
-        a = _input_chunk(x_ptr, residual_ptr, norm_ptr, BLOCK_K + cols, BLOCK_K + cols < K, K, inv_rms, PROLOGUE,
-                         HAS_RESIDUAL)  # fmt: skip
-        acc += w1.to(tl.float32) * a.to(tl.float32)[None, :]
-    if AHEAD >= 2:
-        a = _input_chunk(x_ptr, residual_ptr, norm_ptr, 2 * BLOCK_K + cols, 2 * BLOCK_K + cols < K, K, inv_rms,
-                         PROLOGUE, HAS_RESIDUAL)  # fmt: skip
-        acc += w2.to(tl.float32) * a.to(tl.float32)[None, :]
-    for k0 in tl.range((1 + AHEAD) * BLOCK_K, K, BLOCK_K, num_stages=STAGES):  # STAGES - 1 tiles in flight ahead
-        k = k0 + cols
-        k_ok = k < K
-        a = _input_chunk(x_ptr, residual_ptr, norm_ptr, k, k_ok, K, inv_rms, PROLOGUE, HAS_RESIDUAL)
-        w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += w.to(tl.float32) * a.to(tl.float32)[None, :]
-    if PDL and not EARLY_TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its own weight loads
-    tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
+    if PER_SM > 0:
+        _persistent_rest(x_ptr, w_ptr, out_ptr, residual_ptr, norm_ptr, acc, inv_rms, N, K, stride_wn,
+                         PROLOGUE, HAS_RESIDUAL, PDL, EARLY_TRIGGER, BLOCK_N, BLOCK_K, STAGES)  # fmt: skip
+    else:
+        if AHEAD >= 1:
+            a = _input_chunk(x_ptr, residual_ptr, norm_ptr, BLOCK_K + cols, BLOCK_K + cols < K, K, inv_rms, PROLOGUE,
+                             HAS_RESIDUAL)  # fmt: skip
+            acc += w1.to(tl.float32) * a.to(tl.float32)[None, :]
+        if AHEAD >= 2:
+            a = _input_chunk(x_ptr, residual_ptr, norm_ptr, 2 * BLOCK_K + cols, 2 * BLOCK_K + cols < K, K, inv_rms,
+                             PROLOGUE, HAS_RESIDUAL)  # fmt: skip
+            acc += w2.to(tl.float32) * a.to(tl.float32)[None, :]
+        for k0 in tl.range((1 + AHEAD) * BLOCK_K, K, BLOCK_K, num_stages=STAGES):  # STAGES - 1 tiles in flight ahead
+            k = k0 + cols
+            k_ok = k < K
+            a = _input_chunk(x_ptr, residual_ptr, norm_ptr, k, k_ok, K, inv_rms, PROLOGUE, HAS_RESIDUAL)
+            w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += w.to(tl.float32) * a.to(tl.float32)[None, :]
+        if PDL and not EARLY_TRIGGER:
+            tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its own weight loads
+        tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
 def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0, pdl=False, early_trigger=False):
@@ -197,8 +251,13 @@ def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0, pdl=F
     out = torch.empty(1, out_features, dtype=x.dtype, device=x.device)
     residual_out = torch.empty_like(x) if residual is not None else None
     pdl, launch = pdl_launch(pdl, x.device)
+
     # absent residual and norm arguments are never read: any tensor stands in
-    _gemv_kernel[lambda meta: (triton.cdiv(out_features, meta["BLOCK_N"]),)](
+    def grid(meta):
+        blocks = triton.cdiv(out_features, meta["BLOCK_N"])
+        return (min(blocks, sm_count(x.device) * meta["PER_SM"]) if meta["PER_SM"] else blocks,)
+
+    _gemv_kernel[grid](
         x, weight, out, residual if residual is not None else x, residual_out if residual is not None else out,
         norm_weight if norm_weight is not None else x, out_features, in_features, weight.stride(0), eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None,

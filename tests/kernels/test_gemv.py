@@ -159,3 +159,23 @@ def test_dependent_chain_under_pdl_matches_waiting_launches(early_trigger):
         graph.replay()
         torch.cuda.synchronize()
         assert all(torch.equal(g, w) for g, w in zip(captured, want, strict=True))
+
+
+@pytest.mark.parametrize("per_sm", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_persistent_programs_cover_every_row_block(monkeypatch, per_sm, dtype):
+    """PER_SM > 0: at most that many programs an SM (6 "SMs" in the interpreter) loop over the row
+    blocks pid, pid + programs, ...: 19 blocks of 16 rows (the last partly filled) on 6 or 12
+    programs, with one K tile a block (72), two (200) and six (700)."""
+    kernel = gemv_module._gemv_kernel
+    monkeypatch.setattr(kernel, "configs", kernel.configs)
+    monkeypatch.setattr(kernel, "cache", {})
+    empty = torch.empty  # outputs start as NaN: a row block never stored cannot pass for a right one
+
+    def poisoned(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    config = type(SAFE_CONFIG)({**SAFE_CONFIG.kwargs, "PER_SM": per_sm}, num_warps=4, num_stages=2)
+    check_every_prologue(config, [(300, 72), (300, 200), (300, 700)], dtype)
