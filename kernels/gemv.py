@@ -132,8 +132,8 @@ def _persistent_rest(x_ptr, w_ptr, out_ptr, residual_ptr, norm_ptr, acc, inv_rms
                      EARLY_TRIGGER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      STAGES: tl.constexpr):  # fmt: skip
     """A persistent program's work after the first K tile of its first row block (acc, [BN, BK]):
-    the (row block, K tile) pairs pid * k_tiles + 1, ... of blocks pid, pid + programs, ... in one
-    pipelined loop, storing each block as its last tile is added."""
+    its remaining (row block, K tile) pairs, blocks pid, pid + programs, ... each in K order, in
+    one pipelined loop; a block is stored when the next one starts, the last after the loop."""
     pid, programs = tl.program_id(0), tl.num_programs(0)
     k_tiles = tl.cdiv(K, BLOCK_K)
     steps = tl.cdiv(tl.cdiv(N, BLOCK_N) - pid, programs) * k_tiles  # the grid keeps pid below the blocks
