@@ -106,11 +106,12 @@ def check_every_prologue(config, shapes, dtype):
 @pytest.mark.parametrize("config", GPU_CONFIGS + CANDIDATE_CONFIGS, ids=str)
 def test_every_gpu_config_is_correct(monkeypatch, config):
     """The autotuner may pick any config; each must compute the same function, every prologue:
-    K past a K tile, and K past the tiles a config loads ahead of its loop."""
+    K past a K tile, K past the tiles a config loads ahead of its loop, and more row blocks than
+    a persistent config has programs (20000 rows: 625 to 2500 blocks for at most 3 x 132)."""
     kernel = gemv_module._gemv_kernel
     monkeypatch.setattr(kernel, "configs", kernel.configs)
     monkeypatch.setattr(kernel, "cache", {})
-    check_every_prologue(config, [(300, 1000), (300, 3000)], torch.bfloat16)
+    check_every_prologue(config, [(300, 1000), (300, 3000), (20000, 1000)], torch.bfloat16)
 
 
 @pytest.mark.parametrize("ahead", [1, 2])
