@@ -343,6 +343,9 @@ def _expert_linear_kernel(
         splits = num_programs // tl.maximum(tail, 1)
         tail = tl.where(splits >= 2, tail, 0)  # a tail too wide to split runs as whole tiles
         whole = num_tiles - tail
+        # NOTE: tl.range(..., flatten=True) does not fuse this loop with the K loop inside (Triton
+        # 3.7, eleventh session: the same 6 scf.for in the TTGIR): each tile picks TMA or gathered
+        # A rows at run time, so this loop holds two K loops.
         for tile in range(pid, whole, num_programs):
             is_vision, slot0, n0 = _sk_tile(tile, num_pid_m, num_pid_n, language_m, vision_start, GROUP_M, BLOCK_M,
                                             BLOCK_N)  # fmt: skip
