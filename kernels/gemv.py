@@ -86,6 +86,9 @@ CANDIDATE_CONFIGS: list[triton.Config] = [
     _config(16, 512, 4, 3, per_sm=3),
     _config(32, 256, 4, 4, per_sm=3),
     _config(8, 1024, 4, 3, per_sm=2),
+    # and 8 warps a program (all the configs above have 4): twice the loads in flight a program
+    _config(16, 1024, 8, 2),
+    _config(8, 2048, 8, 1),
 ]
 SAFE_CONFIG = _config(16, 128, 4, 2)  # the interpreter's and the tests' config
 
