@@ -24,8 +24,6 @@ import kernels.gemv as gemv_module
 import kernels.paged_attention as attention_module
 import model.cogvlm as cogvlm_module
 from benchmarks.full_size import ARCHITECTURES, DigitTokenizer, random_model
-from kernels.rotary import rotary_and_write_kv_
-from model.paged_attention import TritonPagedAttention
 from model.processor import Conversation, Processor
 from model.sampling_params import SamplingParams
 from server.engine import Engine, EngineConfig
@@ -108,7 +106,7 @@ def kernel_times(events, steps: int = 5, rows: int = 12) -> str:
     return "\n".join(lines) or "  (the profiler saw no kernels inside the graph)"
 
 
-EARLY_3, EARLY_2 = frozenset({"dense", "gate_up", "down"}), frozenset({"dense", "down"})
+EARLY_2 = frozenset({"dense", "down"})  # the subset that tied the default (eleventh session)
 
 
 class Mode(NamedTuple):
@@ -118,25 +116,15 @@ class Mode(NamedTuple):
     look_ahead: bool = True  # async scheduling
     one_row_gemv: bool = True  # kernels/gemv.py at batch 1; else cuBLAS
     pdl: bool = True  # kernels/pdl.py
-    rotary_inside: bool = True  # the split decode applies rotary; else rotary's own launch, as before
     early_trigger: frozenset[str] = frozenset()  # model/cogvlm.py's EARLY_TRIGGER: which GEMVs trigger early
     gemv_candidates: bool = False  # kernels/gemv.py's CANDIDATE_CONFIGS join the tuning
-
-
-def attend_after_rotary(self, layer_idx: int, q, k, v, cos_sin):
-    """TritonPagedAttention.attend as it was before the split decode took rotary in (the "rotary
-    apart" mode: the baseline of that change, in the same run)."""
-    k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
-    rotary_and_write_kv_(q, k, v, *cos_sin, k_cache, v_cache, self.slot_mapping, pdl=self.pdl)
-    return attention_module.paged_attention(q, k_cache, v_cache, self.block_tables, self.seq_lens,
-                                            self.query_start_loc, self.max_query_len, pdl=self.pdl)  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--modes", default="", help="comma-separated substrings: run only the modes whose name "
-                        "contains one (e.g. 'early:,rotary'); cuBLAS's and the default mode always run")  # fmt: skip
+                        "contains one (e.g. 'early:,GEMV c'); cuBLAS's and the default mode always run")  # fmt: skip
     parser.add_argument("--arch", default="cogvlm-17b", choices=[a for a in ARCHITECTURES if "tiny" not in a])
     parser.add_argument("--split-decode", default="", metavar="TILE,WARPS,SPLITS",
                         help="the split decode's shape (kernels/paged_attention.py), e.g. the best of "
@@ -163,24 +151,21 @@ def main() -> None:
         "cuda graphs + look-ahead": Mode(one_row_gemv=False, pdl=False),
         "cuda graphs + look-ahead + one-row GEMV": Mode(pdl=False),
         "cuda graphs + look-ahead + one-row GEMV + PDL": Mode(),
-        "cuda graphs + look-ahead + one-row GEMV + PDL, rotary apart": Mode(rotary_inside=False),
-        "cuda graphs + look-ahead + one-row GEMV + PDL, early: dense gate_up down": Mode(early_trigger=EARLY_3),
         "cuda graphs + look-ahead + one-row GEMV + PDL, early: dense down": Mode(early_trigger=EARLY_2),
         "cuda graphs + look-ahead + one-row GEMV + PDL, GEMV candidates": Mode(gemv_candidates=True),
     }  # not rerun, to keep gpu_check short (RESULTS.md has them): eager, 15.7 ms a step at batch 1 on an
     # H200; cuda graphs without look-ahead, 4.96 ms (17B, tenth session); every GEMV triggering
-    # early, 4.03 ms against 3.82 (17B, eleventh session). The two "early" modes measured 3.89 and
-    # 3.81 ms replayed against the default's 3.83 in one run, before the GEMV tiles-ahead configs.
+    # early, 4.03 ms against 3.82; rotary kept apart from the split decode, 3.83 against 3.82; early
+    # triggers on dense, gate_up and down, 3.89 against 3.83 replayed (17B, eleventh session).
     if args.modes:
         wanted = [w.strip() for w in args.modes.split(",") if w.strip()]
         # the cuBLAS mode (the first) and the engine's default always run, as the baselines
         modes = {m: v for i, (m, v) in enumerate(modes.items()) if i == 0 or v == Mode() or any(w in m for w in wanted)}
     batch1_tokens = {}  # greedy tokens of the batch-1 run per mode: the GEMV paths should agree
-    fused_attend, gemv_configs = TritonPagedAttention.attend, list(gemv_module._gemv_kernel.configs)
+    gemv_configs = list(gemv_module._gemv_kernel.configs)
     for mode, m in modes.items():
         if m.gemv_candidates and not gemv_module.CANDIDATE_CONFIGS:
             continue  # the same as the default mode
-        TritonPagedAttention.attend = fused_attend if m.rotary_inside else attend_after_rotary
         cogvlm_module.EARLY_TRIGGER = m.early_trigger
         gemv_module._gemv_kernel.configs = gemv_configs + (gemv_module.CANDIDATE_CONFIGS if m.gemv_candidates else [])
         gemv_module._gemv_kernel.cache = {}  # tuned again per mode: a candidate may win a shape
@@ -223,7 +208,7 @@ def main() -> None:
         engine = None
         gc.collect()
         torch.cuda.empty_cache()
-    TritonPagedAttention.attend, cogvlm_module.EARLY_TRIGGER = fused_attend, frozenset()
+    cogvlm_module.EARLY_TRIGGER = frozenset()
     gemv_module._gemv_kernel.configs, gemv_module._gemv_kernel.cache = gemv_configs, {}
     base = batch1_tokens.get("cuda graphs + look-ahead", [])
     for mode, tokens in batch1_tokens.items():

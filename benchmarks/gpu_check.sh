@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The one GPU check a lent machine runs (< 8 minutes, no network): the GPU tests with compiled
 # kernels, then the kernel and decode benchmarks; their short tables are printed last.
-# Usage (repo root): bash benchmarks/gpu_check.sh [tests] [decode] [decode2] [attention] [kernels] [gemv]  # no
-#   argument: these, run in this order (354 s on an H200 in the eleventh session, tests 84 s of it with
-#   pytest-xdist; give the call 600 s); decode2 is the decode benchmark on
-#   CogVLM2-19B (GQA, 128k vocabulary); attention times the split decode's shapes at batch 1 and
-#   its rotary inside against rotary's own launch; gemv, the one-row GEMV's configs against cuBLAS.
-#   For a second call:
+# Usage (repo root): bash benchmarks/gpu_check.sh [tests] [gemv] [decode] [decode2] [kernels]  # no argument:
+#   these, in this order (about 7 minutes on an H200; the eleventh session's run of them and the
+#   attention part took 354 s, the tests 84 s of it with pytest-xdist; give the call 600 s): gemv,
+#   the one-row GEMV's configs (candidates too) against cuBLAS; decode2, the decode benchmark on
+#   CogVLM2-19B (GQA, 128k vocabulary). For a second call:
+#   [attention] the split decode's shapes at batch 1, and its rotary inside against rotary's own launch
 #   [prefill] time to first token for image requests and the vision tower's share (17B and CogVLM2)
-# Logs and JSON go to $OUT (default /tmp/gpu_check). COMMIT=abc1234 names the commit where .git is absent or stale.
+# Logs and JSON go to $OUT (default /tmp/gpu_check). COMMIT=abc1234 names the commit: write the hash from this
+# machine into the command (the device copy's .git can be stale: it named 2242172 for eba7a7b once).
 set -uo pipefail
-PARTS=${*:-tests decode decode2 attention kernels gemv}
+PARTS=${*:-tests gemv decode decode2 kernels}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
