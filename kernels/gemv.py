@@ -89,6 +89,10 @@ CANDIDATE_CONFIGS: list[triton.Config] = [
     # and 8 warps a program (all the configs above have 4): twice the loads in flight a program
     _config(16, 1024, 8, 2),
     _config(8, 2048, 8, 1),
+    # and 4 rows a program: twice the programs on the 4096-row projections (dense, down: 1024 for
+    # 132 SMs), whose shares of copy bandwidth are the lowest (0.79, 0.90)
+    _config(4, 2048, 4, 1),
+    _config(4, 1024, 4, 2, ahead=1),
 ]
 SAFE_CONFIG = _config(16, 128, 4, 2)  # the interpreter's and the tests' config
 
