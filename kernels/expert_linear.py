@@ -413,16 +413,15 @@ def _chosen_config(key: tuple) -> triton.Config | None:
         return kernel.configs[0]  # what the autotuner runs without tuning
     configs, cache, entries = _chosen_from
     if configs is not kernel.configs or cache is not kernel.cache or entries != len(kernel.cache):
-        _chosen.clear()
+        _chosen.clear()  # identity, not equality: a cleared or swapped cache may equal the old one
         return None
     return _chosen.get(key)
 
 
 def _remember(key: tuple) -> None:
+    """After a call through the autotuner: its choice for `key`, and the state it was read from
+    (_chosen_config has just cleared every choice if that state had changed)."""
     kernel = _expert_linear_kernel
-    configs, cache, entries = _chosen_from
-    if configs is not kernel.configs or cache is not kernel.cache or len(kernel.cache) < entries:
-        _chosen.clear()
     _chosen_from[:] = [kernel.configs, kernel.cache, len(kernel.cache)]  # held: their ids cannot be reused
     _chosen[key] = kernel.best_config
 

@@ -44,6 +44,8 @@ def _config(bn: int, bk: int, warps: int, stages: int, ahead: int = 0, per_sm: i
     # AHEAD: weight tiles issued right after the PDL wait, before the prologue (see the kernel).
     # PER_SM: persistent, at most this many programs an SM, each looping over row blocks (0: one
     # program a row block).
+    if ahead and per_sm:  # the persistent loop starts at tile 1 of its own: tiles ahead would be loaded twice
+        raise ValueError("AHEAD and PER_SM do not combine")
     kwargs = {"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages, "AHEAD": ahead, "PER_SM": per_sm}
     return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 

@@ -65,6 +65,5 @@ def load_generation_defaults(setting: str, model_folder: str) -> GenerationDefau
     try:  # the ranges a request is held to
         SamplingParams(**defaults.set_fields())
     except ParamError as err:
-        field = str(err).split()[0]
-        raise ConfigError(f"{file}: key '{HF_KEYS.get(field, (field,))[0]}': {err}") from err
+        raise ConfigError(f"{file}: key '{HF_KEYS.get(err.field, (err.field,))[0]}': {err}") from err
     return defaults

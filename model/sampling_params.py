@@ -17,7 +17,11 @@ MIN_TEMPERATURE = 1e-2
 
 
 class ParamError(ValueError):
-    """A parameter a user can fix; the message names it."""
+    """A parameter a user can fix; the message names it, and `field` too where it is one field."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ class SamplingParams:
 
     def validate(self) -> None:
         def fail(name: str, rule: str, value) -> None:
-            raise ParamError(f"{name} must be {rule}, got {value!r}")
+            raise ParamError(f"{name} must be {rule}, got {value!r}", name)
 
         def is_int(value, low: int = 0, high: float = math.inf) -> bool:
             return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
@@ -93,7 +97,8 @@ class SamplingParams:
     def check_vocab(self, vocab_size: int) -> None:
         """What validation cannot know without the model: logit_bias ids past its vocabulary."""
         if outside := sorted(t for t, _ in self.logit_bias if t >= vocab_size):
-            raise ParamError(f"logit_bias holds token ids past the vocabulary (size {vocab_size}): {outside[:5]}")
+            raise ParamError(f"logit_bias holds token ids past the vocabulary (size {vocab_size}): {outside[:5]}",
+                             "logit_bias")  # fmt: skip
 
     def child_seed(self, index: int) -> int | None:
         """The seed of completion `index` of n: seed + index, wrapped around the seed range."""

@@ -73,7 +73,7 @@ def sampling_params(body: ChatCompletionRequest, max_n: int, defaults: Generatio
             logit_bias=tuple(logit_bias),
         )
     except ParamError as err:
-        name = str(err).split()[0]
+        name = err.field
         raise bad_request(str(err), "max_completion_tokens" if body.max_completion_tokens and name == "max_tokens"
                           else name) from err  # fmt: skip
 
@@ -152,7 +152,7 @@ class ChatHandler:
         try:
             params.check_vocab(self.state.vocab_size)
         except ParamError as err:
-            raise bad_request(str(err), "logit_bias") from err
+            raise bad_request(str(err), err.field) from err
         limit = self.state.max_model_len
         default_max = self.state.generation_defaults.max_tokens
         if params.max_tokens is None and default_max is not None and prompt.num_tokens < limit:
