@@ -41,9 +41,10 @@ from kernels.sm_count import sm_count
 from kernels.tma import has_tma, set_tma_allocator, tma_ready
 
 
-def _config(bm: int, bn: int, bk: int, warps: int, stages: int, tma: int = 0, sk: int = 0) -> triton.Config:
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int, tma: int = 0, sk: int = 0,
+            group_m: int = 8) -> triton.Config:  # fmt: skip
     return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "TMA": tma, "SK": sk},
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "TMA": tma, "SK": sk},
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
@@ -83,7 +84,16 @@ GPU_CONFIGS.append(_config(128, 256, 64, 8, 4, tma=2, sk=1))
 # Candidates, tuned only with COGSERVE_EXPERT_CANDIDATES=1 (gpu_check.sh's kernel benchmark sets
 # it; the every-config GPU test covers them): a config joins GPU_CONFIGS once that test passes
 # and a benchmark shape shows it winning.
-CANDIDATE_CONFIGS: list[triton.Config] = []
+# Not yet timed: GROUP_M (row tiles that share each weight tile while it is in L2) of 16 instead
+# of 8. With 8, the 132 programs in flight hold 8 row tiles and ~16 weight tiles: for the gated
+# tile on CogVLM2's gate_up that is 33 MB of weights and 8 MB of activations against the H200's
+# 50 MB of L2, and on 16 images there it ran 1.23x the dense GEMM with pointer loads, 1.41x with
+# TMA (twelfth session; 1.03x to 1.10x on the other 16-image shapes). With 16: 17 MB and 16 MB.
+CANDIDATE_CONFIGS: list[triton.Config] = [
+    _config(128, 128, 64, 8, 4, tma=2, group_m=16),
+    _config(128, 128, 64, 8, 4, group_m=16),
+    _config(128, 256, 64, 8, 3, tma=2, sk=1, group_m=16),
+]
 # Fits every dtype and both variants: the interpreter's config, the tests' config on GPU, and
 # the fallback when pruning leaves nothing. Its TMA level is capped by the call's TMA_LIMIT.
 SAFE_CONFIG = _config(64, 64, 32, 4, 3, tma=2)

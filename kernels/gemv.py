@@ -76,25 +76,20 @@ GPU_CONFIGS = [
 ]
 # Candidates, tuned only with COGSERVE_GEMV_CANDIDATES=1 (bench_gemv.py times each alone; the
 # GPU tests check each): a config joins GPU_CONFIGS once a decode step shows it winning.
-# Not yet timed: persistent programs. One program a row block leaves a last partial wave (17B's
-# qkv: 1536 blocks of 8 rows, about 1.5 waves of resident programs) and has every program reduce
-# the input row again for its RMSNorm (1536 reads of the 8 KB row); the GEMVs run 2 to 3.4 us
-# over their weights' copy time each (RESULTS.md, eleventh session). Persistent programs stream
-# (row block, K tile) pairs in one pipelined loop and reduce the row once. Compiled for sm_90
-# they take 123 to 154 registers a thread: 3 programs of 4 warps fit an SM's 64K registers.
+# Persistent programs (PER_SM): one program a row block leaves a last partial wave (17B's qkv:
+# 1536 blocks of 8 rows, about 1.5 waves of resident programs) and has every program reduce the
+# input row again for its RMSNorm; persistent programs stream (row block, K tile) pairs in one
+# pipelined loop and reduce the row once. On an H200 (twelfth session, bench_gemv.py, us a
+# projection in a 32-layer graph) they won the two RMSNorm projections alone, qkv 26.2 against
+# 26.8 and gate_up 43.7 against 44.5, and lost down (24.1 against 23.1) and tied dense, which have
+# no row to reduce: _prune_configs offers them to the RMSNorm prologue only. A step with every
+# candidate tuned in read 3.80 ms against 3.77 (the autotuner times each config alone, outside a
+# graph). Left out after the same run: (16, 512), (32, 256) and 2-stage persistent configs; 8 warps
+# a program (16, 1024) and (8, 2048): 0.4 to 5 us slower on every projection; 4 rows a program
+# (4, 2048) and (4, 1024): tied dense, lost the other three by 2 to 5 us.
 CANDIDATE_CONFIGS: list[triton.Config] = [
-    _config(8, 1024, 4, 3, per_sm=3),
-    _config(8, 1024, 4, 2, per_sm=3),
-    _config(16, 512, 4, 3, per_sm=3),
-    _config(32, 256, 4, 4, per_sm=3),
     _config(8, 1024, 4, 3, per_sm=2),
-    # and 8 warps a program (all the configs above have 4): twice the loads in flight a program
-    _config(16, 1024, 8, 2),
-    _config(8, 2048, 8, 1),
-    # and 4 rows a program: twice the programs on the 4096-row projections (dense, down: 1024 for
-    # 132 SMs), whose shares of copy bandwidth are the lowest (0.79, 0.90)
-    _config(4, 2048, 4, 1),
-    _config(4, 1024, 4, 2, ahead=1),
+    _config(8, 1024, 4, 3, per_sm=3),
 ]
 SAFE_CONFIG = _config(16, 128, 4, 2)  # the interpreter's and the tests' config
 
@@ -105,6 +100,13 @@ def _configs() -> list[triton.Config]:
     if os.environ.get("COGSERVE_AUTOTUNE", "1") == "0":
         return [SAFE_CONFIG]
     return GPU_CONFIGS + (CANDIDATE_CONFIGS if os.environ.get("COGSERVE_GEMV_CANDIDATES") == "1" else [])
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Persistent configs serve the RMSNorm prologue only (see CANDIDATE_CONFIGS)."""
+    if kwargs.get("PROLOGUE", named_args.get("PROLOGUE")) == RMS_NORM:
+        return configs
+    return [c for c in configs if not c.kwargs["PER_SM"]] or [SAFE_CONFIG]
 
 
 @triton.jit
@@ -168,7 +170,11 @@ def _persistent_rest(x_ptr, w_ptr, out_ptr, residual_ptr, norm_ptr, acc, inv_rms
              mask=last * BLOCK_N + lanes < N)  # fmt: skip
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "PROLOGUE", "HAS_RESIDUAL"])
+@triton.autotune(
+    configs=_configs(),
+    key=["N", "K", "PROLOGUE", "HAS_RESIDUAL"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, out_ptr, residual_ptr, residual_out_ptr, norm_ptr,

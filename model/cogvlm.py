@@ -17,13 +17,18 @@ from model.expert_attention import VisionExpertAttention
 from model.expert_mlp import VisionExpertMLP
 from model.experts import routing_for
 from model.rms_norm import RMSNorm
-from model.rotary import rotary_cos_sin
+from model.rotary import cos_sin_at, rotary_cos_sin, rotary_table
 from model.vision import VisionTower
 
 # Which of a batch-1 layer's one-row GEMVs let the next kernel launch right after their PDL wait
-# instead of after their K loop (kernels/gemv.py, _launch). All four early cost a 17B step 0.21 ms
-# on an H200 (eleventh session); bench_decode.py's "early" modes time subsets against none.
-EARLY_TRIGGER: frozenset[str] = frozenset()  # of "qkv", "dense", "gate_up", "down"
+# instead of after their K loop (kernels/gemv.py, _launch). On an H200, 17B batch-1 steps: all four
+# early cost 0.21 ms (3.78 -> 3.99 replayed); dense, gate_up and down +0.06; dense and down won in
+# two runs, each against none in the same run: 3.84 against 3.86 ms a step (eleventh session) and
+# 3.74 against 3.77 (3.71 against 3.73 replayed, twelfth). The dense GEMV follows the attention
+# kernel, down follows gate_up: both are short next to the launch they let start.
+EARLY_TRIGGER: frozenset[str] = frozenset({"dense", "down"})  # of "qkv", "dense", "gate_up", "down"
+# False: rotary's cos and sin computed every forward instead of looked up (bench_decode.py's baseline)
+ROTARY_TABLE = True
 
 
 class DecoderLayer(nn.Module):
@@ -90,6 +95,9 @@ class CogVLMForCausalLM(nn.Module):
         self.config = cfg
         self.model = CogVLMModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # rotary_table's, built on first use on the positions' device; not a buffer, so the
+        # state_dict keys stay the checkpoint's
+        self._rotary_table: torch.Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -121,13 +129,24 @@ class CogVLMForCausalLM(nn.Module):
         vision_mask: torch.Tensor | None,  # [T] bool, the shifted rule; None: no vision token
         attention: AttentionBackend,
     ) -> torch.Tensor:  # [T, hidden], after the final norm
-        cfg = self.config
-        cos_sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, inputs_embeds.dtype)
+        cos_sin = self.rotary_cos_sin(position_ids, inputs_embeds.dtype)
         routing = routing_for(vision_mask)
         hidden, residual = inputs_embeds, None
         for layer in self.model.layers:
             hidden, residual = layer(hidden, residual, cos_sin, routing, attention)
         return self.model.norm(hidden, residual)[0]
+
+    def rotary_cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """2 x [T, 1, head_dim], looked up in a table of max_position_embeddings rows: callers keep
+        positions below it (the engine's max_model_len and generate_reference's are at most that)."""
+        cfg = self.config
+        if not ROTARY_TABLE:
+            return rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, dtype)
+        table = self._rotary_table
+        if table is None or table.device != position_ids.device or table.dtype != dtype:
+            table = rotary_table(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta, dtype, position_ids.device)
+            self._rotary_table = table
+        return cos_sin_at(table, position_ids)
 
     def fuse_for_inference(self, one_row_gemv: bool = False, pdl: bool = False) -> None:
         """Weight layouts for the fast paths (see VisionExpertMLP.fuse_language_gate_up); with

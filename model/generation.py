@@ -48,6 +48,9 @@ def generate_reference(
     params.validate()
     cfg, device = model.config, model.device
     max_model_len = max_model_len or cfg.max_position_embeddings
+    if max_model_len > cfg.max_position_embeddings:  # rotary's table has that many positions
+        raise ValueError(f"max_model_len {max_model_len} exceeds the checkpoint's max_position_embeddings "
+                         f"({cfg.max_position_embeddings})")  # fmt: skip
     prompt_len = inputs.num_tokens
     if prompt_len >= max_model_len:
         raise ValueError(f"prompt of {prompt_len} tokens leaves no room in max_model_len {max_model_len}")

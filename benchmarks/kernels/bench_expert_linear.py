@@ -94,7 +94,9 @@ def host_profile(fn, calls: int = 200, rows: int = 14) -> str:
 def tile_of(config) -> str:
     k = config.kwargs
     sk = ", SK" if k.get("SK") else ""  # the stream-K tail (see the kernel's docstring)
-    return f"{k['BLOCK_M']}, {k['BLOCK_N']}, {k['BLOCK_K']}, {config.num_warps}, {config.num_stages}, {k['TMA']}{sk}"
+    group = f", G{k['GROUP_M']}" if k.get("GROUP_M", 8) != 8 else ""  # row tiles sharing a weight tile in L2
+    return (f"{k['BLOCK_M']}, {k['BLOCK_N']}, {k['BLOCK_K']}, {config.num_warps}, {config.num_stages}, "
+            f"{k['TMA']}{sk}{group}")  # fmt: skip
 
 
 def tuning_times() -> dict:
@@ -106,11 +108,12 @@ def tuning_times() -> dict:
 
 
 def best_by_tma_level(times: dict) -> dict:
-    """{TMA level, "+SK" for stream-K tail configs: best time (ms)} from tuning_times()."""
+    """{TMA level, "+SK" for stream-K tail configs, "+G16" for GROUP_M 16: best time (ms)} from
+    tuning_times()."""
     best = {}
     for tile, t in times.items():
         parts = tile.split(", ")
-        level = parts[5] + ("+SK" if len(parts) > 6 else "")
+        level = parts[5] + "".join("+" + p for p in parts[6:])
         best[level] = min(best.get(level, float("inf")), t)
     return best
 

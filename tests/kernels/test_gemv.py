@@ -114,6 +114,17 @@ def test_every_gpu_config_is_correct(monkeypatch, config):
     check_every_prologue(config, [(300, 1000), (300, 3000), (20000, 1000)], torch.bfloat16)
 
 
+def test_persistent_configs_are_offered_to_the_rms_norm_prologue_only():
+    """Their gain is the RMSNorm row reduced once a program; the other prologues have none."""
+    configs = GPU_CONFIGS + CANDIDATE_CONFIGS
+    assert any(c.kwargs["PER_SM"] for c in CANDIDATE_CONFIGS)
+    assert gemv_module._gemv_kernel.early_config_prune is gemv_module._prune_configs
+    assert gemv_module._prune_configs(configs, {}, PROLOGUE=gemv_module.RMS_NORM) == configs
+    for prologue in (gemv_module.PLAIN, gemv_module.SILU_AND_MUL):
+        pruned = gemv_module._prune_configs(configs, {}, PROLOGUE=prologue)
+        assert pruned == [c for c in configs if not c.kwargs["PER_SM"]] and len(pruned) >= len(GPU_CONFIGS)
+
+
 @pytest.mark.parametrize("ahead", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_tiles_loaded_ahead_of_the_loop(monkeypatch, ahead, dtype):

@@ -96,6 +96,8 @@ def test_max_model_len_caps_generation(loaded):
     assert len(result.output_token_ids) == 2 and result.finish_reason == "length"
     with pytest.raises(ValueError, match="max_model_len"):
         generate_reference(model, inputs, params, max_model_len=inputs.num_tokens)
+    with pytest.raises(ValueError, match="max_position_embeddings"):  # rotary's table ends there
+        generate_reference(model, inputs, params, max_model_len=model.config.max_position_embeddings + 1)
 
 
 @pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1.0), dict(top_logprobs=21)])

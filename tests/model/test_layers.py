@@ -6,7 +6,7 @@ from model.config import CogVLMConfig
 from model.expert_attention import VisionExpertAttention
 from model.experts import routing_for
 from model.rms_norm import RMSNorm
-from model.rotary import apply_rotary, rotary_cos_sin, rotate_qk
+from model.rotary import apply_rotary, cos_sin_at, rotary_cos_sin, rotary_table, rotate_qk
 
 
 def test_rmsnorm_multiplies_weight_in_fp32_before_the_cast():
@@ -48,6 +48,40 @@ def test_rotary_is_neox_style_rotate_half():
     a, b = x[2, :, 1], x[2, :, 5]
     torch.testing.assert_close(out[2, :, 1], a * angle.cos() - b * angle.sin())
     torch.testing.assert_close(out[2, :, 5], b * angle.cos() + a * angle.sin())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rotary_table_holds_each_positions_cos_and_sin_bit_for_bit(dtype):
+    table = rotary_table(4096, 64, 500000.0, dtype, torch.device("cpu"))
+    positions = torch.tensor([0, 1, 2, 2, 2, 3, 4, 1500, 4095])  # an image's span repeats a position
+    cos, sin = cos_sin_at(table, positions)
+    want_cos, want_sin = rotary_cos_sin(positions, 64, 500000.0, dtype)
+    assert cos.shape == want_cos.shape == (9, 1, 64) and cos.stride() == sin.stride()
+    assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+    assert not torch.equal(cos, sin)  # the two halves of a row are not mixed up
+
+
+def test_the_model_looks_rotary_up_in_its_table_with_the_same_logits(monkeypatch):
+    import model.cogvlm as cogvlm_module
+    from model.attention import ContiguousKVCache
+    from model.cogvlm import CogVLMForCausalLM
+    from model.tiny_checkpoint import tiny_config
+
+    cfg = tiny_config(2, vocab_size=100)
+    torch.manual_seed(0)
+    model = CogVLMForCausalLM(cfg).eval()
+    ids, positions = torch.randint(0, 100, (9,)), torch.tensor([0, 1, 2, 2, 2, 3, 4, 5, 6])
+
+    def logits():
+        cache = ContiguousKVCache(cfg.num_layers, 9, cfg.num_kv_heads, cfg.head_dim, torch.float32, torch.device("cpu"))
+        with torch.inference_mode():
+            return model.compute_logits(model(model.embed(ids), positions, None, cache))
+
+    looked_up = logits()
+    table = model._rotary_table
+    assert table is not None and table.shape == (cfg.max_position_embeddings, 2, cfg.head_dim)
+    monkeypatch.setattr(cogvlm_module, "ROTARY_TABLE", False)
+    assert torch.equal(looked_up, logits())
 
 
 @pytest.fixture
