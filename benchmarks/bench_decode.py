@@ -106,15 +106,6 @@ def kernel_times(events, steps: int = 5, rows: int = 12) -> str:
     return "\n".join(lines) or "  (the profiler saw no kernels inside the graph)"
 
 
-def forced_persistent(configs, named_args, **kwargs):
-    """The GEMV autotuner's pruning for the "persistent RMSNorm GEMVs" mode: the RMSNorm
-    projections take a persistent config (kernels/gemv.py), whatever the autotuner would pick."""
-    persistent = [c for c in configs if c.kwargs["PER_SM"]]
-    if kwargs.get("PROLOGUE") == gemv_module.RMS_NORM and persistent:
-        return persistent
-    return gemv_module._prune_configs(configs, named_args, **kwargs)
-
-
 def chosen_gemv_configs(cache: dict) -> str:
     """The autotuner's choices, by its key's (N, K, PROLOGUE): which configs a step ran."""
     names = {gemv_module.PLAIN: "plain", gemv_module.RMS_NORM: "rms_norm", gemv_module.SILU_AND_MUL: "silu_and_mul"}
@@ -122,7 +113,7 @@ def chosen_gemv_configs(cache: dict) -> str:
     for key, config in sorted(cache.items(), key=lambda item: str(item[0])):
         kw = config.kwargs
         out.append(f"{key[0]}x{key[1]} {names.get(key[2], key[2])}: {kw['BLOCK_N']}, {kw['BLOCK_K']}, "
-                   f"{config.num_warps}, {kw['STAGES']}, {kw['AHEAD']}, {kw['PER_SM']}")  # fmt: skip
+                   f"{config.num_warps}, {kw['STAGES']}, {kw['AHEAD']}")  # fmt: skip
     return "; ".join(out)
 
 
@@ -135,9 +126,7 @@ class Mode(NamedTuple):
     pdl: bool = True  # kernels/pdl.py
     early_trigger: frozenset[str] = cogvlm_module.EARLY_TRIGGER  # which GEMVs trigger early (model/cogvlm.py)
     rotary_table: bool = True  # model/cogvlm.py's ROTARY_TABLE; False: cos and sin computed every step
-    # kernels/gemv.py's CANDIDATE_CONFIGS: "" not used, "tuned" join the tuning, "forced" the only
-    # configs the RMSNorm projections (qkv, gate_up) may take
-    gemv_candidates: str = ""
+    gemv_candidates: bool = False  # kernels/gemv.py's CANDIDATE_CONFIGS join the tuning
 
 
 def main() -> None:
@@ -173,8 +162,7 @@ def main() -> None:
         "cuda graphs + look-ahead + one-row GEMV + PDL": Mode(),
         "cuda graphs + look-ahead + one-row GEMV + PDL, no early trigger": Mode(early_trigger=frozenset()),
         "cuda graphs + look-ahead + one-row GEMV + PDL, rotary computed each step": Mode(rotary_table=False),
-        "cuda graphs + look-ahead + one-row GEMV + PDL, GEMV candidates": Mode(gemv_candidates="tuned"),
-        "cuda graphs + look-ahead + one-row GEMV + PDL, persistent RMSNorm GEMVs": Mode(gemv_candidates="forced"),
+        "cuda graphs + look-ahead + one-row GEMV + PDL, GEMV candidates": Mode(gemv_candidates=True),
         # the default once more, last: how far the same code drifts within a run (two runs apart
         # it read 3.78 and 3.83 ms replayed, as large as the effects being measured)
         "cuda graphs + look-ahead + one-row GEMV + PDL, again": Mode(),
@@ -188,14 +176,13 @@ def main() -> None:
         modes = {m: v for i, (m, v) in enumerate(modes.items()) if i == 0 or v == Mode() or any(w in m for w in wanted)}
     batch1_tokens = {}  # greedy tokens of the batch-1 run per mode: the GEMV paths should agree
     gemv_kernel = gemv_module._gemv_kernel
-    gemv_configs, gemv_prune = list(gemv_kernel.configs), gemv_kernel.early_config_prune
+    gemv_configs = list(gemv_kernel.configs)
     chosen = {}  # mode -> the GEMV configs the autotuner chose, by (N, K, prologue)
     for mode, m in modes.items():
         if m.gemv_candidates and not gemv_module.CANDIDATE_CONFIGS:
             continue  # the same as the default mode
         cogvlm_module.EARLY_TRIGGER, cogvlm_module.ROTARY_TABLE = m.early_trigger, m.rotary_table
         gemv_kernel.configs = gemv_configs + (gemv_module.CANDIDATE_CONFIGS if m.gemv_candidates else [])
-        gemv_kernel.early_config_prune = forced_persistent if m.gemv_candidates == "forced" else gemv_prune
         gemv_kernel.cache = {}  # tuned again per mode: a candidate may win a shape
         model._rotary_table = None  # built again in this mode's first forward (or not at all)
         look_ahead = m.look_ahead
@@ -240,7 +227,7 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
     cogvlm_module.EARLY_TRIGGER, cogvlm_module.ROTARY_TABLE = Mode().early_trigger, True
-    gemv_kernel.configs, gemv_kernel.cache, gemv_kernel.early_config_prune = gemv_configs, {}, gemv_prune
+    gemv_kernel.configs, gemv_kernel.cache = gemv_configs, {}
     base = batch1_tokens.get("cuda graphs + look-ahead", [])
     for mode, tokens in batch1_tokens.items():
         n = min(len(tokens), len(base))
@@ -264,7 +251,7 @@ def main() -> None:
               f"({long_ms.get(mode, float('nan')) / floor_ms:.2f}x)")  # fmt: skip
     print("the rest of a step is host work (scheduler, inputs, sampler, detokenizer)")
     for mode, configs in chosen.items():
-        print(f"GEMV configs (N x K prologue: BLOCK_N, BLOCK_K, warps, stages, ahead, per_sm), {mode}: {configs}")
+        print(f"GEMV configs (N x K prologue: BLOCK_N, BLOCK_K, warps, stages, ahead), {mode}: {configs}")
     for mode, (short, long) in attention.items():
         print(f"attention kernels, {mode}: {short:.3f} ms a batch-1 step at {prompt.num_tokens} tokens of "
               f"context, {long:.3f} ms at {long_prompt.num_tokens}")  # fmt: skip

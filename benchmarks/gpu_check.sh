@@ -2,10 +2,10 @@
 # The one GPU check a lent machine runs (< 8 minutes, no network): the GPU tests with compiled
 # kernels, then the kernel and decode benchmarks; their short tables are printed last.
 # Usage (repo root): bash benchmarks/gpu_check.sh [tests] [gemv] [decode] [decode2] [kernels]  # no argument:
-#   these, in this order (about 7 minutes on an H200; the eleventh session's run of them and the
-#   attention part took 354 s, the tests 84 s of it with pytest-xdist; give the call 600 s): gemv,
-#   the one-row GEMV's configs (candidates too) against cuBLAS; decode2, the decode benchmark on
-#   CogVLM2-19B (GQA, 128k vocabulary). For a second call:
+#   these, in this order (about 7 minutes on an H200; twelfth session: tests 96 s with
+#   pytest-xdist, gemv 52, decode 123, decode2 47, kernels 109; give the call 600 s): gemv, the
+#   one-row GEMV's configs (candidates too) against cuBLAS; decode2, the decode benchmark on
+#   CogVLM2-19B (GQA, 128k vocabulary), its default against no early trigger. For a second call:
 #   [attention] the split decode's shapes at batch 1, and its rotary inside against rotary's own launch
 #   [prefill] time to first token for image requests and the vision tower's share (17B and CogVLM2)
 # Logs and JSON go to $OUT (default /tmp/gpu_check). COMMIT=abc1234 names the commit: write the hash from this

@@ -32,21 +32,16 @@ import triton.language as tl
 
 from kernels.pdl import pdl_launch
 from kernels.rms_norm import rms_norm_ref
-from kernels.sm_count import sm_count
 
 PLAIN, RMS_NORM, SILU_AND_MUL = 0, 1, 2  # the prologue
 
 
-def _config(bn: int, bk: int, warps: int, stages: int, ahead: int = 0, per_sm: int = 0) -> triton.Config:
+def _config(bn: int, bk: int, warps: int, stages: int, ahead: int = 0) -> triton.Config:
     # STAGES reaches the K loop itself: Triton pipelines a loop without tl.dot only when told to
     # (tl.range's num_stages); the launch option alone left each weight tile loading only after
     # the one before had been used (checked in the TTGIR, Triton 3.6 and 3.7).
     # AHEAD: weight tiles issued right after the PDL wait, before the prologue (see the kernel).
-    # PER_SM: persistent, at most this many programs an SM, each looping over row blocks (0: one
-    # program a row block).
-    if ahead and per_sm:  # the persistent loop starts at tile 1 of its own: tiles ahead would be loaded twice
-        raise ValueError("AHEAD and PER_SM do not combine")
-    kwargs = {"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages, "AHEAD": ahead, "PER_SM": per_sm}
+    kwargs = {"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages, "AHEAD": ahead}
     return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
@@ -76,21 +71,17 @@ GPU_CONFIGS = [
 ]
 # Candidates, tuned only with COGSERVE_GEMV_CANDIDATES=1 (bench_gemv.py times each alone; the
 # GPU tests check each): a config joins GPU_CONFIGS once a decode step shows it winning.
-# Persistent programs (PER_SM): one program a row block leaves a last partial wave (17B's qkv:
-# 1536 blocks of 8 rows, about 1.5 waves of resident programs) and has every program reduce the
-# input row again for its RMSNorm; persistent programs stream (row block, K tile) pairs in one
-# pipelined loop and reduce the row once. On an H200 (twelfth session, bench_gemv.py, us a
-# projection in a 32-layer graph) they won the two RMSNorm projections alone, qkv 26.2 against
-# 26.8 and gate_up 43.7 against 44.5, and lost down (24.1 against 23.1) and tied dense, which have
-# no row to reduce: _prune_configs offers them to the RMSNorm prologue only. A step with every
-# candidate tuned in read 3.80 ms against 3.77 (the autotuner times each config alone, outside a
-# graph). Left out after the same run: (16, 512), (32, 256) and 2-stage persistent configs; 8 warps
-# a program (16, 1024) and (8, 2048): 0.4 to 5 us slower on every projection; 4 rows a program
-# (4, 2048) and (4, 1024): tied dense, lost the other three by 2 to 5 us.
-CANDIDATE_CONFIGS: list[triton.Config] = [
-    _config(8, 1024, 4, 3, per_sm=2),
-    _config(8, 1024, 4, 3, per_sm=3),
-]
+# Tried and left out on an H200 (twelfth session; bench_gemv.py, us a projection in a 32-layer
+# graph, and bench_decode.py, a 17B batch-1 step against the default in the same run):
+# - persistent programs, 2 or 3 an SM looping over row blocks (one pipelined (row block, K tile)
+#   loop, the RMSNorm row reduced once a program): alone they won the RMSNorm projections (qkv
+#   26.2 against 26.8 us, gate_up 43.7 against 44.5) and lost down (24.1 against 23.1), but a
+#   step with them on qkv and gate_up took 4.23 ms replayed against 3.73 to 3.78, and 3.86 when
+#   the autotuner could choose them: in the layer's chain of different kernels they hold every
+#   SM until their last row block, so nothing of the next kernel overlaps their tail;
+# - 8 warps a program, (16, 1024) and (8, 2048): 0.4 to 5 us slower on every projection;
+# - 4 rows a program, (4, 2048) and (4, 1024): tied dense, lost the other three by 2 to 5 us.
+CANDIDATE_CONFIGS: list[triton.Config] = []
 SAFE_CONFIG = _config(16, 128, 4, 2)  # the interpreter's and the tests' config
 
 
@@ -100,13 +91,6 @@ def _configs() -> list[triton.Config]:
     if os.environ.get("COGSERVE_AUTOTUNE", "1") == "0":
         return [SAFE_CONFIG]
     return GPU_CONFIGS + (CANDIDATE_CONFIGS if os.environ.get("COGSERVE_GEMV_CANDIDATES") == "1" else [])
-
-
-def _prune_configs(configs, named_args, **kwargs):
-    """Persistent configs serve the RMSNorm prologue only (see CANDIDATE_CONFIGS)."""
-    if kwargs.get("PROLOGUE", named_args.get("PROLOGUE")) == RMS_NORM:
-        return configs
-    return [c for c in configs if not c.kwargs["PER_SM"]] or [SAFE_CONFIG]
 
 
 @triton.jit
@@ -137,44 +121,7 @@ def _input_chunk(x_ptr, residual_ptr, norm_ptr, k, k_ok, K, inv_rms, PROLOGUE: t
     return a
 
 
-@triton.jit
-def _persistent_rest(x_ptr, w_ptr, out_ptr, residual_ptr, norm_ptr, acc, inv_rms, N, K, stride_wn,
-                     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-                     EARLY_TRIGGER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     STAGES: tl.constexpr):  # fmt: skip
-    """A persistent program's work after the first K tile of its first row block (acc, [BN, BK]):
-    its remaining (row block, K tile) pairs, blocks pid, pid + programs, ... each in K order, in
-    one pipelined loop; a block is stored when the next one starts, the last after the loop."""
-    pid, programs = tl.program_id(0), tl.num_programs(0)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    steps = tl.cdiv(tl.cdiv(N, BLOCK_N) - pid, programs) * k_tiles  # the grid keeps pid below the blocks
-    lanes, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
-    for step in tl.range(1, steps, num_stages=STAGES):
-        block, kt = pid + (step // k_tiles) * programs, step % k_tiles
-        if kt == 0:  # the block before is complete
-            done = block - programs
-            tl.store(out_ptr + done * BLOCK_N + lanes, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty),
-                     mask=done * BLOCK_N + lanes < N)  # fmt: skip
-            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        rows = block * BLOCK_N + lanes
-        k = kt * BLOCK_K + cols
-        k_ok = k < K
-        a = _input_chunk(x_ptr, residual_ptr, norm_ptr, k, k_ok, K, inv_rms, PROLOGUE, HAS_RESIDUAL)
-        w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + k[None, :]  # [BN, BK]
-        w = tl.load(w_ptrs, mask=(rows < N)[:, None] & k_ok[None, :], other=0.0)
-        acc += w.to(tl.float32) * a.to(tl.float32)[None, :]
-    if PDL and not EARLY_TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()
-    last = pid + (steps // k_tiles - 1) * programs
-    tl.store(out_ptr + last * BLOCK_N + lanes, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty),
-             mask=last * BLOCK_N + lanes < N)  # fmt: skip
-
-
-@triton.autotune(
-    configs=_configs(),
-    key=["N", "K", "PROLOGUE", "HAS_RESIDUAL"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-)
+@triton.autotune(configs=_configs(), key=["N", "K", "PROLOGUE", "HAS_RESIDUAL"])
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, out_ptr, residual_ptr, residual_out_ptr, norm_ptr,
@@ -183,12 +130,10 @@ def _gemv_kernel(
     PDL: tl.constexpr,  # launched as a programmatic dependent launch: wait before reading inputs
     EARLY_TRIGGER: tl.constexpr,  # PDL: let the next kernel launch right after the wait (see _launch)
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, AHEAD: tl.constexpr,
-    PER_SM: tl.constexpr,
 ):  # fmt: skip
-    """out[rows] = W[rows] @ prologue(x) for this program's BLOCK_N rows (PER_SM = 0), or for the
-    row blocks pid, pid + programs, ... (PER_SM > 0: persistent). AHEAD (0 to 2, not
-    persistent): weight tiles 1..AHEAD load right after the wait, so they stream from HBM while
-    the prologue's row reduction runs; the K loop then starts at tile 1 + AHEAD."""
+    """out[rows] = W[rows] @ prologue(x) for this program's BLOCK_N rows. AHEAD (0 to 2): weight
+    tiles 1..AHEAD load right after the wait, so they stream from HBM while the prologue's row
+    reduction runs; the K loop then starts at tile 1 + AHEAD."""
     pid = tl.program_id(0)
     n0 = pid * BLOCK_N
     rows = n0 + tl.arange(0, BLOCK_N)
@@ -220,27 +165,23 @@ def _gemv_kernel(
     # per tile would put warp shuffles between consecutive weight loads
     a = _input_chunk(x_ptr, residual_ptr, norm_ptr, cols, cols < K, K, inv_rms, PROLOGUE, HAS_RESIDUAL)
     acc = w.to(tl.float32) * a.to(tl.float32)[None, :]  # [BN, BK]
-    if PER_SM > 0:
-        _persistent_rest(x_ptr, w_ptr, out_ptr, residual_ptr, norm_ptr, acc, inv_rms, N, K, stride_wn,
-                         PROLOGUE, HAS_RESIDUAL, PDL, EARLY_TRIGGER, BLOCK_N, BLOCK_K, STAGES)  # fmt: skip
-    else:
-        if AHEAD >= 1:
-            a = _input_chunk(x_ptr, residual_ptr, norm_ptr, BLOCK_K + cols, BLOCK_K + cols < K, K, inv_rms, PROLOGUE,
-                             HAS_RESIDUAL)  # fmt: skip
-            acc += w1.to(tl.float32) * a.to(tl.float32)[None, :]
-        if AHEAD >= 2:
-            a = _input_chunk(x_ptr, residual_ptr, norm_ptr, 2 * BLOCK_K + cols, 2 * BLOCK_K + cols < K, K, inv_rms,
-                             PROLOGUE, HAS_RESIDUAL)  # fmt: skip
-            acc += w2.to(tl.float32) * a.to(tl.float32)[None, :]
-        for k0 in tl.range((1 + AHEAD) * BLOCK_K, K, BLOCK_K, num_stages=STAGES):  # STAGES - 1 tiles in flight ahead
-            k = k0 + cols
-            k_ok = k < K
-            a = _input_chunk(x_ptr, residual_ptr, norm_ptr, k, k_ok, K, inv_rms, PROLOGUE, HAS_RESIDUAL)
-            w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            acc += w.to(tl.float32) * a.to(tl.float32)[None, :]
-        if PDL and not EARLY_TRIGGER:
-            tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its own weight loads
-        tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
+    if AHEAD >= 1:
+        a = _input_chunk(x_ptr, residual_ptr, norm_ptr, BLOCK_K + cols, BLOCK_K + cols < K, K, inv_rms, PROLOGUE,
+                         HAS_RESIDUAL)  # fmt: skip
+        acc += w1.to(tl.float32) * a.to(tl.float32)[None, :]
+    if AHEAD >= 2:
+        a = _input_chunk(x_ptr, residual_ptr, norm_ptr, 2 * BLOCK_K + cols, 2 * BLOCK_K + cols < K, K, inv_rms,
+                         PROLOGUE, HAS_RESIDUAL)  # fmt: skip
+        acc += w2.to(tl.float32) * a.to(tl.float32)[None, :]
+    for k0 in tl.range((1 + AHEAD) * BLOCK_K, K, BLOCK_K, num_stages=STAGES):  # STAGES - 1 tiles in flight ahead
+        k = k0 + cols
+        k_ok = k < K
+        a = _input_chunk(x_ptr, residual_ptr, norm_ptr, k, k_ok, K, inv_rms, PROLOGUE, HAS_RESIDUAL)
+        w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += w.to(tl.float32) * a.to(tl.float32)[None, :]
+    if PDL and not EARLY_TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its own weight loads
+    tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
 def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0, pdl=False, early_trigger=False):
@@ -269,8 +210,7 @@ def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0, pdl=F
 
     # absent residual and norm arguments are never read: any tensor stands in
     def grid(meta):
-        blocks = triton.cdiv(out_features, meta["BLOCK_N"])
-        return (min(blocks, sm_count(x.device) * meta["PER_SM"]) if meta["PER_SM"] else blocks,)
+        return (triton.cdiv(out_features, meta["BLOCK_N"]),)
 
     _gemv_kernel[grid](
         x, weight, out, residual if residual is not None else x, residual_out if residual is not None else out,

@@ -71,7 +71,7 @@ class DecodeGraphs:
         slots: list[int],  # [B]: where each new token's K/V goes
         block_tables: list[list[int]],  # B rows of block ids
         seq_lens: list[int],  # [B]: tokens in the cache after this step
-        fed: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([F] rows, [F] tokens) already on the device
+        fed: tuple[torch.Tensor | None, torch.Tensor] | None = None,  # ([F] rows or None: all; [F] tokens), on device
     ) -> torch.Tensor:  # [B, vocab] fp32 logits
         batch = len(input_ids)
         self.num_runs += 1
@@ -80,9 +80,12 @@ class DecodeGraphs:
         table = torch.tensor([t + [scratch] * (width - len(t)) for t in block_tables], dtype=torch.int32)
         # NOTE: host -> device copies into the buffers the graph reads; padding rows are reset in
         # case a larger batch left real values there.
-        self.input_ids[:batch].copy_(torch.tensor(input_ids), non_blocking=True)
-        if fed is not None:  # look-ahead rows: the step in flight sampled their input tokens
-            self.input_ids[fed[0]] = fed[1]
+        if fed is not None and fed[0] is None:  # every row's input is a token the step in flight sampled
+            self.input_ids[:batch].copy_(fed[1])
+        else:
+            self.input_ids[:batch].copy_(torch.tensor(input_ids), non_blocking=True)
+            if fed is not None:  # look-ahead rows: the step in flight sampled their input tokens
+                self.input_ids[fed[0]] = fed[1]
         self.positions[:batch].copy_(torch.tensor(positions), non_blocking=True)
         self.slot_mapping[:batch].copy_(torch.tensor(slots), non_blocking=True)
         self.seq_lens[:batch].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)

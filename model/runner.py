@@ -23,7 +23,7 @@ from model.decode_graphs import DecodeGraphs
 from model.experts import routed_linear, routing_for
 from model.paged_attention import PagedAttentionMetadata, PagedKVCache, make_attention_backend
 from model.processor import VISION_TOKEN_TYPE
-from model.sampler import Sampler
+from model.sampler import Sampler, counts_tokens
 from model.transfer import to_device
 
 
@@ -140,8 +140,15 @@ class ModelRunner:
                 last_rows.append(len(input_ids) - 1)
                 in_flight.append(is_fed)  # its newest token is the one in flight
         fed = None
-        if fed_rows:  # [F] rows of this batch, [F] their tokens from the step in flight
-            fed = (to_device(fed_rows, device, torch.long), feed.feed[0][to_device(fed_from, device, torch.long)])
+        if fed_rows:  # ([F] rows of this batch, or None: every row, in order; [F] their tokens in flight)
+            # NOTE: a steady decode batch is the step in flight's batch again, in its order: its
+            # tokens are this step's inputs as they are, with no index copies or gathers (on an
+            # H200 each queued op costs a batch-1 step 1 to 3 us between graph replays)
+            tokens = feed.feed[0]
+            if fed_from != list(range(tokens.shape[0])):
+                tokens = tokens[to_device(fed_from, device, torch.long)]
+            every_row = fed_rows == list(range(len(input_ids)))
+            fed = (None if every_row else to_device(fed_rows, device, torch.long), tokens)
         # NOTE: a fed row is a one-token decode, so it samples: the sampler sees fed[1] too
 
         max_blocks = max(len(s.block_ids) for s in out.scheduled)
@@ -155,9 +162,12 @@ class ModelRunner:
             if len(last_rows) < len(out.scheduled):
                 logits = logits[to_device(last_rows, device, torch.long)]
         else:
-            ids = to_device(input_ids, device, torch.long)
-            if fed is not None:
-                ids[fed[0]] = fed[1]
+            if fed is not None and fed[0] is None:
+                ids = fed[1]
+            else:
+                ids = to_device(input_ids, device, torch.long)
+                if fed is not None:
+                    ids[fed[0]] = fed[1]
             features = torch.cat(image_features) if image_features else None
             rows = to_device(image_rows, device, torch.long) if image_rows else None
             embeds = self.model.embed(ids, features, rows)
@@ -175,11 +185,14 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[sample_rows])  # [B_sample, V] fp32
         if not sampling:
             return RunnerOutput()
-        in_flight_tokens = None
-        if fed is not None:  # [B_sample] int64: that token on the device, -1 elsewhere
-            in_flight_tokens = torch.full((len(sampling),), -1, dtype=torch.long, device=device)
-            rows = [j for j, is_fed in enumerate(in_flight) if is_fed]  # fed rows, in batch order as fed[1]
-            in_flight_tokens[to_device(rows, device, torch.long)] = fed[1]
+        in_flight_tokens = None  # [B_sample] int64: the token in flight on the device, -1 elsewhere
+        if fed is not None and any(counts_tokens(s.seq.params) for s in sampling):  # the penalties read it
+            if fed[0] is None:  # every row fed, and each samples: in batch order
+                in_flight_tokens = fed[1]
+            else:
+                in_flight_tokens = torch.full((len(sampling),), -1, dtype=torch.long, device=device)
+                rows = [j for j, is_fed in enumerate(in_flight) if is_fed]  # fed rows, in batch order as fed[1]
+                in_flight_tokens[to_device(rows, device, torch.long)] = fed[1]
         batch = self.sampler.sample(logits, [s.seq for s in sampling], in_flight, in_flight_tokens)
         request_ids = [s.seq.request_id for s in sampling]
         return RunnerOutput(

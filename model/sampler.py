@@ -62,6 +62,11 @@ class SampledBatch:
         return out
 
 
+def counts_tokens(p: SamplingParams) -> bool:
+    """Whether a row's penalties read how often each token occurred (and so the token in flight)."""
+    return p.repetition_penalty != 1.0 or bool(p.frequency_penalty or p.presence_penalty)
+
+
 def _token_counts(ids: list[int], in_flight: torch.Tensor | None, vocab: int, device) -> torch.Tensor:
     """[V] fp32 occurrences of each token id among ids (and the token in flight, -1 for none).
     Fixed-size scatter: bincount and unique would read the ids' range back from the device."""
@@ -97,10 +102,14 @@ class Sampler:
         params = [s.params for s in seqs]
         in_flight = in_flight or [False] * len(seqs)
         logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
-        logits = logits.clone()
-        self._apply_penalties(logits, seqs, in_flight_tokens)
-        self._apply_logit_bias(logits, params)
-        self._mask_stop_tokens(logits, seqs, in_flight)
+        masked = [self._masks_stop_tokens(s, fed) for s, fed in zip(seqs, in_flight, strict=True)]
+        if any(counts_tokens(p) or p.logit_bias for p in params) or any(masked):
+            # NOTE: edited in place below; otherwise read as they are (a decode graph's output buffer,
+            # which the next replay overwrites only after this step's reads, in stream order)
+            logits = logits.clone()
+            self._apply_penalties(logits, seqs, in_flight_tokens)
+            self._apply_logit_bias(logits, params)
+            self._mask_stop_tokens(logits, seqs, masked)
 
         greedy = [p.is_greedy for p in params]
         tokens = logits.argmax(dim=-1)
@@ -146,9 +155,9 @@ class Sampler:
         vocab = logits.shape[1]
         for i, seq in enumerate(seqs):
             p = seq.params
-            repetition, additive = p.repetition_penalty != 1.0, bool(p.frequency_penalty or p.presence_penalty)
-            if not (repetition or additive):
+            if not counts_tokens(p):
                 continue
+            repetition, additive = p.repetition_penalty != 1.0, bool(p.frequency_penalty or p.presence_penalty)
             in_flight = in_flight_tokens[i : i + 1] if in_flight_tokens is not None else None
             counts = _token_counts(seq.output_token_ids, in_flight, vocab, logits.device)  # [V]
             if repetition:
@@ -172,10 +181,15 @@ class Sampler:
                 ids_t = to_device(list(ids), logits.device, torch.long)
                 logits[i].index_add_(0, ids_t, to_device(list(biases), logits.device, logits.dtype))
 
-    def _mask_stop_tokens(self, logits: torch.Tensor, seqs: list[SequenceData], in_flight: list[bool]) -> None:
+    @staticmethod
+    def _masks_stop_tokens(seq: SequenceData, in_flight: bool) -> bool:
+        """min_tokens: the row may not stop yet."""
+        return len(seq.output_token_ids) + in_flight < seq.params.min_tokens
+
+    def _mask_stop_tokens(self, logits: torch.Tensor, seqs: list[SequenceData], masked: list[bool]) -> None:
         for i, seq in enumerate(seqs):
             p = seq.params
-            if len(seq.output_token_ids) + in_flight[i] < p.min_tokens:
+            if masked[i]:
                 stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
                 stop_ids = [t for t in stop_ids if t < logits.shape[1]]  # before int64: ids may be any size
                 logits[i, to_device(stop_ids, logits.device, torch.long)] = float("-inf")

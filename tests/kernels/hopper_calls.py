@@ -33,7 +33,7 @@ def production_calls(quick: bool, dtype: torch.dtype) -> list[tuple[str, Callabl
         expert_linear.GPU_CONFIGS + expert_linear.CANDIDATE_CONFIGS, quick, ("TMA", "SK"),
         [lambda c, gated=gated: expert_linear.fits(c, size, gated) for gated in (False, True)],
     )  # fmt: skip
-    gemv._gemv_kernel.configs = _choose(gemv.GPU_CONFIGS + gemv.CANDIDATE_CONFIGS, quick, ("STAGES", "AHEAD", "PER_SM"))
+    gemv._gemv_kernel.configs = _choose(gemv.GPU_CONFIGS + gemv.CANDIDATE_CONFIGS, quick, ("STAGES", "AHEAD"))
     pdl_modes = (True,) if quick else (False, True)  # PDL only adds an instruction: quick takes the superset
 
     def t(*shape):

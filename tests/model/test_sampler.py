@@ -25,6 +25,27 @@ def test_greedy_and_degenerate_filters_pick_the_argmax():
     assert [t.token_id for t in sample(logits, *seqs)] == best
 
 
+def test_logits_are_copied_only_for_a_row_that_edits_them(monkeypatch):
+    """Penalties, logit_bias and min_tokens edit a copy (the caller's logits stay as they were);
+    a batch with none of them reads the logits as they are: one copy fewer a decode step."""
+    copies = []
+    clone = torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: copies.append(t.shape) or clone(t, *a, **k))
+    logits = torch.randn(3, 50)
+    kept = logits.clone()
+    copies.clear()
+    plain = [seq(temperature=0.0), seq(temperature=0.0, output_ids=(5,)), seq(top_k=3, seed=1)]
+    sample(logits, *plain)
+    assert copies == []
+    for edits in (dict(repetition_penalty=1.5), dict(logit_bias=((7, 100.0),)), dict(min_tokens=2)):
+        picked = sample(logits, *plain[:2], seq(temperature=0.0, output_ids=(7,), **edits))
+        assert copies == [logits.shape] and torch.equal(logits, kept)
+        copies.clear()
+        if "logit_bias" in edits:
+            assert picked[2].token_id == 7  # the edit reached the sampled row
+    assert [t.token_id for t in sample(logits[:2], *plain[:2])] == logits[:2].argmax(-1).tolist()
+
+
 def test_top_k_and_top_p_only_ever_pick_allowed_tokens():
     logits = torch.tensor([[3.0, 2.9, 2.8, -5.0, -5.0, -5.0]])
     for i in range(60):

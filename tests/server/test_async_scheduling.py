@@ -180,14 +180,26 @@ def test_preemption_and_prefix_cache_with_lookahead(setup, prompts_and_reference
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter variant; CUDA runs test_engine's CUDA test")
 def test_lookahead_through_the_decode_graph_path(setup, prompts_and_reference):
     """The graph path's static buffers take the fed tokens (uncaptured on CPU, Triton attention
-    in the interpreter)."""
+    in the interpreter); while every row is a look-ahead row, as they are (rows None), also
+    once requests finish and the batch shrinks (the tokens of the rows left gathered first)."""
     prompts, reference = prompts_and_reference
     engine = setup.engine(max_num_batched_tokens=64, async_scheduling=True)
     engine.runner.enable_decode_graphs(max_batch=4, max_model_len=engine.max_model_len, capture=False)
+    graphs = engine.runner.decode_graphs
+    run, feeds = graphs.run, []
+
+    def recording(input_ids, positions, slots, block_tables, seq_lens, fed=None):
+        if fed is not None:
+            feeds.append((len(input_ids), None if fed[0] is None else fed[0].tolist(), len(fed[1])))
+        return run(input_ids, positions, slots, block_tables, seq_lens, fed)
+
+    graphs.run = recording
     picked, lengths = [0, 1, 3], [6, 5, 4]
     outputs = engine.generate([(prompts[i], greedy(n)) for i, n in zip(picked, lengths, strict=True)])
     assert [o[0].token_ids for o in outputs] == [reference[i][:n] for i, n in zip(picked, lengths, strict=True)]
-    assert engine.runner.decode_graphs.num_runs > 0 and engine.num_lookahead_steps > 0
+    assert graphs.num_runs > 0 and engine.num_lookahead_steps > 0
+    assert any(rows is None for _, rows, _ in feeds)
+    assert all(rows is not None or batch == tokens for batch, rows, tokens in feeds)  # None: every row fed
 
 
 @pytest.mark.gpu
