@@ -59,11 +59,13 @@ def decode_step_ms(engine: Engine, steps: int, tokens: list[int] | None = None) 
     return elapsed * 1e3 / steps
 
 
-def crowded_decode(engine: Engine, prompts: list, params, steps: int, weight_bytes: int, bandwidth: float):
+def crowded_decode(engine: Engine, prompts: list, params, steps: int, weight_bytes: int, bandwidth: float,
+                   before_abort=None):  # fmt: skip
     """Up to len(prompts) sequences, each an image prompt's length, decoding together (as many as
     the KV pool holds without preempting): (sequences, ms a step, the floor). The prompts differ
     from their first token, so no cached block is shared and every sequence's keys and values
-    come from HBM: the floor adds them to the weights."""
+    come from HBM: the floor adds them to the weights. before_abort(sequences) runs while they
+    still hold their blocks (a replay of the last step then writes into blocks still theirs)."""
     cfg = engine.model.config
     per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * engine.model.dtype.itemsize  # K and V
     length = prompts[0].num_tokens
@@ -72,6 +74,8 @@ def crowded_decode(engine: Engine, prompts: list, params, steps: int, weight_byt
     for i in range(sequences):
         engine.add_request(f"crowd{i}", prompts[i], params)
     ms = decode_step_ms(engine, steps)
+    if before_abort is not None:
+        before_abort(sequences)
     for i in range(sequences):
         engine.abort(f"crowd{i}")
     mean_context = length + 3 + steps / 2  # the prompt, 3 settling steps, then half the timed ones
@@ -125,8 +129,8 @@ class Mode(NamedTuple):
     one_row_gemv: bool = True  # kernels/gemv.py at batch 1; else cuBLAS
     pdl: bool = True  # kernels/pdl.py
     early_trigger: frozenset[str] = cogvlm_module.EARLY_TRIGGER  # which GEMVs trigger early (model/cogvlm.py)
-    rotary_table: bool = True  # model/cogvlm.py's ROTARY_TABLE; False: cos and sin computed every step
     gemv_candidates: bool = False  # kernels/gemv.py's CANDIDATE_CONFIGS join the tuning
+    gemv_in_graph: bool = False  # EngineConfig.tune_gemv_in_graph: GEMV configs timed in a graph chain
 
 
 def main() -> None:
@@ -155,21 +159,24 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=args.steps + 16, ignore_eos=True)
 
     results, replays, kernel_tables, long_ms, attention = {}, {}, {}, {}, {}
-    crowded = None  # (sequences, ms a step, floor ms): many sequences at an image prompt's length
+    crowded = {}  # mode -> (sequences, ms a step, floor ms, attention ms a step): an image prompt's length each
     modes = {  # the third is the engine's default
         "cuda graphs + look-ahead": Mode(one_row_gemv=False, pdl=False),
         "cuda graphs + look-ahead + one-row GEMV": Mode(pdl=False),
         "cuda graphs + look-ahead + one-row GEMV + PDL": Mode(),
         "cuda graphs + look-ahead + one-row GEMV + PDL, no early trigger": Mode(early_trigger=frozenset()),
-        "cuda graphs + look-ahead + one-row GEMV + PDL, rotary computed each step": Mode(rotary_table=False),
         "cuda graphs + look-ahead + one-row GEMV + PDL, GEMV candidates": Mode(gemv_candidates=True),
-        # the default once more, last: how far the same code drifts within a run (two runs apart
-        # it read 3.78 and 3.83 ms replayed, as large as the effects being measured)
+        "cuda graphs + look-ahead + one-row GEMV + PDL, GEMV tuned in a graph": Mode(gemv_in_graph=True),
+        # the default once more, last: how far the same code drifts within a run (3.78 and 3.73 ms
+        # replayed in one run, twelfth session, with different GEMV configs picked by the autotuner)
         "cuda graphs + look-ahead + one-row GEMV + PDL, again": Mode(),
+        "cuda graphs + look-ahead + one-row GEMV + PDL, GEMV tuned in a graph, again": Mode(gemv_in_graph=True),
     }  # not rerun, to keep gpu_check short (RESULTS.md has them): eager, 15.7 ms a step at batch 1 on an
     # H200; cuda graphs without look-ahead, 4.96 ms (17B, tenth session); every GEMV triggering
     # early, 4.03 ms against 3.82; rotary kept apart from the split decode, 3.83 against 3.82; early
-    # triggers on dense, gate_up and down, 3.89 against 3.83 replayed (17B, eleventh session).
+    # triggers on dense, gate_up and down, 3.89 against 3.83 replayed (17B, eleventh session);
+    # persistent GEMVs on qkv and gate_up, 4.23 against 3.73 to 3.78 replayed; rotary's cos and sin
+    # computed each step instead of looked up, 3.73 (the same, twelfth session).
     if args.modes:
         wanted = [w.strip() for w in args.modes.split(",") if w.strip()]
         # the cuBLAS mode (the first) and the engine's default always run, as the baselines
@@ -178,18 +185,19 @@ def main() -> None:
     gemv_kernel = gemv_module._gemv_kernel
     gemv_configs = list(gemv_kernel.configs)
     chosen = {}  # mode -> the GEMV configs the autotuner chose, by (N, K, prologue)
+    crowd_modes = {next(iter(modes)), next((name for name, m in modes.items() if m == Mode()), None)}
     for mode, m in modes.items():
         if m.gemv_candidates and not gemv_module.CANDIDATE_CONFIGS:
             continue  # the same as the default mode
-        cogvlm_module.EARLY_TRIGGER, cogvlm_module.ROTARY_TABLE = m.early_trigger, m.rotary_table
+        cogvlm_module.EARLY_TRIGGER = m.early_trigger
         gemv_kernel.configs = gemv_configs + (gemv_module.CANDIDATE_CONFIGS if m.gemv_candidates else [])
         gemv_kernel.cache = {}  # tuned again per mode: a candidate may win a shape
-        model._rotary_table = None  # built again in this mode's first forward (or not at all)
+        gemv_module.unpin_all()  # and pinned again only by the mode that tunes in a graph
         look_ahead = m.look_ahead
         # text-only steps never run the routed expert kernels: nothing to tune at start
         config = EngineConfig(max_num_seqs=64, gpu_memory_fraction=0.5, cuda_graphs=m.cuda_graphs,
                               async_scheduling=m.look_ahead, one_row_gemv=m.one_row_gemv, pdl=m.pdl,
-                              tune_expert_kernels=False)  # fmt: skip
+                              tune_expert_kernels=False, tune_gemv_in_graph=m.gemv_in_graph)  # fmt: skip
         try:  # a mode that fails (a new kernel on a new machine) is reported; the others still run
             engine = Engine(model, processor, config)
             engine.add_request("warmup", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
@@ -217,17 +225,26 @@ def main() -> None:
                 # the graph replays the last step's inputs: the long request's
                 attention[mode] = (short_attention, attention_ms(step_kernels(graphs.graphs[1].replay)))
                 engine.abort("long")
-                if crowded is None and m == Mode():  # the default mode only: serving's usual shape, every
-                    # sequence an image's length (before the eleventh session it ran in the first mode, cuBLAS's)
-                    crowded = crowded_decode(engine, crowd, params, args.steps, language_bytes, bandwidth)
-            chosen[mode] = chosen_gemv_configs(gemv_kernel.cache)
+                if mode in crowd_modes:  # serving's usual shape, every sequence an image's length. The two
+                    # modes differ there only in PDL on attention (batch 64 runs cuBLAS): 17B read 11.62 ms a
+                    # step in the first (tenth session), 17.2 and 18.4 in the default (twelfth)
+                    share = {}
+
+                    def attention_share(sequences, graphs=graphs, share=share):
+                        size = next(s for s in graphs.sizes if s >= sequences)  # the graph that ran
+                        share["ms"] = attention_ms(step_kernels(graphs.graphs[size].replay))
+
+                    runs = crowded_decode(engine, crowd, params, args.steps, language_bytes, bandwidth, attention_share)
+                    crowded[mode] = (*runs, share.get("ms", float("nan")))
+            chosen[mode] = chosen_gemv_configs({**gemv_kernel.cache, **gemv_module.pinned()})
         except Exception as err:  # noqa: BLE001
             print(f"mode {mode!r} failed: {type(err).__name__}: {str(err)[:300]}")
         engine = None
         gc.collect()
         torch.cuda.empty_cache()
-    cogvlm_module.EARLY_TRIGGER, cogvlm_module.ROTARY_TABLE = Mode().early_trigger, True
+    cogvlm_module.EARLY_TRIGGER = Mode().early_trigger
     gemv_kernel.configs, gemv_kernel.cache = gemv_configs, {}
+    gemv_module.unpin_all()
     base = batch1_tokens.get("cuda graphs + look-ahead", [])
     for mode, tokens in batch1_tokens.items():
         n = min(len(tokens), len(base))
@@ -255,11 +272,10 @@ def main() -> None:
     for mode, (short, long) in attention.items():
         print(f"attention kernels, {mode}: {short:.3f} ms a batch-1 step at {prompt.num_tokens} tokens of "
               f"context, {long:.3f} ms at {long_prompt.num_tokens}")  # fmt: skip
-    if crowded is not None:
-        sequences, ms, floor = crowded
-        print(f"crowded decode, default mode: {sequences} sequences at {long_prompt.num_tokens} tokens of context: "
+    for mode, (sequences, ms, floor, attention_share_ms) in crowded.items():
+        print(f"crowded decode, {mode}: {sequences} sequences at {long_prompt.num_tokens} tokens of context: "
               f"{ms:.2f} ms a step, {sequences / ms * 1e3:.0f} tokens/s; floor (weights + K/V read) {floor:.2f} ms, "
-              f"{ms / floor:.2f}x")  # fmt: skip
+              f"{ms / floor:.2f}x; attention kernels {attention_share_ms:.2f} ms a step")  # fmt: skip
     print("| mode | batch 1 ms/step | vs floor | batch 64 ms/step | batch 64 tokens/s |")
     print("|---|---|---|---|---|")
     for mode, (one, many) in results.items():

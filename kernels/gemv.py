@@ -184,6 +184,35 @@ def _gemv_kernel(
     tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
+# The JIT function under the autotuner, and the configs pinned per call shape: a pinned shape
+# launches its config directly, without the autotuner. Why: the autotuner times each config alone,
+# outside a graph, where the configs lie within about 1% of each other; which one it picked moved a
+# 17B batch-1 step between 3.73 and 3.78 ms replayed in one H200 run at the same code (twelfth
+# session), and in a graph chain of one projection the configs differ by up to 5 us a launch
+# (bench_gemv.py). model/gemv_tuning.py times them in such a chain and pins the best.
+_JIT = _gemv_kernel.fn
+_pinned: dict[tuple, triton.Config] = {}  # (N, K, prologue, has residual, dtype) -> config
+
+
+def pin(out_features: int, in_features: int, prologue: int, has_residual: bool, dtype: torch.dtype,
+        config: triton.Config | None) -> None:  # fmt: skip
+    """Launch this call shape with `config` from now on (None: through the autotuner again)."""
+    key = (out_features, in_features, prologue, has_residual, dtype)
+    if config is None:
+        _pinned.pop(key, None)
+    else:
+        _pinned[key] = config
+
+
+def pinned() -> dict[tuple, triton.Config]:
+    """The pinned call shapes and their configs (a copy; pin() changes them)."""
+    return dict(_pinned)
+
+
+def unpin_all() -> None:
+    _pinned.clear()
+
+
 def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0, pdl=False, early_trigger=False):
     """early_trigger (with pdl): where this GEMV lets the next kernel launch: right after its own
     wait (True), or after its K loop (False). The next launch waits until every program of this
@@ -212,12 +241,14 @@ def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0, pdl=F
     def grid(meta):
         return (triton.cdiv(out_features, meta["BLOCK_N"]),)
 
-    _gemv_kernel[grid](
+    config = _pinned.get((out_features, in_features, prologue, residual is not None, x.dtype))
+    kernel, config_args = (_gemv_kernel, {}) if config is None else (_JIT, config.all_kwargs())
+    kernel[grid](
         x, weight, out, residual if residual is not None else x, residual_out if residual is not None else out,
         norm_weight if norm_weight is not None else x, out_features, in_features, weight.stride(0), eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None,
         K_POW2=triton.next_power_of_2(in_features) if prologue == RMS_NORM else 1,  # one compile for the others
-        PDL=pdl, EARLY_TRIGGER=pdl and early_trigger, **launch,
+        PDL=pdl, EARLY_TRIGGER=pdl and early_trigger, **launch, **config_args,
     )  # fmt: skip
     return out, residual_out
 

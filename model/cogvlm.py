@@ -17,7 +17,7 @@ from model.expert_attention import VisionExpertAttention
 from model.expert_mlp import VisionExpertMLP
 from model.experts import routing_for
 from model.rms_norm import RMSNorm
-from model.rotary import cos_sin_at, rotary_cos_sin, rotary_table
+from model.rotary import cos_sin_at, rotary_table
 from model.vision import VisionTower
 
 # Which of a batch-1 layer's one-row GEMVs let the next kernel launch right after their PDL wait
@@ -27,8 +27,6 @@ from model.vision import VisionTower
 # 3.74 against 3.77 (3.71 against 3.73 replayed, twelfth). The dense GEMV follows the attention
 # kernel, down follows gate_up: both are short next to the launch they let start.
 EARLY_TRIGGER: frozenset[str] = frozenset({"dense", "down"})  # of "qkv", "dense", "gate_up", "down"
-# False: rotary's cos and sin computed every forward instead of looked up (bench_decode.py's baseline)
-ROTARY_TABLE = True
 
 
 class DecoderLayer(nn.Module):
@@ -140,8 +138,6 @@ class CogVLMForCausalLM(nn.Module):
         """2 x [T, 1, head_dim], looked up in a table of max_position_embeddings rows: callers keep
         positions below it (the engine's max_model_len and generate_reference's are at most that)."""
         cfg = self.config
-        if not ROTARY_TABLE:
-            return rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, dtype)
         table = self._rotary_table
         if table is None or table.device != position_ids.device or table.dtype != dtype:
             table = rotary_table(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta, dtype, position_ids.device)

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
+import model.cogvlm as cogvlm_module
 from kernels.expert_routing import tuning_row_counts
 from model.batch import RunnerOutput, SchedulerOutput
 from model.cogvlm import CogVLMForCausalLM
 from model.decode_graphs import DecodeGraphs
 from model.experts import routed_linear, routing_for
+from model.gemv_tuning import tune_one_row_gemvs
 from model.paged_attention import PagedAttentionMetadata, PagedKVCache, make_attention_backend
 from model.processor import VISION_TOKEN_TYPE
 from model.sampler import Sampler, counts_tokens
@@ -60,6 +62,11 @@ class ModelRunner:
         They read the cache through the Triton attention kernel, whatever the eager backend is."""
         max_blocks = -(-max_model_len // self.config.block_size)
         self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, max_batch, max_blocks, capture, self.config.pdl)
+
+    def tune_one_row_gemvs(self) -> dict:
+        """Pin each batch-1 GEMV's config by its time in a graph chain (model/gemv_tuning.py);
+        before the decode graphs are captured, which then launch those configs."""
+        return tune_one_row_gemvs(self.model.model.layers, self.config.pdl, cogvlm_module.EARLY_TRIGGER)
 
     @torch.inference_mode()
     def tune_expert_kernels(self, max_rows: int) -> list[int]:

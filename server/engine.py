@@ -65,6 +65,11 @@ class EngineConfig:
     # reaches (4 buckets x 4 shapes at the default budget, about a second each), not on the first
     # image step of each bucket, where it would stall every running request.
     tune_expert_kernels: bool = True
+    # CUDA, with one_row_gemv: choose each batch-1 GEMV's config by its time in a CUDA-graph chain
+    # over the layers (model/gemv_tuning.py) instead of Triton's autotuner timing each alone; a few
+    # seconds at start. Off until a decode step on a GPU shows it winning (bench_decode.py's
+    # "GEMV tuned in a graph" mode; not yet run on one).
+    tune_gemv_in_graph: bool = False
 
 
 @dataclass
@@ -115,6 +120,10 @@ class Engine:
         runner_config = RunnerConfig(num_blocks, config.block_size, config.encoder_cache_size, config.attention_backend,
                                      config.one_row_gemv, config.pdl)  # fmt: skip
         self.runner = ModelRunner(model, runner_config)
+        if config.tune_gemv_in_graph and config.one_row_gemv and model.device.type == "cuda":
+            start = time.perf_counter()  # before the decode graphs capture the configs it pins
+            chosen = self.runner.tune_one_row_gemvs()
+            logger.info("one-row GEMVs tuned in a graph in %.1f s: %s", time.perf_counter() - start, chosen)
         if config.cuda_graphs and model.device.type == "cuda":
             self.runner.enable_decode_graphs(min(config.max_num_seqs, MAX_GRAPH_BATCH), self.max_model_len)
         if config.tune_expert_kernels and model.device.type == "cuda":

@@ -19,8 +19,17 @@ def test_crowded_decode_takes_what_the_pool_holds_without_preempting():
     engine = Engine(
         model, processor, EngineConfig(num_kv_blocks=20, block_size=16, max_model_len=320)
     )  # 6 blocks a sequence: 3 fit
-    sequences, ms, floor_ms = crowded_decode(engine, prompts, params, steps=4, weight_bytes=0, bandwidth=1e9)
-    assert sequences == 3 and ms > 0
+    held = []  # what before_abort saw: the sequences, and the blocks free while they still hold theirs
+    sequences, ms, floor_ms = crowded_decode(
+        engine,
+        prompts,
+        params,
+        steps=4,
+        weight_bytes=0,
+        bandwidth=1e9,
+        before_abort=lambda n: held.append((n, engine.kv.num_free_blocks)),
+    )
+    assert sequences == 3 and ms > 0 and held[0][0] == 3 and held[0][1] <= 20 - 3 * 5
     assert engine.scheduler.num_preemptions == 0
     assert not engine.has_unfinished and engine.kv.num_free_blocks == 20  # aborted, every block back
     per_token = 2 * model.config.num_layers * model.config.num_kv_heads * model.config.head_dim * 4  # fp32 K and V

@@ -160,3 +160,28 @@ def test_dependent_chain_under_pdl_matches_waiting_launches(early_trigger):
         graph.replay()
         torch.cuda.synchronize()
         assert all(torch.equal(g, w) for g, w in zip(captured, want, strict=True))
+
+
+def test_a_pinned_shape_launches_its_config_without_the_autotuner(monkeypatch):
+    """kernels/gemv.py pin: that call shape launches the pinned config directly (every row block
+    of it, 300 rows in blocks of 32), other shapes and an unpinned one go through the autotuner."""
+    kernel = gemv_module._gemv_kernel
+    monkeypatch.setattr(gemv_module, "_pinned", {})
+    tuned, launched = [], []
+    autotuner_run, jit_run = kernel.run, gemv_module._JIT.run
+    monkeypatch.setattr(kernel, "run", lambda *a, **k: tuned.append(1) or autotuner_run(*a, **k))
+    monkeypatch.setattr(gemv_module._JIT, "run", lambda *a, **k: launched.append(k.get("BLOCK_N")) or jit_run(*a, **k))
+    config = type(SAFE_CONFIG)({**SAFE_CONFIG.kwargs, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=2)
+    x, w = inputs(300, 200, torch.float32)
+    norm_weight = (1 + torch.randn(200) * 0.2).to(DEVICE)
+    gemv_module.pin(300, 200, gemv_module.RMS_NORM, False, torch.float32, config)
+    out, _ = rms_norm_gemv(x, None, norm_weight, 1e-5, w)
+    exact, _ = rms_norm_gemv_ref(*f64(x), None, norm_weight.double(), 1e-5, w.double())
+    check_close(out, exact, rms_norm_gemv_ref(x, None, norm_weight, 1e-5, w)[0])
+    assert not tuned and launched[-1] == 32
+    rms_norm_gemv(x, torch.randn_like(x), norm_weight, 1e-5, w)  # with a residual: another shape
+    gemv(x, w)
+    assert len(tuned) == 2 and set(gemv_module.pinned()) == {(300, 200, gemv_module.RMS_NORM, False, torch.float32)}
+    gemv_module.pin(300, 200, gemv_module.RMS_NORM, False, torch.float32, None)
+    rms_norm_gemv(x, None, norm_weight, 1e-5, w)
+    assert len(tuned) == 3 and not gemv_module.pinned()

@@ -62,7 +62,6 @@ def test_the_rotary_table_holds_each_positions_cos_and_sin_bit_for_bit(dtype):
 
 
 def test_the_model_looks_rotary_up_in_its_table_with_the_same_logits(monkeypatch):
-    import model.cogvlm as cogvlm_module
     from model.attention import ContiguousKVCache
     from model.cogvlm import CogVLMForCausalLM
     from model.tiny_checkpoint import tiny_config
@@ -80,7 +79,8 @@ def test_the_model_looks_rotary_up_in_its_table_with_the_same_logits(monkeypatch
     looked_up = logits()
     table = model._rotary_table
     assert table is not None and table.shape == (cfg.max_position_embeddings, 2, cfg.head_dim)
-    monkeypatch.setattr(cogvlm_module, "ROTARY_TABLE", False)
+    per_step = lambda pos, dtype: rotary_cos_sin(pos, cfg.head_dim, cfg.rope_theta, dtype)  # noqa: E731
+    monkeypatch.setattr(model, "rotary_cos_sin", per_step)
     assert torch.equal(looked_up, logits())
 
 
