@@ -22,10 +22,9 @@ from model.vision import VisionTower
 
 # Which of a batch-1 layer's one-row GEMVs let the next kernel launch right after their PDL wait
 # instead of after their K loop (kernels/gemv.py, _launch). On an H200, 17B batch-1 steps: all four
-# early cost 0.21 ms (3.78 -> 3.99 replayed); dense, gate_up and down +0.06; dense and down won in
-# two runs, each against none in the same run: 3.84 against 3.86 ms a step (eleventh session) and
-# 3.74 against 3.77 (3.71 against 3.73 replayed, twelfth). The dense GEMV follows the attention
-# kernel, down follows gate_up: both are short next to the launch they let start.
+# early cost 0.21 ms (3.78 -> 3.99 replayed); dense, gate_up and down +0.06; dense and down, against
+# none in the same run, -0.02 ms a step (eleventh session), -0.03 (twelfth, first run) and -0.02 or
+# +0.03 against the second run's two defaults: within the noise of the GEMV autotuner's picks, kept.
 EARLY_TRIGGER: frozenset[str] = frozenset({"dense", "down"})  # of "qkv", "dense", "gate_up", "down"
 
 
