@@ -114,6 +114,34 @@ def _paged_attention_kernel(
 
 
 @triton.jit
+def _first_tile(k_cache_ptr, v_cache_ptr, table, physical, start, end, first_ok, kv_head, stride_kb, stride_ks,
+                stride_kh, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
+    """A split's first tile of cached K ([BN, D], cache dtype), V, where first_ok, and the second
+    tile's physical blocks."""
+    first = start + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    offs = (physical[:, None] * stride_kb + (first % BLOCK_SIZE)[:, None] * stride_ks
+            + kv_head * stride_kh + dims[None, :])  # fmt: skip
+    k = tl.load(k_cache_ptr + offs, mask=first_ok[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + offs, mask=first_ok[:, None], other=0.0)
+    upcoming = first + BLOCK_N
+    return k, v, tl.load(table + upcoming // BLOCK_SIZE, mask=upcoming < end, other=0).to(tl.int64)
+
+
+@triton.jit
+def _online_softmax_step(q, k, v, valid, m_i, l_i, acc, scale):
+    """One tile of keys into a running softmax: q [D], k and v [BN, D] fp32, valid [BN] (at least
+    one key valid); (max, sum, unnormalised output [D]) before and after."""
+    scores = tl.where(valid, tl.sum(q[None, :] * k, axis=1) * scale, float("-inf"))  # [BN]
+    m_new = tl.maximum(m_i, tl.max(scores, axis=0))  # finite: the tile holds a valid key
+    p = tl.exp(scores - m_new)
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=0)
+    acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _merge_splits(part_acc_ptr, part_ml_ptr, first_part, count, out_ptr, HEAD_DIM: tl.constexpr,
                   NUM_SPLITS: tl.constexpr):  # fmt: skip
     """Merge one (sequence, head)'s first `count` partial softmaxes, in split order, into out_ptr[:HEAD_DIM].
@@ -142,6 +170,7 @@ def _decode_split_kernel(
     stride_knt, stride_knh, stride_vnt, stride_vnh, stride_ct,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     ROTARY: tl.constexpr, PDL: tl.constexpr,
+    EARLY_TILE: tl.constexpr,  # ROTARY: the first tile of cached K/V loads before the PDL wait
 ):
     # fmt: on
     seq = tl.program_id(0)
@@ -159,17 +188,30 @@ def _decode_split_kernel(
     start = split * per_split
     end = tl.minimum(start + per_split, seq_len)
     offs = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    kv_head = head // num_q_heads_per_kv
     table = block_tables_ptr + seq * stride_bt
     physical = tl.load(table + (start + offs) // BLOCK_SIZE, mask=start + offs < end, other=0).to(tl.int64)  # [BN]
     q_row = tl.load(query_start_ptr + seq).to(tl.int64)
+    newest = seq_len - 1  # this step's key: in the cache (written before), or ROTARY's to rotate and write
+    cached_end = tl.minimum(end, newest) if ROTARY else end  # ROTARY: the newest key joins after the loop
+    first_ok = (start + offs < cached_end) & (split < active)  # ROTARY: the first tile's cached keys
+    if ROTARY and EARLY_TILE:
+        # The keys before this step's were written by earlier steps, not by the kernel right
+        # before, so under PDL the split's first K/V tile (at 71 or 1279 tokens of context, its
+        # only one) streams in while that kernel drains: one memory latency off each layer's chain.
+        k_first, v_first, physical = _first_tile(k_cache_ptr, v_cache_ptr, table, physical, start, end, first_ok,
+                                                 kv_head, stride_kb, stride_ks, stride_kh, BLOCK_SIZE, BLOCK_N,
+                                                 HEAD_DIM)  # fmt: skip
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+    if ROTARY and not EARLY_TILE:  # the same loads after the wait (bench_decode.py's baseline)
+        k_first, v_first, physical = _first_tile(k_cache_ptr, v_cache_ptr, table, physical, start, end, first_ok,
+                                                 kv_head, stride_kb, stride_ks, stride_kh, BLOCK_SIZE, BLOCK_N,
+                                                 HEAD_DIM)  # fmt: skip
     if split < active:
-        kv_head = head // num_q_heads_per_kv
-        dims = tl.arange(0, HEAD_DIM)
         q = tl.load(q_ptr + q_row * stride_qt + head * stride_qh + dims).to(tl.float32)  # [D]
-        newest = seq_len - 1  # this step's key: in the cache (written before), or ROTARY's to rotate and write
         if ROTARY:
             # kernels/rotary.py's rotation, on the whole head at once: each dim pairs with the one
             # half a head away, the first half's partner negated; rounded once to the cache dtype
@@ -194,8 +236,13 @@ def _decode_split_kernel(
         m_i = tl.full([], float("-inf"), tl.float32)
         l_i = tl.full([], 0.0, tl.float32)
         acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
-        cached_end = tl.minimum(end, newest) if ROTARY else end  # ROTARY: the newest key joins after the loop
-        for tile in range(start, cached_end, BLOCK_N):
+        loop_start = start
+        if ROTARY:
+            if start < cached_end:  # the first tile, loaded before the wait
+                m_i, l_i, acc = _online_softmax_step(q, k_first.to(tl.float32), v_first.to(tl.float32), first_ok,
+                                                     m_i, l_i, acc, scale)  # fmt: skip
+            loop_start = start + BLOCK_N
+        for tile in range(loop_start, cached_end, BLOCK_N):
             key_pos = tile + offs  # [BN]
             valid = key_pos < cached_end
             kv_offs = (physical[:, None] * stride_kb + (key_pos % BLOCK_SIZE)[:, None] * stride_ks
@@ -206,13 +253,7 @@ def _decode_split_kernel(
             # is off the chain of dependent loads, but for the first tile
             upcoming = key_pos + BLOCK_N
             physical = tl.load(table + upcoming // BLOCK_SIZE, mask=upcoming < end, other=0).to(tl.int64)
-            scores = tl.where(valid, tl.sum(q[None, :] * k, axis=1) * scale, float("-inf"))  # [BN]
-            m_new = tl.maximum(m_i, tl.max(scores, axis=0))  # finite: every tile holds a valid key
-            p = tl.exp(scores - m_new)
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(q, k, v, valid, m_i, l_i, acc, scale)
         if ROTARY:
             if end == seq_len:  # the newest key, from registers: one more step of the online softmax
                 score = tl.sum(q * k_new.to(tl.float32), axis=0) * scale
@@ -251,6 +292,10 @@ SPLIT_PROGRAMS = 264
 # PDL, 17B at 71 / 1279 / 4000 tokens: (64, 4) 7.28 / 15.22 / 30.84, (128, 4) 6.85 / 13.59 / 25.65;
 # (128, 8) and (32, 4) lost at 1279 and beyond. 32 query heads at batch 1 take 16 splits.
 SPLIT_TILE, SPLIT_WARPS, MAX_SPLITS = 128, 4, 16
+# With rotary inside, each split's first tile of cached K/V loads before the PDL wait (the keys
+# before this step's come from earlier steps). Not yet timed on a GPU; bench_decode.py's "first K/V
+# tile after the wait" mode sets this False, its baseline in the same run.
+EARLY_TILE = True
 
 
 def _split_parts(num_seqs: int, num_heads: int, splits: int, head_dim: int, device: torch.device):
@@ -323,7 +368,7 @@ def paged_attention(
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
             k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), cos.stride(0),
             HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=SPLIT_TILE, NUM_SPLITS=splits,
-            ROTARY=new is not None, PDL=pdl, num_warps=SPLIT_WARPS, **launch,
+            ROTARY=new is not None, PDL=pdl, EARLY_TILE=EARLY_TILE, num_warps=SPLIT_WARPS, **launch,
         )  # fmt: skip
         return out.reshape(num_tokens, num_heads * head_dim)
     # Query heads that share a KV head ride in one program as extra rows of the same tiles, so

@@ -146,6 +146,8 @@ class HopperStandIn:
             features.append("write before PDL wait")
         if _triggers_before_the_pdl_wait(ptx):
             features.append("trigger before PDL wait")
+        if _loads_a_tile_before_the_pdl_wait(ptx):
+            features.append("tile load before PDL wait")
         self.requested.features = features
 
     def launcher_cls(self, src, metadata):
@@ -173,6 +175,18 @@ def _writes_before_the_pdl_wait(ptx: str) -> bool:
     weights only."""
     wait = ptx.find("griddepcontrol.wait")
     return wait >= 0 and GLOBAL_WRITE.search(ptx, 0, wait) is not None
+
+
+# Vector loads from global memory: a thread's share of a tile (the lookups before a wait are scalars).
+VECTOR_LOAD = re.compile(r"\bld\.global(\.[a-z0-9:]+)*\.v[248]\.")
+
+
+def _loads_a_tile_before_the_pdl_wait(ptx: str) -> bool:
+    """Whether vector loads of a tile come before the first griddepcontrol.wait: what overlaps the
+    kernel before under PDL (the GEMV's first weight tile, the split decode's first K/V tile).
+    A compiler that sank them past the wait would leave the kernel correct and slower."""
+    wait = ptx.find("griddepcontrol.wait")
+    return wait >= 0 and VECTOR_LOAD.search(ptx, 0, wait) is not None
 
 
 def _triggers_before_the_pdl_wait(ptx: str) -> bool:

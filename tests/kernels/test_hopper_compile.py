@@ -77,6 +77,9 @@ def test_each_binary_uses_the_hopper_instructions_its_config_asks_for(records):
         assert ("pdl" in r["features"]) == ("PDL=True" in words), r
         assert "write before PDL wait" not in r["features"], r  # a race with the kernel before
         assert "trigger before PDL wait" not in r["features"], r  # the next kernel's early reads rest on it
+        if "PDL=True" in words and (r["kernel"] == "_gemv_kernel" or "ROTARY=True" in words):
+            # the GEMV's first weight tile, the split decode's first tile of cached K/V
+            assert "tile load before PDL wait" in r["features"], r
         if r["kernel"] == "_expert_linear_kernel":
             assert "wgmma" in r["features"], r
         if r["kernel"] in ("_expert_linear_kernel", "_gemv_kernel", "_paged_attention_kernel"):

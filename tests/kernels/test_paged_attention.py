@@ -147,7 +147,8 @@ def new_token_rows(seq_lens, args, num_heads, num_kv_heads, head_dim, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("seq_lens", [[1], [3, 700, 129], [256, 128]], ids=str)
+# 2100: 16 splits of two tiles each (the first loaded before the PDL wait, the second in the loop)
+@pytest.mark.parametrize("seq_lens", [[1], [3, 700, 129], [256, 128], [2100]], ids=str)
 @pytest.mark.parametrize("heads", [(2, 2), (4, 2)], ids=["mha", "gqa2"])
 @pytest.mark.parametrize("split", [True, False], ids=["split", "one-pass"])
 def test_attention_that_rotates_and_writes_equals_rotary_then_attention(monkeypatch, dtype, seq_lens, heads, split):
@@ -181,6 +182,22 @@ def test_attention_that_rotates_and_writes_equals_rotary_then_attention(monkeypa
         flat, flat_before = cache.flatten(0, 1), before.flatten(0, 1)
         assert torch.equal(flat[~written], flat_before[~written])  # nothing but the newest slots
         assert not torch.equal(flat[written], flat_before[written])
+
+
+@pytest.mark.parametrize("seq_lens", [[1], [3, 700, 129], [2100]], ids=str)
+def test_the_first_tile_loads_alike_before_and_after_the_wait(monkeypatch, seq_lens):
+    """kernels/paged_attention.py EARLY_TILE moves where the split decode loads its first tile of
+    cached K/V (before the PDL wait, or after it: bench_decode.py's baseline), never what it computes."""
+    from kernels import paged_attention as module
+
+    args, max_q = make_batch(seq_lens, [1] * len(seq_lens), 4, 2, 16, torch.float32, num_blocks=200)
+    outs = []
+    for early in (True, False):
+        monkeypatch.setattr(module, "EARLY_TILE", early)
+        q, new = new_token_rows(seq_lens, args, 4, 2, 16, torch.float32)
+        caches = [c.clone() for c in args[1:3]]
+        outs.append((paged_attention(q, *caches, *args[3:], max_q, new=new), caches))
+    assert torch.equal(outs[0][0], outs[1][0]) and all(map(torch.equal, outs[0][1], outs[1][1]))
 
 
 @pytest.mark.parametrize("seq_lens", [[9], [9] * 80], ids=["split", "one-pass"])
