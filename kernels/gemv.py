@@ -181,7 +181,8 @@ def _gemv_kernel(
         acc += w.to(tl.float32) * a.to(tl.float32)[None, :]
     if PDL and not EARLY_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its own weight loads
-    tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
+    # rounded to the input's dtype first: an fp32 output holds what a model-dtype GEMM then .float() gives
+    tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(x_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
 # The JIT function under the autotuner, and the configs pinned per call shape: a pinned shape
@@ -213,7 +214,8 @@ def unpin_all() -> None:
     _pinned.clear()
 
 
-def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0, pdl=False, early_trigger=False):
+def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0, pdl=False, early_trigger=False,
+            out_dtype=None):  # fmt: skip
     """early_trigger (with pdl): where this GEMV lets the next kernel launch: right after its own
     wait (True), or after its K loop (False). The next launch waits until every program of this
     one has started and said so, so early costs this one no SM slot; it lets the next kernel's
@@ -233,7 +235,7 @@ def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0, pdl=F
     if residual is not None and residual.dtype != x.dtype:
         raise ValueError(f"residual must be {x.dtype} like x, got {residual.dtype}")
     out_features = weight.shape[0]
-    out = torch.empty(1, out_features, dtype=x.dtype, device=x.device)
+    out = torch.empty(1, out_features, dtype=out_dtype or x.dtype, device=x.device)
     residual_out = torch.empty_like(x) if residual is not None else None
     pdl, launch = pdl_launch(pdl, x.device)
 
@@ -266,8 +268,9 @@ def rms_norm_gemv(
     weight: torch.Tensor,  # [N, K]
     pdl: bool = False,
     early_trigger: bool = False,
+    out_dtype: torch.dtype | None = None,  # default x's; fp32: the logits, rounded to x's dtype first
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # W @ rms_norm(x + residual) [1, N]; x + residual (None without)
-    return _launch(x, weight, RMS_NORM, residual, norm_weight, eps, pdl, early_trigger)
+    return _launch(x, weight, RMS_NORM, residual, norm_weight, eps, pdl, early_trigger, out_dtype)
 
 
 def silu_and_mul_gemv(gate_up: torch.Tensor, weight: torch.Tensor, pdl: bool = False,

@@ -114,18 +114,14 @@ def _paged_attention_kernel(
 
 
 @triton.jit
-def _first_tile(k_cache_ptr, v_cache_ptr, table, physical, start, end, first_ok, kv_head, stride_kb, stride_ks,
-                stride_kh, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
-    """A split's first tile of cached K ([BN, D], cache dtype), V, where first_ok, and the second
-    tile's physical blocks."""
+def _first_tile(cache_ptr, physical, start, first_ok, kv_head, stride_kb, stride_ks, stride_kh,
+                BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
+    """A split's first tile of cached keys or values, [BN, D] in the cache dtype, where first_ok."""
     first = start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     offs = (physical[:, None] * stride_kb + (first % BLOCK_SIZE)[:, None] * stride_ks
             + kv_head * stride_kh + dims[None, :])  # fmt: skip
-    k = tl.load(k_cache_ptr + offs, mask=first_ok[:, None], other=0.0)
-    v = tl.load(v_cache_ptr + offs, mask=first_ok[:, None], other=0.0)
-    upcoming = first + BLOCK_N
-    return k, v, tl.load(table + upcoming // BLOCK_SIZE, mask=upcoming < end, other=0).to(tl.int64)
+    return tl.load(cache_ptr + offs, mask=first_ok[:, None], other=0.0)
 
 
 @triton.jit
@@ -198,18 +194,22 @@ def _decode_split_kernel(
     first_ok = (start + offs < cached_end) & (split < active)  # ROTARY: the first tile's cached keys
     if ROTARY and EARLY_TILE:
         # The keys before this step's were written by earlier steps, not by the kernel right
-        # before, so under PDL the split's first K/V tile (at 71 or 1279 tokens of context, its
-        # only one) streams in while that kernel drains: one memory latency off each layer's chain.
-        k_first, v_first, physical = _first_tile(k_cache_ptr, v_cache_ptr, table, physical, start, end, first_ok,
-                                                 kv_head, stride_kb, stride_ks, stride_kh, BLOCK_SIZE, BLOCK_N,
-                                                 HEAD_DIM)  # fmt: skip
+        # before, so under PDL the split's first tile of keys (at 71 or 1279 tokens of context, its
+        # only one) streams in while that kernel drains: one memory latency off each layer's
+        # chain. Its values load right after the wait, beside q: they are needed after the scores.
+        k_first = _first_tile(k_cache_ptr, physical, start, first_ok, kv_head, stride_kb, stride_ks, stride_kh,
+                              BLOCK_SIZE, BLOCK_N, HEAD_DIM)  # fmt: skip
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    if ROTARY and not EARLY_TILE:  # the same loads after the wait (bench_decode.py's baseline)
-        k_first, v_first, physical = _first_tile(k_cache_ptr, v_cache_ptr, table, physical, start, end, first_ok,
-                                                 kv_head, stride_kb, stride_ks, stride_kh, BLOCK_SIZE, BLOCK_N,
-                                                 HEAD_DIM)  # fmt: skip
+    if ROTARY:
+        if not EARLY_TILE:  # the keys after the wait too (bench_decode.py's baseline)
+            k_first = _first_tile(k_cache_ptr, physical, start, first_ok, kv_head, stride_kb, stride_ks, stride_kh,
+                                  BLOCK_SIZE, BLOCK_N, HEAD_DIM)  # fmt: skip
+        v_first = _first_tile(v_cache_ptr, physical, start, first_ok, kv_head, stride_kb, stride_ks, stride_kh,
+                              BLOCK_SIZE, BLOCK_N, HEAD_DIM)  # fmt: skip
+        upcoming = start + offs + BLOCK_N  # the second tile's blocks
+        physical = tl.load(table + upcoming // BLOCK_SIZE, mask=upcoming < end, other=0).to(tl.int64)
     if split < active:
         q = tl.load(q_ptr + q_row * stride_qt + head * stride_qh + dims).to(tl.float32)  # [D]
         if ROTARY:
@@ -238,7 +238,7 @@ def _decode_split_kernel(
         acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
         loop_start = start
         if ROTARY:
-            if start < cached_end:  # the first tile, loaded before the wait
+            if start < cached_end:  # the first tile (EARLY_TILE: its keys loaded before the wait)
                 m_i, l_i, acc = _online_softmax_step(q, k_first.to(tl.float32), v_first.to(tl.float32), first_ok,
                                                      m_i, l_i, acc, scale)  # fmt: skip
             loop_start = start + BLOCK_N
@@ -292,9 +292,11 @@ SPLIT_PROGRAMS = 264
 # PDL, 17B at 71 / 1279 / 4000 tokens: (64, 4) 7.28 / 15.22 / 30.84, (128, 4) 6.85 / 13.59 / 25.65;
 # (128, 8) and (32, 4) lost at 1279 and beyond. 32 query heads at batch 1 take 16 splits.
 SPLIT_TILE, SPLIT_WARPS, MAX_SPLITS = 128, 4, 16
-# With rotary inside, each split's first tile of cached K/V loads before the PDL wait (the keys
+# With rotary inside, each split's first tile of cached keys loads before the PDL wait (the keys
 # before this step's come from earlier steps). Not yet timed on a GPU; bench_decode.py's "first K/V
-# tile after the wait" mode sets this False, its baseline in the same run.
+# tile after the wait" mode sets this False, its baseline in the same run. Compiled for sm_90 the
+# kernel with its first tile apart takes 168 registers (128 before), and under Triton 3.6 spills
+# 16 bytes, with either setting.
 EARLY_TILE = True
 
 

@@ -103,8 +103,7 @@ class DecodeGraphs:
         attention.bind(self.slot_mapping[:size], self.block_tables[:size], self.seq_lens[:size],
                        self.query_start_loc[: size + 1], max_query_len=1)  # fmt: skip
         model = self.model
-        hidden = model(model.embed(self.input_ids[:size]), self.positions[:size], None, attention)
-        return model.compute_logits(hidden)
+        return model.forward_logits(model.embed(self.input_ids[:size]), self.positions[:size], None, attention)
 
     @torch.inference_mode()
     def _capture(self) -> None:

@@ -63,6 +63,45 @@ def test_one_row_gemv_layers_give_the_same_tokens(monkeypatch, tiny_checkpoint):
         assert [lp for _, lp in got_top] == pytest.approx([lp for _, lp in want_top], abs=1e-4)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter variant; the CUDA engine test covers CUDA")
+def test_one_row_logits_take_the_final_norm_into_the_lm_head_gemv(monkeypatch, tiny_checkpoint):
+    """forward_logits on one text row: the final RMSNorm runs in the lm_head GEMV's prologue, which
+    writes fp32 logits; the same logits as the norm, lm_head and cast apart. Two rows, or a model
+    without the one-row path, take the three apart."""
+    from model.attention import ContiguousKVCache
+
+    model = load_model(tiny_checkpoint, torch.float32)
+    cfg = model.config
+    monkeypatch.setattr(dispatch, "FORCE_TRITON", True)
+    ids = torch.tensor([5, 9, 17])
+
+    def logits(fused: bool, rows: int) -> torch.Tensor:
+        cache = ContiguousKVCache(cfg.num_layers, 3, cfg.num_kv_heads, cfg.head_dim, torch.float32, torch.device("cpu"))
+        out = None
+        with torch.inference_mode():
+            for start in range(0, 3, rows):  # a prefill of `rows`, then one row at a time
+                embeds, positions = model.embed(ids[start : start + rows]), torch.arange(start, start + rows)
+                if fused:
+                    out = model.forward_logits(embeds, positions, None, cache)
+                else:
+                    out = model.compute_logits(model(embeds, positions, None, cache))
+                cache.advance(embeds.shape[0])
+        return out
+
+    want = logits(False, 1)
+    model.fuse_for_inference(one_row_gemv=True)
+    weights = []
+    original = cogvlm.rms_norm_gemv
+    monkeypatch.setattr(cogvlm, "rms_norm_gemv", lambda *a, **k: weights.append(a[4]) or original(*a, **k))
+    got = logits(True, 1)
+    assert got.dtype == torch.float32 and got.shape == (1, cfg.vocab_size)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert sum(w is model.lm_head.weight for w in weights) == 3  # the last row of each of the 3 steps
+    weights.clear()
+    logits(True, 3)  # one step of 3 rows
+    assert not any(w is model.lm_head.weight for w in weights)
+
+
 def test_no_vision_token_takes_the_dense_path(monkeypatch):
     layer = torch.nn.Linear(8, 4, bias=False)
     other = torch.nn.Linear(8, 4, bias=False)
