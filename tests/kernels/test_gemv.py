@@ -185,3 +185,13 @@ def test_a_pinned_shape_launches_its_config_without_the_autotuner(monkeypatch):
     gemv_module.pin(300, 200, gemv_module.RMS_NORM, False, torch.float32, None)
     rms_norm_gemv(x, None, norm_weight, 1e-5, w)
     assert len(tuned) == 3 and not gemv_module.pinned()
+
+
+def test_an_fp32_output_holds_the_model_dtype_result():
+    """out_dtype=float32 (the logits): the projection rounded to the input's dtype, then widened,
+    as a GEMM in the model dtype followed by .float() gives it."""
+    x, w = inputs(300, 200, torch.float16)
+    residual, norm_weight = torch.randn_like(x), (1 + torch.randn(200) * 0.2).to(DEVICE, torch.float16)
+    wide, _ = rms_norm_gemv(x, residual, norm_weight, 1e-5, w, out_dtype=torch.float32)
+    narrow, _ = rms_norm_gemv(x, residual, norm_weight, 1e-5, w)
+    assert wide.dtype == torch.float32 and torch.equal(wide, narrow.float())
