@@ -54,6 +54,7 @@ def production_calls(quick: bool, dtype: torch.dtype) -> list[tuple[str, Callabl
         gemv.rms_norm_gemv(row, row, norm, 1e-5, t(3 * hidden, hidden), pdl, early)  # qkv, gate_up
         gemv.rms_norm_gemv(row, None, norm, 1e-5, t(3 * hidden, hidden), pdl=pdl)  # the first layer's qkv
         gemv.silu_and_mul_gemv(t(1, 2 * 11008), t(hidden, 11008), pdl=pdl, early_trigger=early)  # down
+        gemv.rms_norm_gemv(row, row, norm, 1e-5, t(4 * hidden, hidden), pdl, out_dtype=torch.float32)  # lm_head
 
     def attention(seqs: int, query_len: int, kv_heads: int, block_size: int, pdl: bool):
         context = tokens + 64
