@@ -89,7 +89,7 @@ for log in "$OUT/bench_decode.log" "$OUT/bench_decode2.log"; do
     [[ -f "$log" ]] && grep -E "^decode, |^\||^HBM floor|^graph replay|^attention kernels|^crowded decode|^batch-1 greedy|^GEMV configs|failed:" "$log"
 done
 [[ -f "$OUT/bench.log" ]] && grep -E "^geomean|^by batch" "$OUT/bench.log"
-[[ -f "$OUT/bench_attention.log" ]] && grep -E "^best split|^rotary inside" "$OUT/bench_attention.log"
+[[ -f "$OUT/bench_attention.log" ]] && grep -E "^best split|^rotary inside|^first tile" "$OUT/bench_attention.log"
 [[ -f "$OUT/bench_prefill.log" ]] && grep -E "^prefill, |^\||GEMM" "$OUT/bench_prefill.log"
 echo "tests exit $tests_rc, kernel benchmark exit $bench_rc, decode benchmark exit $decode_rc, gemv exit $gemv_rc," \
     "CogVLM2 decode exit $decode2_rc, prefill exit $prefill_rc, attention exit $attention_rc"
