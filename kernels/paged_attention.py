@@ -166,7 +166,7 @@ def _decode_split_kernel(
     stride_knt, stride_knh, stride_vnt, stride_vnh, stride_ct,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     ROTARY: tl.constexpr, PDL: tl.constexpr,
-    EARLY_TILE: tl.constexpr,  # ROTARY: the first tile of cached K/V loads before the PDL wait
+    EARLY_TILE: tl.constexpr,  # ROTARY: the first tile of cached keys loads before the PDL wait
 ):
     # fmt: on
     seq = tl.program_id(0)

@@ -48,7 +48,7 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:  # (this MLP's output, the sum before it)
         # NOTE: each residual add is fused into the next norm (one kernel on CUDA instead of
         # nine); the sums are the eager `hidden = hidden + sublayer(norm(hidden))`, same rounding.
-        if self.one_row_gemv and routing is None and hidden.shape[0] == 1 and use_triton(hidden):
+        if self.takes_one_row(hidden, routing is not None):
             return self._forward_one_text_row(hidden, residual, cos_sin, attention)
         if residual is None:
             normed, residual = self.input_layernorm(hidden), hidden
@@ -57,6 +57,10 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn(normed, cos_sin, routing, attention)
         normed, residual = self.post_attention_layernorm(attn, residual)
         return self.mlp(normed, routing), residual
+
+    def takes_one_row(self, hidden: torch.Tensor, has_vision: bool) -> bool:
+        """Whether this step runs the one-row GEMV path: a batch-1 text decode (fuse_for_inference)."""
+        return self.one_row_gemv and not has_vision and hidden.shape[0] == 1 and use_triton(hidden)
 
     def _forward_one_text_row(self, hidden, residual, cos_sin, attention):
         """A batch-1 text decode through kernels/gemv.py: each norm, and silu * up, runs in the
@@ -140,7 +144,7 @@ class CogVLMForCausalLM(nn.Module):
         GEMM and the cast ran three (about 0.07 ms of a 3.8 ms CogVLM-17B step on an H200)."""
         hidden, residual = self._layers(inputs_embeds, position_ids, vision_mask, attention)
         last = self.model.layers[-1]
-        if last.one_row_gemv and vision_mask is None and hidden.shape[0] == 1 and use_triton(hidden):
+        if last.takes_one_row(hidden, vision_mask is not None):
             norm = self.model.norm
             return rms_norm_gemv(hidden, residual, norm.weight, norm.eps, self.lm_head.weight, last.pdl,
                                  out_dtype=torch.float32)[0]  # fmt: skip

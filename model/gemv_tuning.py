@@ -62,14 +62,15 @@ def chain(projection: Projection, layers, pdl: bool, early: bool) -> Callable[[]
     return lambda: [gemv(x, w, pdl, early) for w in weights]
 
 
-def graph_ms(fn: Callable[[], None]) -> float:
-    """Median ms of one replay of fn captured in a CUDA graph (fn runs once first: it compiles)."""
+def graph_ms(fn: Callable[[], None], warmup: int = 5, rep: int = 40) -> float:
+    """Median ms of one replay of fn captured in a CUDA graph (fn runs once first: it compiles and
+    allocates outside the capture). The GEMV and attention benchmarks time their chains with it."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return triton.testing.do_bench(graph.replay, warmup=5, rep=40, return_mode="median")
+    return triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")
 
 
 @torch.inference_mode()

@@ -24,11 +24,11 @@ import json
 import math
 
 import torch
-import triton
 
 import kernels.paged_attention as attention_module
 from kernels.paged_attention import NewTokens, paged_attention, paged_attention_ref
 from kernels.rotary import rotary_and_write_kv_
+from model.gemv_tuning import graph_ms
 from model.rotary import rotary_cos_sin
 
 # (name, query heads, KV heads); head_dim 128, 16-token blocks (EngineConfig's)
@@ -96,12 +96,7 @@ def per_layer_us(inputs, pdl: bool, fused: bool = True) -> float:
                 rotary_and_write_kv_(q, *new[:4], k_cache, v_cache, new.slot_mapping, pdl=pdl)
             paged_attention(q, k_cache, v_cache, *rest, 1, pdl=pdl, new=new if fused else None)
 
-    step()  # compile and allocate the arrival counts outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median") * 1e3 / len(inputs)
+    return graph_ms(step, warmup=10, rep=100) * 1e3 / len(inputs)  # the arrival counts allocate before the capture
 
 
 def geomean(values: list[float]) -> float:

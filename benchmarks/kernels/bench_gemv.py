@@ -26,13 +26,13 @@ import json
 
 import torch
 import torch.nn.functional as F
-import triton
 
 import kernels.gemv as gemv_module
 from benchmarks.bench_decode import copy_bandwidth
 from kernels.activation import silu_and_mul
 from kernels.gemv import CANDIDATE_CONFIGS, GPU_CONFIGS, gemv, rms_norm_gemv, silu_and_mul_gemv
 from kernels.rms_norm import rms_norm
+from model.gemv_tuning import graph_ms
 
 # (name, out_features, in_features, the op before it): the language expert's projections of CogVLM-17B
 SHAPES = [("qkv", 12288, 4096, "rms_norm"), ("dense", 4096, 4096, None), ("gate_up", 22016, 4096, "rms_norm"),
@@ -43,12 +43,7 @@ EPS = 1e-5
 
 def per_layer_us(fn) -> float:
     """fn() runs all LAYERS projections; captured once, replayed: microseconds per projection."""
-    fn()  # compile, autotune and warm up outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median") * 1e3 / LAYERS
+    return graph_ms(fn, warmup=10, rep=100) * 1e3 / LAYERS
 
 
 def variants(n: int, k: int, op: str | None, dev: str = "cuda", dt: torch.dtype = torch.bfloat16):
