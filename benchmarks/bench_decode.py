@@ -132,6 +132,7 @@ class Mode(NamedTuple):
     gemv_candidates: bool = False  # kernels/gemv.py's CANDIDATE_CONFIGS join the tuning
     gemv_in_graph: bool = False  # EngineConfig.tune_gemv_in_graph: GEMV configs timed in a graph chain
     early_tile: bool = True  # kernels/paged_attention.py's EARLY_TILE: the first K/V tile before the PDL wait
+    l2_prefetch: frozenset[str] = cogvlm_module.L2_PREFETCH  # which GEMVs ask L2 for their weights first
 
 
 def main() -> None:
@@ -164,7 +165,7 @@ def main() -> None:
     modes = {  # the second is the engine's default
         "cuda graphs + look-ahead": Mode(one_row_gemv=False, pdl=False),
         "cuda graphs + look-ahead + one-row GEMV + PDL": Mode(),
-        "cuda graphs + look-ahead + one-row GEMV + PDL, no early trigger": Mode(early_trigger=frozenset()),
+        "cuda graphs + look-ahead + one-row GEMV + PDL, no L2 prefetch": Mode(l2_prefetch=frozenset()),
         "cuda graphs + look-ahead + one-row GEMV + PDL, first K/V tile after the wait": Mode(early_tile=False),
         "cuda graphs + look-ahead + one-row GEMV + PDL, GEMV candidates": Mode(gemv_candidates=True),
         "cuda graphs + look-ahead + one-row GEMV + PDL, GEMV tuned in a graph": Mode(gemv_in_graph=True),
@@ -174,7 +175,8 @@ def main() -> None:
         "cuda graphs + look-ahead + one-row GEMV + PDL, GEMV tuned in a graph, again": Mode(gemv_in_graph=True),
     }  # not rerun, to keep gpu_check short (RESULTS.md has them): eager, 15.7 ms a step at batch 1 on an
     # H200; cuda graphs without look-ahead, 4.96 ms (17B, tenth session); the one-row GEMV without
-    # PDL, 3.90 against 3.77 to 3.82 with it (twelfth); every GEMV triggering
+    # PDL, 3.90 against 3.77 to 3.82 with it (twelfth); no early trigger, within 0.03 ms of the early
+    # trigger on dense and down in three runs (eleventh and twelfth); every GEMV triggering
     # early, 4.03 ms against 3.82; rotary kept apart from the split decode, 3.83 against 3.82; early
     # triggers on dense, gate_up and down, 3.89 against 3.83 replayed (17B, eleventh session);
     # persistent GEMVs on qkv and gate_up, 4.23 against 3.73 to 3.78 replayed; rotary's cos and sin
@@ -192,6 +194,7 @@ def main() -> None:
         if m.gemv_candidates and not gemv_module.CANDIDATE_CONFIGS:
             continue  # the same as the default mode
         cogvlm_module.EARLY_TRIGGER, attention_module.EARLY_TILE = m.early_trigger, m.early_tile
+        cogvlm_module.L2_PREFETCH = m.l2_prefetch
         gemv_kernel.configs = gemv_configs + (gemv_module.CANDIDATE_CONFIGS if m.gemv_candidates else [])
         gemv_kernel.cache = {}  # tuned again per mode: a candidate may win a shape
         gemv_module.unpin_all()  # and pinned again only by the mode that tunes in a graph
@@ -245,6 +248,7 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
     cogvlm_module.EARLY_TRIGGER, attention_module.EARLY_TILE = Mode().early_trigger, Mode().early_tile
+    cogvlm_module.L2_PREFETCH = Mode().l2_prefetch
     gemv_kernel.configs, gemv_kernel.cache = gemv_configs, {}
     gemv_module.unpin_all()
     base = batch1_tokens.get("cuda graphs + look-ahead", [])

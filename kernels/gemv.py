@@ -121,7 +121,16 @@ def _input_chunk(x_ptr, residual_ptr, norm_ptr, k, k_ok, K, inv_rms, PROLOGUE: t
     return a
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "PROLOGUE", "HAS_RESIDUAL"])
+@triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 for the 128-byte line at each pointer, without waiting for it: a hint that writes
+    nothing and reads nothing into registers, so it may come before the PDL wait."""
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+    )
+
+
+@triton.autotune(configs=_configs(), key=["N", "K", "PROLOGUE", "HAS_RESIDUAL", "PREFETCH"])
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, out_ptr, residual_ptr, residual_out_ptr, norm_ptr,
@@ -129,6 +138,7 @@ def _gemv_kernel(
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, K_POW2: tl.constexpr,
     PDL: tl.constexpr,  # launched as a programmatic dependent launch: wait before reading inputs
     EARLY_TRIGGER: tl.constexpr,  # PDL: let the next kernel launch right after the wait (see _launch)
+    PREFETCH: tl.constexpr,  # ask L2 for all of this program's weight rows first (see _launch)
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, AHEAD: tl.constexpr,
 ):  # fmt: skip
     """out[rows] = W[rows] @ prologue(x) for this program's BLOCK_N rows. AHEAD (0 to 2): weight
@@ -145,6 +155,13 @@ def _gemv_kernel(
     # NOTE: nothing before the wait may write global memory either: the kernel before may still
     # be reading a buffer the caching allocator has since handed to this launch.
     w = tl.load(w_ptrs, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+    if PREFETCH:  # the other K tiles' lines, one a thread a tile (BLOCK_N x BLOCK_K / LINE = 128 lines)
+        LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # elements in 128 bytes
+        LINES: tl.constexpr = BLOCK_K // LINE if BLOCK_K > LINE else 1
+        line_rows = tl.minimum(rows, N - 1).to(tl.int64) * stride_wn  # rows past N ask for the last one
+        line_cols = tl.arange(0, LINES) * LINE
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            _prefetch_l2(w_ptr + line_rows[:, None] + tl.minimum(k0 + line_cols, K - 1)[None, :])  # [BN, LINES]
     if PDL:
         tl.extra.cuda.gdc_wait()
         if EARLY_TRIGGER:
@@ -215,14 +232,21 @@ def unpin_all() -> None:
 
 
 def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0, pdl=False, early_trigger=False,
-            out_dtype=None):  # fmt: skip
+            out_dtype=None, prefetch=False):  # fmt: skip
     """early_trigger (with pdl): where this GEMV lets the next kernel launch: right after its own
     wait (True), or after its K loop (False). The next launch waits until every program of this
     one has started and said so, so early costs this one no SM slot; it lets the next kernel's
     programs sit resident with their first weight tile loaded while this one streams. On an H200
     (eleventh session) early on every GEMV cost a 17B step 0.21 ms (3.78 -> 3.99 ms replayed) and
     isolated chains of one projection gained 0.2 to 1.1 us a launch except qkv (+4 us), so the
-    model chooses per projection (model/cogvlm.py, EARLY_TRIGGER)."""
+    model chooses per projection (model/cogvlm.py, EARLY_TRIGGER).
+
+    prefetch (CUDA): each program first asks L2 for all its weight rows (prefetch.global.L2), then
+    streams them as usual. Under PDL that runs while the kernel before drains: after the split
+    decode, whose 7 to 10 us a layer read little from HBM (RESULTS.md, twelfth session), the
+    attention output projection's 32 MiB (17B) can be on their way to L2 before its input exists.
+    The model chooses per projection (model/cogvlm.py, L2_PREFETCH). The interpreter runs no PTX:
+    there the hint is left out."""
     if x.dim() != 2 or x.shape[0] != 1 or not x.is_contiguous():
         raise ValueError(f"gemv takes one contiguous row [1, K], got {tuple(x.shape)} (strides {x.stride()})")
     in_features = x.shape[1] // 2 if prologue == SILU_AND_MUL else x.shape[1]
@@ -250,14 +274,16 @@ def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0, pdl=F
         norm_weight if norm_weight is not None else x, out_features, in_features, weight.stride(0), eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None,
         K_POW2=triton.next_power_of_2(in_features) if prologue == RMS_NORM else 1,  # one compile for the others
-        PDL=pdl, EARLY_TRIGGER=pdl and early_trigger, **launch, **config_args,
+        PDL=pdl, EARLY_TRIGGER=pdl and early_trigger, PREFETCH=prefetch and os.environ.get("TRITON_INTERPRET") != "1",
+        **launch, **config_args,
     )  # fmt: skip
     return out, residual_out
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, pdl: bool = False, early_trigger: bool = False) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, pdl: bool = False, early_trigger: bool = False,
+         prefetch: bool = False) -> torch.Tensor:  # fmt: skip
     """[1, K] @ [N, K]^T -> [1, N]"""
-    return _launch(x, weight, PLAIN, pdl=pdl, early_trigger=early_trigger)[0]
+    return _launch(x, weight, PLAIN, pdl=pdl, early_trigger=early_trigger, prefetch=prefetch)[0]
 
 
 def rms_norm_gemv(
@@ -269,16 +295,17 @@ def rms_norm_gemv(
     pdl: bool = False,
     early_trigger: bool = False,
     out_dtype: torch.dtype | None = None,  # default x's; fp32: the logits, rounded to x's dtype first
+    prefetch: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # W @ rms_norm(x + residual) [1, N]; x + residual (None without)
-    return _launch(x, weight, RMS_NORM, residual, norm_weight, eps, pdl, early_trigger, out_dtype)
+    return _launch(x, weight, RMS_NORM, residual, norm_weight, eps, pdl, early_trigger, out_dtype, prefetch)
 
 
 def silu_and_mul_gemv(gate_up: torch.Tensor, weight: torch.Tensor, pdl: bool = False,
-                      early_trigger: bool = False) -> torch.Tensor:  # fmt: skip
+                      early_trigger: bool = False, prefetch: bool = False) -> torch.Tensor:  # fmt: skip
     """[1, 2K] (gate | up), [N, K] -> [1, N]"""
     if gate_up.dim() != 2 or gate_up.shape[1] % 2:
         raise ValueError(f"gate_up must be [1, 2K], got {tuple(gate_up.shape)}")
-    return _launch(gate_up, weight, SILU_AND_MUL, pdl=pdl, early_trigger=early_trigger)[0]
+    return _launch(gate_up, weight, SILU_AND_MUL, pdl=pdl, early_trigger=early_trigger, prefetch=prefetch)[0]
 
 
 def rms_norm_gemv_ref(x, residual, norm_weight, eps, weight):

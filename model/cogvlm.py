@@ -26,6 +26,13 @@ from model.vision import VisionTower
 # none in the same run, -0.02 ms a step (eleventh session), -0.03 (twelfth, first run) and -0.02 or
 # +0.03 against the second run's two defaults: within the noise of the GEMV autotuner's picks, kept.
 EARLY_TRIGGER: frozenset[str] = frozenset({"dense", "down"})  # of "qkv", "dense", "gate_up", "down"
+# Which of them first ask L2 for all their weight rows (kernels/gemv.py, prefetch). The attention
+# output projection follows the split decode, which reads little from HBM for 7 to 10 us a layer
+# (an H200, twelfth session; 1.2 MB of K/V at 71 tokens); under PDL its programs are resident then,
+# so its 32 MiB (17B; 4.27 TB/s streams that in 7.9 us) start towards L2 while attention runs. After
+# a GEMV the HBM is already busy: the others stream as before. Untimed on a GPU yet: bench_decode.py's
+# "no L2 prefetch" mode is its baseline.
+L2_PREFETCH: frozenset[str] = frozenset({"dense"})
 
 
 class DecoderLayer(nn.Module):
@@ -70,14 +77,15 @@ class DecoderLayer(nn.Module):
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         qkv_weight = attn.language_expert_query_key_value.weight
-        pdl, early = self.pdl, EARLY_TRIGGER
-        qkv, summed = rms_norm_gemv(hidden, residual, norm1.weight, norm1.eps, qkv_weight, pdl, "qkv" in early)
+        pdl, early, ask = self.pdl, EARLY_TRIGGER, L2_PREFETCH
+        qkv, summed = rms_norm_gemv(hidden, residual, norm1.weight, norm1.eps, qkv_weight, pdl, "qkv" in early,
+                                    prefetch="qkv" in ask)  # fmt: skip
         residual = hidden if residual is None else summed
         ctx = attn.attend(qkv, cos_sin, attention)  # [1, H * D]
-        attn_out = gemv(ctx.contiguous(), attn.language_expert_dense.weight, pdl, "dense" in early)
+        attn_out = gemv(ctx.contiguous(), attn.language_expert_dense.weight, pdl, "dense" in early, "dense" in ask)
         gate_up, residual = rms_norm_gemv(attn_out, residual, norm2.weight, norm2.eps, mlp.language_gate_up, pdl,
-                                          "gate_up" in early)  # fmt: skip
-        down = silu_and_mul_gemv(gate_up, mlp.language_mlp.down_proj.weight, pdl, "down" in early)
+                                          "gate_up" in early, prefetch="gate_up" in ask)  # fmt: skip
+        down = silu_and_mul_gemv(gate_up, mlp.language_mlp.down_proj.weight, pdl, "down" in early, "down" in ask)
         return down, residual
 
 

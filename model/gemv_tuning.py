@@ -45,7 +45,7 @@ PROJECTIONS = (
 )  # fmt: skip
 
 
-def chain(projection: Projection, layers, pdl: bool, early: bool) -> Callable[[], None]:
+def chain(projection: Projection, layers, pdl: bool, early: bool, prefetch: bool = False) -> Callable[[], None]:
     """The projection over every layer's weights, back to back from one input row (what a step's
     32 launches of it read: each weight once from HBM)."""
     weight0 = projection.weight(layers[0])
@@ -56,10 +56,10 @@ def chain(projection: Projection, layers, pdl: bool, early: bool) -> Callable[[]
     weights = [projection.weight(layer) for layer in layers]
     if projection.prologue == RMS_NORM:
         pairs = [(projection.norm(layer), w) for layer, w in zip(layers, weights, strict=True)]
-        return lambda: [rms_norm_gemv(x, residual, n.weight, n.eps, w, pdl, early) for n, w in pairs]
+        return lambda: [rms_norm_gemv(x, residual, n.weight, n.eps, w, pdl, early, prefetch=prefetch) for n, w in pairs]
     if projection.prologue == SILU_AND_MUL:
-        return lambda: [silu_and_mul_gemv(x, w, pdl, early) for w in weights]
-    return lambda: [gemv(x, w, pdl, early) for w in weights]
+        return lambda: [silu_and_mul_gemv(x, w, pdl, early, prefetch) for w in weights]
+    return lambda: [gemv(x, w, pdl, early, prefetch) for w in weights]
 
 
 def graph_ms(fn: Callable[[], None], warmup: int = 5, rep: int = 40) -> float:
@@ -75,7 +75,12 @@ def graph_ms(fn: Callable[[], None], warmup: int = 5, rep: int = 40) -> float:
 
 @torch.inference_mode()
 def tune_one_row_gemvs(
-    layers, pdl: bool, early_trigger: frozenset[str], configs=None, timer: Callable = graph_ms
+    layers,
+    pdl: bool,
+    early_trigger: frozenset[str],
+    configs=None,
+    timer: Callable = graph_ms,
+    prefetch: frozenset[str] = frozenset(),  # model/cogvlm.py's L2_PREFETCH
 ) -> dict[str, triton.Config]:
     """Pin, for each projection, the config of `configs` (default: kernels/gemv.py's GPU_CONFIGS)
     whose chain over `layers` replays fastest; returns them by projection name. An RMSNorm
@@ -86,7 +91,7 @@ def tune_one_row_gemvs(
         n_out, n_in = projection.weight(layers[0]).shape
         dtype = projection.weight(layers[0]).dtype
         has_residual = projection.prologue == RMS_NORM  # the chain's calls carry one
-        fn = chain(projection, layers, pdl, projection.name in early_trigger)
+        fn = chain(projection, layers, pdl, projection.name in early_trigger, projection.name in prefetch)
         times = {}
         for config in configs:
             gemv_module.pin(n_out, n_in, projection.prologue, has_residual, dtype, config)

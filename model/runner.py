@@ -66,7 +66,8 @@ class ModelRunner:
     def tune_one_row_gemvs(self) -> dict:
         """Pin each batch-1 GEMV's config by its time in a graph chain (model/gemv_tuning.py);
         before the decode graphs are captured, which then launch those configs."""
-        return tune_one_row_gemvs(self.model.model.layers, self.config.pdl, cogvlm_module.EARLY_TRIGGER)
+        return tune_one_row_gemvs(self.model.model.layers, self.config.pdl, cogvlm_module.EARLY_TRIGGER,
+                                  prefetch=cogvlm_module.L2_PREFETCH)  # fmt: skip
 
     @torch.inference_mode()
     def tune_expert_kernels(self, max_rows: int) -> list[int]:

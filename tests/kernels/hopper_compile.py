@@ -64,6 +64,7 @@ FEATURES = {
     "pdl": "griddepcontrol.wait",  # programmatic dependent launch
     # "the last program to arrive merges" (stream-K tail, split decode): one thread's counter add
     "arrival count": "atom.global.gpu.acq_rel.add",
+    "l2 prefetch": "prefetch.global.L2",  # the GEMV's weight rows asked of L2 (kernels/gemv.py, prefetch)
 }
 # "pipelined": Triton's software pipeliner gave a loop's loads a ring of buffers in shared memory
 # (a 2-D tile allocated as [stages, rows, cols]), so several tiles are in flight while one is used.
@@ -148,6 +149,8 @@ class HopperStandIn:
             features.append("trigger before PDL wait")
         if _loads_a_tile_before_the_pdl_wait(ptx):
             features.append("tile load before PDL wait")
+        if 0 <= ptx.find("prefetch.global.L2") < ptx.find("griddepcontrol.wait"):
+            features.append("l2 prefetch before PDL wait")  # what overlaps the kernel before
         self.requested.features = features
 
     def launcher_cls(self, src, metadata):

@@ -38,6 +38,8 @@ def test_plain_gemv(dtype, n, k):
     out = gemv(x, w)
     check_close(out, x.double() @ w.double().T, x @ w.T)
     assert torch.equal(gemv(x, w, pdl=True), out)  # PDL changes when, never what (and is off without sm_90)
+    # the L2 hint (GPU only) changes neither: odd N and K ask for clamped lines, never past the weight
+    assert torch.equal(gemv(x, w, pdl=True, prefetch=True), out)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -92,7 +94,9 @@ def check_every_prologue(config, shapes, dtype):
     kernel.configs, kernel.cache = [config], {}
     for n, k in shapes:
         x, w = inputs(n, k, dtype)
-        check_close(gemv(x, w), x.double() @ w.double().T, x @ w.T)
+        out = gemv(x, w)
+        check_close(out, x.double() @ w.double().T, x @ w.T)
+        assert torch.equal(gemv(x, w, prefetch=True), out)  # the L2 hint in this config's tile shape
         residual, norm_weight = torch.randn_like(x), torch.rand(k, device=DEVICE, dtype=dtype)
         out, _ = rms_norm_gemv(x, residual, norm_weight, 1e-5, w)
         exact, _ = rms_norm_gemv_ref(*f64(x, residual, norm_weight), 1e-5, w.double())
@@ -144,7 +148,7 @@ def test_dependent_chain_under_pdl_matches_waiting_launches(early_trigger):
             h, residual = rms_norm_gemv(x, residual, norm, 1e-5, weights[0], pdl, early)  # reads x and the last sum
             if residual is None:
                 residual = x
-            x = gemv(h, weights[1], pdl, early)
+            x = gemv(h, weights[1], pdl, early, prefetch=pdl)  # its weights asked of L2 before the wait
             x = silu_and_mul_gemv(torch.cat([x, h], dim=1), weights[2], pdl, early) if i % 2 else x
         return x, residual
 

@@ -64,6 +64,7 @@ def test_the_hopper_paths_are_the_ones_compiled(records):
         assert any("PDL=True" in r["config"] for r in records if r["kernel"] == kernel), kernel
     gemv = [r["config"] for r in records if r["kernel"] == "_gemv_kernel"]
     assert {f"PROLOGUE={p}" for p in range(3)} <= {w for c in gemv for w in c.split()}
+    assert any("PREFETCH=True" in c and "PDL=True" in c for c in gemv)
 
 
 def test_each_binary_uses_the_hopper_instructions_its_config_asks_for(records):
@@ -80,6 +81,9 @@ def test_each_binary_uses_the_hopper_instructions_its_config_asks_for(records):
         if "PDL=True" in words and (r["kernel"] == "_gemv_kernel" or "ROTARY=True" in words):
             # the GEMV's first weight tile, the split decode's first tile of cached K/V
             assert "tile load before PDL wait" in r["features"], r
+        assert ("l2 prefetch" in r["features"]) == ("PREFETCH=True" in words), r
+        if "PREFETCH=True" in words and "PDL=True" in words:
+            assert "l2 prefetch before PDL wait" in r["features"], r  # the point: during the kernel before
         if r["kernel"] == "_expert_linear_kernel":
             assert "wgmma" in r["features"], r
         if r["kernel"] in ("_expert_linear_kernel", "_gemv_kernel", "_paged_attention_kernel"):

@@ -56,7 +56,8 @@ def test_tuning_in_a_graph_on_the_gpu_pins_configs_that_compute_the_same(monkeyp
     model = CogVLMForCausalLM(tiny_config(2, vocab_size=100)).to("cuda", torch.bfloat16).eval()
     model.fuse_for_inference(one_row_gemv=True, pdl=True)
     layers = model.model.layers
-    chosen = tune_one_row_gemvs(layers, pdl=True, early_trigger=frozenset({"dense", "down"}))
+    chosen = tune_one_row_gemvs(layers, pdl=True, early_trigger=frozenset({"dense", "down"}),
+                                prefetch=frozenset({"dense"}))  # as the engine tunes them  # fmt: skip
     assert set(chosen) == {p.name for p in PROJECTIONS} and all(c in gemv_module.GPU_CONFIGS for c in chosen.values())
     assert len(gemv_module.pinned()) == 6  # 4 shapes, and qkv and gate_up without a residual too
     qkv = layers[0].self_attn.language_expert_query_key_value.weight
