@@ -144,33 +144,24 @@ def _prune_configs(configs, named_args, **kwargs):
 
 @triton.jit
 def _tile_product(
-    x_ptr, w_ptr, w2_ptr, rows64, row0, n0, k_lo, k_hi, num_rows, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk,
+    x_src, w_src, w2_src, rows64, row0, n0, k_lo, k_hi, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
     A_TMA: tl.constexpr, B_TMA: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
     """(acc, acc2), fp32 [BLOCK_M, BLOCK_N]: acc = x[rows, K tiles k_lo..k_hi-1] @ W[n0 : n0 +
-    BLOCK_N, same K].T, acc2 the same with W2 when GATED. A_TMA: the rows are x[row0 : row0 +
-    BLOCK_M] (one run; rows past the tile's last valid one are computed and never stored), else
-    gathered through rows64. TMA reads past an edge return zeros, so those loads need no masks."""
+    BLOCK_N, same K].T, acc2 the same with W2 when GATED. x_src is x's TMA descriptor when A_TMA
+    (the rows are x[row0 : row0 + BLOCK_M], one run; rows past the tile's last valid one are
+    computed and never stored), else x's pointer, the rows gathered through rows64; w_src and
+    w2_src are the expert's weight descriptors when B_TMA, else its weight pointers. TMA reads
+    past an edge return zeros, so those loads need no masks."""
     first_k = k_lo * BLOCK_K + tl.arange(0, BLOCK_K)  # the first K tile's columns: where the pointers start
-    if A_TMA:
-        x_desc = tl.make_tensor_descriptor(
-            x_ptr, shape=[num_rows, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K]
-        )
-    else:
-        x_ptrs = x_ptr + rows64[:, None] * stride_xm + first_k[None, :] * stride_xk  # [BM, BK]
-    if B_TMA:
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
-        if GATED:
-            w2_desc = tl.make_tensor_descriptor(
-                w2_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K]
-            )
-    else:
+    if not A_TMA:
+        x_ptrs = x_src + rows64[:, None] * stride_xm + first_k[None, :] * stride_xk  # [BM, BK]
+    if not B_TMA:
         offs_n = ((n0 + tl.arange(0, BLOCK_N)) % N).to(tl.int64)  # wrapped: loads need no N mask
         w_offs = offs_n[None, :] * stride_wn + first_k[:, None] * stride_wk  # [BK, BN]
-        w_ptrs = w_ptr + w_offs
-        w2_ptrs = w2_ptr + w_offs
+        w_ptrs = w_src + w_offs
+        w2_ptrs = w2_src + w_offs
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATED:
@@ -179,13 +170,13 @@ def _tile_product(
     for k in range(k_lo, k_hi):
         k0 = k * BLOCK_K
         if A_TMA:
-            a = x_desc.load([row0, k0])
+            a = x_src.load([row0, k0])
         elif EVEN_K:
             a = tl.load(x_ptrs)
         else:
             a = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
         if B_TMA:
-            b = w_desc.load([n0, k0]).T  # [BK, BN], a view of the [BN, BK] tile
+            b = w_src.load([n0, k0]).T  # [BK, BN], a view of the [BN, BK] tile
         elif EVEN_K:
             b = tl.load(w_ptrs)
         else:
@@ -193,7 +184,7 @@ def _tile_product(
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if GATED:
             if B_TMA:
-                b2 = w2_desc.load([n0, k0]).T
+                b2 = w2_src.load([n0, k0]).T
             elif EVEN_K:
                 b2 = tl.load(w2_ptrs)
             else:
@@ -210,19 +201,34 @@ def _tile_product(
 
 
 @triton.jit
+def _weight_source(w_ptr, N, K, stride_wn, LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """What _tile_product reads a weight through: its TMA descriptor from TMA level 1 on, else its pointer."""
+    if LEVEL >= 1:
+        return tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        return w_ptr
+
+
+@triton.jit
+def _x_source(x_ptr, num_rows, K, stride_xm, LEVEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x's TMA descriptor at level 2 (for the tiles whose rows are one run), else its pointer."""
+    if LEVEL == 2:
+        return tl.make_tensor_descriptor(
+            x_ptr, shape=[num_rows, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K]
+        )
+    else:
+        return x_ptr
+
+
+@triton.jit
 def _routed_tile(
-    x_ptr, w_lang_ptr, w_vis_ptr, w2_lang_ptr, w2_vis_ptr, sorted_rows_ptr, slot0, is_vision, n0, k_lo, k_hi,
-    num_rows, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+    x_ptr, x_desc, w_src, w2_src, sorted_rows_ptr, slot0, n0, k_lo, k_hi, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk,
     GATED: tl.constexpr, PRECISION: tl.constexpr, LEVEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
-    """One tile of one expert over K tiles k_lo..k_hi-1: (acc, acc2, rows64, row_valid)."""
-    if is_vision:
-        w_ptr = w_vis_ptr
-        w2_ptr = w2_vis_ptr
-    else:
-        w_ptr = w_lang_ptr
-        w2_ptr = w2_lang_ptr
+    """One tile of one expert (its weights' sources w_src, w2_src, see _tile_product) over K tiles
+    k_lo..k_hi-1: (acc, acc2, rows64, row_valid). x_desc: x's TMA descriptor at level 2."""
     rows = tl.load(sorted_rows_ptr + slot0 + tl.arange(0, BLOCK_M))  # [BM], ascending, padding (-1) last
     row_valid = rows >= 0
     rows64 = tl.where(row_valid, rows, 0).to(tl.int64)  # padding rows read row 0, never stored
@@ -232,15 +238,15 @@ def _routed_tile(
         # one run of x iff the rows span exactly as many rows as the tile holds
         if tl.max(rows) - row0 == tl.sum(row_valid.to(tl.int32)) - 1:
             acc, acc2 = _tile_product(
-                x_ptr, w_ptr, w2_ptr, rows64, row0, n0, k_lo, k_hi, num_rows, N, K, stride_xm, stride_xk, stride_wn,
+                x_desc, w_src, w2_src, rows64, row0, n0, k_lo, k_hi, N, K, stride_xm, stride_xk, stride_wn,
                 stride_wk, True, True, GATED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
         else:
             acc, acc2 = _tile_product(
-                x_ptr, w_ptr, w2_ptr, rows64, row0, n0, k_lo, k_hi, num_rows, N, K, stride_xm, stride_xk, stride_wn,
+                x_ptr, w_src, w2_src, rows64, row0, n0, k_lo, k_hi, N, K, stride_xm, stride_xk, stride_wn,
                 stride_wk, False, True, GATED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
     else:
         acc, acc2 = _tile_product(
-            x_ptr, w_ptr, w2_ptr, rows64, row0, n0, k_lo, k_hi, num_rows, N, K, stride_xm, stride_xk, stride_wn,
+            x_ptr, w_src, w2_src, rows64, row0, n0, k_lo, k_hi, N, K, stride_xm, stride_xk, stride_wn,
             stride_wk, False, LEVEL == 1, GATED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
     # fmt: on
     return acc, acc2, rows64, row_valid
@@ -338,9 +344,22 @@ def _expert_linear_kernel(
             return  # an empty tile: regions fill from their start, so its first slot is padding
         is_vision = slot0 >= vision_start
         n0 = pid_n * BLOCK_N
+        if is_vision:
+            w_ptr = w_vis_ptr
+            w2_ptr = w2_vis_ptr
+        else:
+            w_ptr = w_lang_ptr
+            w2_ptr = w2_lang_ptr
+        # one tile a program: only its own expert's descriptors
+        w_src = _weight_source(w_ptr, N, K, stride_wn, LEVEL, BLOCK_N, BLOCK_K)
+        if GATED:
+            w2_src = _weight_source(w2_ptr, N, K, stride_wn, LEVEL, BLOCK_N, BLOCK_K)
+        else:
+            w2_src = w_src
+        x_desc = _x_source(x_ptr, num_rows, K, stride_xm, LEVEL, BLOCK_M, BLOCK_K)
         acc, acc2, rows64, row_valid = _routed_tile(
-            x_ptr, w_lang_ptr, w_vis_ptr, w2_lang_ptr, w2_vis_ptr, sorted_rows_ptr, slot0, is_vision, n0, 0, k_tiles,
-            num_rows, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+            x_ptr, x_desc, w_src, w2_src, sorted_rows_ptr, slot0, n0, 0, k_tiles, N, K,
+            stride_xm, stride_xk, stride_wn, stride_wk,
             GATED, PRECISION, LEVEL, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)  # fmt: skip
         _store_tile(out_ptr, acc, acc2, rows64, row_valid, n0, N, b_lang_ptr, b_vis_ptr, is_vision,
                     stride_om, stride_on, HAS_BIAS_LANG, HAS_BIAS_VIS, GATED, BLOCK_N)  # fmt: skip
@@ -354,15 +373,34 @@ def _expert_linear_kernel(
         splits = num_programs // tl.maximum(tail, 1)
         tail = tl.where(splits >= 2, tail, 0)  # a tail too wide to split runs as whole tiles
         whole = num_tiles - tail
+        # Every descriptor this program may use, built once: a descriptor is written to global
+        # memory and fenced before its first use (two round trips a descriptor, ahead of the
+        # tile's first TMA load), and built per tile this cost 2 or 3 of them at each of a
+        # program's tiles: 19 tiles a program on a 16-image batch.
+        w_lang = _weight_source(w_lang_ptr, N, K, stride_wn, LEVEL, BLOCK_N, BLOCK_K)
+        w_vis = _weight_source(w_vis_ptr, N, K, stride_wn, LEVEL, BLOCK_N, BLOCK_K)
+        if GATED:
+            w2_lang = _weight_source(w2_lang_ptr, N, K, stride_wn, LEVEL, BLOCK_N, BLOCK_K)
+            w2_vis = _weight_source(w2_vis_ptr, N, K, stride_wn, LEVEL, BLOCK_N, BLOCK_K)
+        else:
+            w2_lang = w_lang
+            w2_vis = w_vis
+        x_desc = _x_source(x_ptr, num_rows, K, stride_xm, LEVEL, BLOCK_M, BLOCK_K)
         # NOTE: tl.range(..., flatten=True) does not fuse this loop with the K loop inside (Triton
         # 3.7, eleventh session: the same 6 scf.for in the TTGIR): each tile picks TMA or gathered
         # A rows at run time, so this loop holds two K loops.
         for tile in range(pid, whole, num_programs):
             is_vision, slot0, n0 = _sk_tile(tile, num_pid_m, num_pid_n, language_m, vision_start, GROUP_M, BLOCK_M,
                                             BLOCK_N)  # fmt: skip
+            if is_vision:  # a select between the two experts' descriptors (or pointers)
+                w_src = w_vis
+                w2_src = w2_vis
+            else:
+                w_src = w_lang
+                w2_src = w2_lang
             acc, acc2, rows64, row_valid = _routed_tile(
-                x_ptr, w_lang_ptr, w_vis_ptr, w2_lang_ptr, w2_vis_ptr, sorted_rows_ptr, slot0, is_vision, n0, 0,
-                k_tiles, num_rows, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                x_ptr, x_desc, w_src, w2_src, sorted_rows_ptr, slot0, n0, 0, k_tiles, N, K,
+                stride_xm, stride_xk, stride_wn, stride_wk,
                 GATED, PRECISION, LEVEL, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)  # fmt: skip
             _store_tile(out_ptr, acc, acc2, rows64, row_valid, n0, N, b_lang_ptr, b_vis_ptr, is_vision,
                         stride_om, stride_on, HAS_BIAS_LANG, HAS_BIAS_VIS, GATED, BLOCK_N)  # fmt: skip
@@ -373,9 +411,15 @@ def _expert_linear_kernel(
             k_hi = tl.minimum(k_lo + per_part, k_tiles)  # may be empty: then the part adds zeros
             is_vision, slot0, n0 = _sk_tile(whole + tail_index, num_pid_m, num_pid_n, language_m, vision_start,
                                             GROUP_M, BLOCK_M, BLOCK_N)  # fmt: skip
+            if is_vision:
+                w_src = w_vis
+                w2_src = w2_vis
+            else:
+                w_src = w_lang
+                w2_src = w2_lang
             acc, acc2, rows64, row_valid = _routed_tile(
-                x_ptr, w_lang_ptr, w_vis_ptr, w2_lang_ptr, w2_vis_ptr, sorted_rows_ptr, slot0, is_vision, n0, k_lo,
-                k_hi, num_rows, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                x_ptr, x_desc, w_src, w2_src, sorted_rows_ptr, slot0, n0, k_lo, k_hi, N, K,
+                stride_xm, stride_xk, stride_wn, stride_wk,
                 GATED, PRECISION, LEVEL, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)  # fmt: skip
             tile_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # [BM, BN]
             part_size = BLOCK_M * BLOCK_N
