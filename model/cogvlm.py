@@ -82,10 +82,12 @@ class DecoderLayer(nn.Module):
                                     prefetch="qkv" in ask)  # fmt: skip
         residual = hidden if residual is None else summed
         ctx = attn.attend(qkv, cos_sin, attention)  # [1, H * D]
-        attn_out = gemv(ctx.contiguous(), attn.language_expert_dense.weight, pdl, "dense" in early, "dense" in ask)
+        attn_out = gemv(ctx.contiguous(), attn.language_expert_dense.weight, pdl, "dense" in early,
+                        prefetch="dense" in ask)  # fmt: skip
         gate_up, residual = rms_norm_gemv(attn_out, residual, norm2.weight, norm2.eps, mlp.language_gate_up, pdl,
                                           "gate_up" in early, prefetch="gate_up" in ask)  # fmt: skip
-        down = silu_and_mul_gemv(gate_up, mlp.language_mlp.down_proj.weight, pdl, "down" in early, "down" in ask)
+        down = silu_and_mul_gemv(gate_up, mlp.language_mlp.down_proj.weight, pdl, "down" in early,
+                                 prefetch="down" in ask)  # fmt: skip
         return down, residual
 
 

@@ -49,14 +49,22 @@ def test_one_row_gemv_layers_give_the_same_tokens(monkeypatch, tiny_checkpoint):
     monkeypatch.setattr(dispatch, "FORCE_TRITON", True)
     want = generate_reference(model, inputs, params)
     model.fuse_for_inference(one_row_gemv=True)
-    calls = []
+    calls, asked = [], []  # each GEMV's name; those that ask L2 for their weights first
     for name in ("gemv", "rms_norm_gemv", "silu_and_mul_gemv"):
         original = getattr(cogvlm, name)
-        monkeypatch.setattr(cogvlm, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+
+        def spy(*a, _f=original, _n=name, **k):
+            calls.append(_n)
+            if k.get("prefetch"):
+                asked.append(_n)
+            return _f(*a, **k)
+
+        monkeypatch.setattr(cogvlm, name, spy)
     got = generate_reference(model, inputs, params)
     decodes, layers = params.max_tokens - 1, model.config.num_layers
     assert calls.count("rms_norm_gemv") == 2 * decodes * layers  # both norms of every decode layer
     assert calls.count("gemv") == calls.count("silu_and_mul_gemv") == decodes * layers
+    assert asked == ["gemv"] * decodes * layers  # the attention output projection (cogvlm.L2_PREFETCH)
     assert got.output_token_ids == want.output_token_ids
     for got_top, want_top in zip(got.top_logprobs, want.top_logprobs, strict=True):
         assert [t for t, _ in got_top] == [t for t, _ in want_top]
