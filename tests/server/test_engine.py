@@ -233,7 +233,7 @@ def test_one_row_gemv_decodes_give_the_same_tokens(monkeypatch, tiny_checkpoint,
     engine.runner.enable_decode_graphs(max_batch=1, max_model_len=engine.max_model_len, capture=False)
     calls = []
     original = cogvlm.silu_and_mul_gemv
-    monkeypatch.setattr(cogvlm, "silu_and_mul_gemv", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(cogvlm, "silu_and_mul_gemv", lambda *a, **k: calls.append(1) or original(*a, **k))
     picked = [0, 3]  # an image request and a text-only one
     assert run(engine, [prompts[i] for i in picked]) == [reference[i] for i in picked]
     decodes = len(picked) * (MAX_TOKENS - 1)
