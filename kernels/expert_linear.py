@@ -94,7 +94,15 @@ GPU_CONFIGS.append(_config(128, 256, 64, 8, 3, tma=2, sk=1, group_m=16))
 # it; the every-config GPU test covers them): a config joins GPU_CONFIGS once that test passes
 # and a benchmark shape shows it winning. Left out (twelfth session): the gated tile with GROUP_M
 # 16 by pointer loads, never the best of a shape.
-CANDIDATE_CONFIGS: list[triton.Config] = []
+# The gated tile with stream-K again (thirteenth session, untimed): it won no shape in the tenth
+# and eleventh sessions, when a stream-K program built its descriptors at every tile, as a
+# one-tile program does. Now it builds them once: 3 descriptors a program where the one-tile
+# gated config builds 3 a tile, at 1 program an SM (192 KB of shared memory) and 104 waves of
+# tiles on 17B's 16-image gate_up.
+CANDIDATE_CONFIGS: list[triton.Config] = [
+    _config(128, 128, 64, 8, 4, tma=2, sk=1),
+    _config(128, 128, 64, 8, 4, tma=2, sk=1, group_m=16),
+]
 # Fits every dtype and both variants: the interpreter's config, the tests' config on GPU, and
 # the fallback when pruning leaves nothing. Its TMA level is capped by the call's TMA_LIMIT.
 SAFE_CONFIG = _config(64, 64, 32, 4, 3, tma=2)
