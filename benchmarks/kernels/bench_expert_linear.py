@@ -27,6 +27,7 @@ from kernels.expert_linear import (
     expert_linear_ref,
 )
 from kernels.expert_routing import route_by_expert
+from model.gemv_tuning import graph_ms
 
 MODELS = {
     # name: (image tokens, qkv out, mlp intermediate)
@@ -166,10 +167,14 @@ def run_case(name, proj, mask, n_in, n_out, gated) -> dict:
         flops = 2 * m * n_in * n_out
     times = bench_interleaved({"ours": call, "peers": peers_call, "dense": dense_call})
     ours, peers, dense = times["ours"], times["peers"], times["dense"]
+    # The GPU time alone: a call replayed from a CUDA graph queues no host work. Where ours reads
+    # well above this eagerly, its host time (host_us) sets the pace of that shape.
+    ours_graph, dense_graph = graph_ms(call), graph_ms(dense_call)
     return {
         "model": name, "proj": proj, "rows": m, "vision_rows": int(mask.sum()), "ours_ms": ours,
         "peers_ms": peers, "dense_ms": dense, "tflops": flops / ours / 1e9,
         "speedup_vs_peers": peers / ours, "ratio_vs_dense": ours / dense, "config": config, "rel_err_vs_fp32": err,
+        "ours_graph_ms": ours_graph, "dense_graph_ms": dense_graph, "graph_ratio_vs_dense": ours_graph / dense_graph,
         "tuning_ms": tuning, "tuning_best_ms_by_tma_level": best_by_tma_level(tuning),
         "host_us": host_us(call), "dense_host_us": host_us(dense_call),
         # the smallest shape (17B dense, one image), where the host time showed (eleventh session)
@@ -197,8 +202,8 @@ def main() -> None:
     # Rows print as they finish, so a run cut short by its time limit still leaves its numbers.
     print(f"expert projections, bf16, {torch.cuda.get_device_name()}; times are medians in ms")
     header = f"{'batch':<17}{'proj':<9}{'rows':>7}{'ours':>9}{'TFLOP/s':>9}{'peers':>9}{'dense':>9}"
-    print(header + f"{'vs peers':>10}{'vs dense':>10}  host us: ours, dense  (BM, BN, BK, warps, stages, TMA); "
-          "tuning's best ms by TMA level")  # fmt: skip
+    print(header + f"{'vs peers':>10}{'vs dense':>10}{'graphed':>9}  host us: ours, dense  (BM, BN, BK, warps, "
+          "stages, TMA); tuning's best ms by TMA level")  # fmt: skip
     results = []
     for case in cases:
         r = run_case(*case)
@@ -206,7 +211,8 @@ def main() -> None:
         torch.cuda.empty_cache()
         tuning = " ".join(f"{level}:{ms:.3f}" for level, ms in sorted(r["tuning_best_ms_by_tma_level"].items()))
         print(f"{r['model']:<17}{r['proj']:<9}{r['rows']:>7}{r['ours_ms']:>9.3f}{r['tflops']:>9.0f}{r['peers_ms']:>9.3f}"
-              f"{r['dense_ms']:>9.3f}{r['speedup_vs_peers']:>9.2f}x{r['ratio_vs_dense']:>9.2f}x  "
+              f"{r['dense_ms']:>9.3f}{r['speedup_vs_peers']:>9.2f}x{r['ratio_vs_dense']:>9.2f}x"
+              f"{r['graph_ratio_vs_dense']:>8.2f}x  "
               f"{r['host_us']:5.0f}, {r['dense_host_us']:3.0f}  ({r['config']}); {tuning}", flush=True)  # fmt: skip
         if r["host_profile"]:
             print(f"host time of {r['model']} {r['proj']}, by function:\n{r['host_profile']}", flush=True)
@@ -234,7 +240,8 @@ def main() -> None:
     print(f"routing pre-pass (once per forward, 37536 rows): {route_ms:.4f} ms; "
           f"worst relative error vs fp32: {max(r['rel_err_vs_fp32'] for r in results):.1e}")  # fmt: skip
     print(f"geomean over mixed prefill: {geo('speedup_vs_peers'):.2f}x faster than peers (target >= 1.30x), "
-          f"{geo('ratio_vs_dense'):.2f}x the dense GEMM (target <= 1.15x)")  # fmt: skip
+          f"{geo('ratio_vs_dense'):.2f}x the dense GEMM (target <= 1.15x); GPU time alone (CUDA graphs) "
+          f"{geo('graph_ratio_vs_dense'):.2f}x the dense GEMM's")  # fmt: skip
 
 
 if __name__ == "__main__":
