@@ -179,8 +179,14 @@ def _decode_split_kernel(
     per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N  # keys, whole tiles
     # Splits past the last key have nothing to add and leave at once: a CUDA graph fixes the grid
     # (16 splits a head at batch 1) while the context grows from a few tokens, where 15 of the 16
-    # would otherwise each store an empty part and count in.
+    # would otherwise each store an empty part and count in. They leave before the PDL wait: gone,
+    # a program counts as triggered (kernels/pdl.py) and frees its slot. At 71 tokens 480 of batch
+    # 1's 512 programs are such, more than the SMs hold beside the others (3 an SM at 168
+    # registers), and the next kernel launches only once every program has triggered or gone. The
+    # split that holds keys waits, so the next kernel still starts after the one before this ends.
     active = tl.cdiv(seq_len, per_split)  # splits holding keys, 1 to NUM_SPLITS
+    if split >= active:
+        return
     start = split * per_split
     end = tl.minimum(start + per_split, seq_len)
     offs = tl.arange(0, BLOCK_N)
@@ -191,7 +197,7 @@ def _decode_split_kernel(
     q_row = tl.load(query_start_ptr + seq).to(tl.int64)
     newest = seq_len - 1  # this step's key: in the cache (written before), or ROTARY's to rotate and write
     cached_end = tl.minimum(end, newest) if ROTARY else end  # ROTARY: the newest key joins after the loop
-    first_ok = (start + offs < cached_end) & (split < active)  # ROTARY: the first tile's cached keys
+    first_ok = start + offs < cached_end  # ROTARY: the first tile's cached keys
     if ROTARY and EARLY_TILE:
         # The keys before this step's were written by earlier steps, not by the kernel right
         # before, so under PDL the split's first tile of keys (at 71 or 1279 tokens of context, its
@@ -210,74 +216,73 @@ def _decode_split_kernel(
                               BLOCK_SIZE, BLOCK_N, HEAD_DIM)  # fmt: skip
         upcoming = start + offs + BLOCK_N  # the second tile's blocks
         physical = tl.load(table + upcoming // BLOCK_SIZE, mask=upcoming < end, other=0).to(tl.int64)
-    if split < active:
-        q = tl.load(q_ptr + q_row * stride_qt + head * stride_qh + dims).to(tl.float32)  # [D]
-        if ROTARY:
-            # kernels/rotary.py's rotation, on the whole head at once: each dim pairs with the one
-            # half a head away, the first half's partner negated; rounded once to the cache dtype
-            HALF: tl.constexpr = HEAD_DIM // 2
-            partner = (dims + HALF) % HEAD_DIM
-            cos = tl.load(cos_ptr + q_row * stride_ct + dims).to(tl.float32)
-            sin = tl.load(sin_ptr + q_row * stride_ct + dims).to(tl.float32)
-            sign = tl.where(dims < HALF, -1.0, 1.0)
-            q_turned = tl.load(q_ptr + q_row * stride_qt + head * stride_qh + partner).to(tl.float32)
-            q = (q * cos + sign * q_turned * sin).to(q_ptr.dtype.element_ty).to(tl.float32)
-            k_row = k_new_ptr + q_row * stride_knt + kv_head * stride_knh
-            k_own, k_turned = tl.load(k_row + dims).to(tl.float32), tl.load(k_row + partner).to(tl.float32)
-            k_new = (k_own * cos + sign * k_turned * sin).to(k_cache_ptr.dtype.element_ty)  # [D]
-            v_row = v_new_ptr + q_row * stride_vnt + kv_head * stride_vnh
-            v_new = tl.load(v_row + dims).to(v_cache_ptr.dtype.element_ty)  # [D]
-            # The program of the newest key's split and the KV head's first query head writes it;
-            # no program of this launch reads that slot (the newest key joins from registers).
-            if (end == seq_len) & (head % num_q_heads_per_kv == 0):
-                slot = tl.load(slot_ptr + q_row)
-                tl.store(k_cache_ptr + slot * stride_ks + kv_head * stride_kh + dims, k_new)
-                tl.store(v_cache_ptr + slot * stride_ks + kv_head * stride_kh + dims, v_new)
-        m_i = tl.full([], float("-inf"), tl.float32)
-        l_i = tl.full([], 0.0, tl.float32)
-        acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
-        loop_start = start
-        if ROTARY:
-            if start < cached_end:  # the first tile (EARLY_TILE: its keys loaded before the wait)
-                m_i, l_i, acc = _online_softmax_step(q, k_first.to(tl.float32), v_first.to(tl.float32), first_ok,
-                                                     m_i, l_i, acc, scale)  # fmt: skip
-            loop_start = start + BLOCK_N
-        for tile in range(loop_start, cached_end, BLOCK_N):
-            key_pos = tile + offs  # [BN]
-            valid = key_pos < cached_end
-            kv_offs = (physical[:, None] * stride_kb + (key_pos % BLOCK_SIZE)[:, None] * stride_ks
-                       + kv_head * stride_kh + dims[None, :])
-            k = tl.load(k_cache_ptr + kv_offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BN, D]
-            v = tl.load(v_cache_ptr + kv_offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BN, D]
-            # the next tile's blocks load while this tile's K/V are in flight: the table lookup
-            # is off the chain of dependent loads, but for the first tile
-            upcoming = key_pos + BLOCK_N
-            physical = tl.load(table + upcoming // BLOCK_SIZE, mask=upcoming < end, other=0).to(tl.int64)
-            m_i, l_i, acc = _online_softmax_step(q, k, v, valid, m_i, l_i, acc, scale)
-        if ROTARY:
-            if end == seq_len:  # the newest key, from registers: one more step of the online softmax
-                score = tl.sum(q * k_new.to(tl.float32), axis=0) * scale
-                m_new = tl.maximum(m_i, score)
-                p_new = tl.exp(score - m_new)
-                alpha = tl.exp(m_i - m_new)  # 0 where no cached key came before
-                l_i = l_i * alpha + p_new
-                acc = acc * alpha + p_new * v_new.to(tl.float32)
-                m_i = m_new
-        out = out_ptr + q_row * stride_ot + head * stride_oh
-        if active == 1:  # every key in this split: its softmax is the whole one (the merge's bits too)
-            tl.store(out + dims, (acc / l_i).to(out_ptr.dtype.element_ty))
-        else:
-            pair = seq * tl.num_programs(1) + head  # this (sequence, head)
-            part = pair * NUM_SPLITS + split
-            tl.store(part_acc_ptr + part * HEAD_DIM + dims, acc)
-            tl.store(part_ml_ptr + part * 2, m_i)
-            tl.store(part_ml_ptr + part * 2 + 1, l_i)
-            # the last split to count in merges the parts, in split order (kernels/arrivals.py)
-            tl.debug_barrier()  # every thread's part is stored before the count says so
-            arrived = tl.atomic_add(arrivals_ptr + pair, 1, sem="acq_rel", scope="gpu")
-            if arrived == active - 1:
-                _merge_splits(part_acc_ptr, part_ml_ptr, pair * NUM_SPLITS, active, out, HEAD_DIM, NUM_SPLITS)
-                tl.atomic_xchg(arrivals_ptr + pair, 0)  # zero again for the next launch
+    q = tl.load(q_ptr + q_row * stride_qt + head * stride_qh + dims).to(tl.float32)  # [D]
+    if ROTARY:
+        # kernels/rotary.py's rotation, on the whole head at once: each dim pairs with the one
+        # half a head away, the first half's partner negated; rounded once to the cache dtype
+        HALF: tl.constexpr = HEAD_DIM // 2
+        partner = (dims + HALF) % HEAD_DIM
+        cos = tl.load(cos_ptr + q_row * stride_ct + dims).to(tl.float32)
+        sin = tl.load(sin_ptr + q_row * stride_ct + dims).to(tl.float32)
+        sign = tl.where(dims < HALF, -1.0, 1.0)
+        q_turned = tl.load(q_ptr + q_row * stride_qt + head * stride_qh + partner).to(tl.float32)
+        q = (q * cos + sign * q_turned * sin).to(q_ptr.dtype.element_ty).to(tl.float32)
+        k_row = k_new_ptr + q_row * stride_knt + kv_head * stride_knh
+        k_own, k_turned = tl.load(k_row + dims).to(tl.float32), tl.load(k_row + partner).to(tl.float32)
+        k_new = (k_own * cos + sign * k_turned * sin).to(k_cache_ptr.dtype.element_ty)  # [D]
+        v_row = v_new_ptr + q_row * stride_vnt + kv_head * stride_vnh
+        v_new = tl.load(v_row + dims).to(v_cache_ptr.dtype.element_ty)  # [D]
+        # The program of the newest key's split and the KV head's first query head writes it;
+        # no program of this launch reads that slot (the newest key joins from registers).
+        if (end == seq_len) & (head % num_q_heads_per_kv == 0):
+            slot = tl.load(slot_ptr + q_row)
+            tl.store(k_cache_ptr + slot * stride_ks + kv_head * stride_kh + dims, k_new)
+            tl.store(v_cache_ptr + slot * stride_ks + kv_head * stride_kh + dims, v_new)
+    m_i = tl.full([], float("-inf"), tl.float32)
+    l_i = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
+    loop_start = start
+    if ROTARY:
+        if start < cached_end:  # the first tile (EARLY_TILE: its keys loaded before the wait)
+            m_i, l_i, acc = _online_softmax_step(q, k_first.to(tl.float32), v_first.to(tl.float32), first_ok,
+                                                 m_i, l_i, acc, scale)  # fmt: skip
+        loop_start = start + BLOCK_N
+    for tile in range(loop_start, cached_end, BLOCK_N):
+        key_pos = tile + offs  # [BN]
+        valid = key_pos < cached_end
+        kv_offs = (physical[:, None] * stride_kb + (key_pos % BLOCK_SIZE)[:, None] * stride_ks
+                   + kv_head * stride_kh + dims[None, :])
+        k = tl.load(k_cache_ptr + kv_offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BN, D]
+        v = tl.load(v_cache_ptr + kv_offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BN, D]
+        # the next tile's blocks load while this tile's K/V are in flight: the table lookup
+        # is off the chain of dependent loads, but for the first tile
+        upcoming = key_pos + BLOCK_N
+        physical = tl.load(table + upcoming // BLOCK_SIZE, mask=upcoming < end, other=0).to(tl.int64)
+        m_i, l_i, acc = _online_softmax_step(q, k, v, valid, m_i, l_i, acc, scale)
+    if ROTARY:
+        if end == seq_len:  # the newest key, from registers: one more step of the online softmax
+            score = tl.sum(q * k_new.to(tl.float32), axis=0) * scale
+            m_new = tl.maximum(m_i, score)
+            p_new = tl.exp(score - m_new)
+            alpha = tl.exp(m_i - m_new)  # 0 where no cached key came before
+            l_i = l_i * alpha + p_new
+            acc = acc * alpha + p_new * v_new.to(tl.float32)
+            m_i = m_new
+    out = out_ptr + q_row * stride_ot + head * stride_oh
+    if active == 1:  # every key in this split: its softmax is the whole one (the merge's bits too)
+        tl.store(out + dims, (acc / l_i).to(out_ptr.dtype.element_ty))
+    else:
+        pair = seq * tl.num_programs(1) + head  # this (sequence, head)
+        part = pair * NUM_SPLITS + split
+        tl.store(part_acc_ptr + part * HEAD_DIM + dims, acc)
+        tl.store(part_ml_ptr + part * 2, m_i)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i)
+        # the last split to count in merges the parts, in split order (kernels/arrivals.py)
+        tl.debug_barrier()  # every thread's part is stored before the count says so
+        arrived = tl.atomic_add(arrivals_ptr + pair, 1, sem="acq_rel", scope="gpu")
+        if arrived == active - 1:
+            _merge_splits(part_acc_ptr, part_ml_ptr, pair * NUM_SPLITS, active, out, HEAD_DIM, NUM_SPLITS)
+            tl.atomic_xchg(arrivals_ptr + pair, 0)  # zero again for the next launch
 
 
 # Splitting happens only below this many (sequence, head) programs, so as many arrival counts
