@@ -171,6 +171,32 @@ def test_stream_k_tail_matches_reference(monkeypatch, programs, num_tokens, n_ou
     assert not arrival_counts(x.device, programs).any()
 
 
+@pytest.mark.parametrize("max_tma", [0, 1])
+@pytest.mark.parametrize("gated", [False, True], ids=["linear", "gated"])
+def test_stream_k_below_the_top_tma_level(monkeypatch, max_tma, gated):
+    """A stream-K program builds what it reads the weights through once (pointers at level 0,
+    both experts' descriptors at 1) and each tile, whole or a tail part, selects its expert's; the
+    tiles of two_runs on 8 programs take both experts in one program."""
+    monkeypatch.setattr(kernel_module, "MAX_TMA", max_tma)
+    monkeypatch.setattr(kernel_module, "SK_PROGRAMS", 8)
+    kernel = kernel_module._expert_linear_kernel
+    monkeypatch.setattr(kernel, "configs", [SAFE_SK_CONFIG])
+    monkeypatch.setattr(kernel, "cache", {})
+    dtype = torch.float16
+    x = torch.randn(300, 72, device=DEVICE).to(dtype)
+    mask = pattern("two_runs", 300)
+    if gated:
+        gl, ul, gv, uv = (weights(96, 72, dtype)[0] for _ in range(4))
+        ref64 = expert_gated_up_ref(x.double(), mask, gl.double(), ul.double(), gv.double(), uv.double())
+        check_close(expert_gated_up(x, mask, gl, ul, gv, uv), ref64, expert_gated_up_ref(x, mask, gl, ul, gv, uv))
+    else:
+        w_lang, w_vis, _, b_vis = weights(96, 72, dtype, bias_on=("vision",))
+        ref64 = expert_linear_ref(x.double(), mask, w_lang.double(), w_vis.double(), None, b_vis.double())
+        check_close(expert_linear(x, mask, w_lang, w_vis, None, b_vis), ref64,
+                    expert_linear_ref(x, mask, w_lang, w_vis, None, b_vis))  # fmt: skip
+    assert not arrival_counts(x.device, 8).any()
+
+
 def test_rows_go_to_their_own_expert_exactly_once():
     """Identity-like weights make routing errors visible as exact values: language doubles a
     row, vision triples it, so any row computed with the wrong expert (or twice) is off."""
