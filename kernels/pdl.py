@@ -16,6 +16,9 @@ Every kernel here triggers its dependents (`gdc_launch_dependents`) only after i
 when a kernel starts, every kernel but the one right before it has finished: what the step's
 input copies wrote before the chain began (sequence lengths, block tables) may be read before
 the wait. The split decode does (kernels/paged_attention.py); hopper_compile.py checks the order.
+A program that exits counts as triggered: the split decode's splits without keys leave before
+the wait, and the order holds because every launch has programs that wait (each sequence's
+first split holds keys).
 """
 
 from __future__ import annotations
