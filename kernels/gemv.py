@@ -18,7 +18,8 @@ so a decoder layer's four projections take four launches where they took eight t
 H200, 106 us against 123 us for the ops + cuBLAS (RESULTS.md, eighth session).
 
 With `pdl` each launch is a programmatic dependent launch (kernels/pdl.py): the first weight
-tile loads while the kernel before drains, and the input is read only after the wait.
+tile loads while the kernel before drains, and the input is read only after the wait. With
+`prefetch` each program also asks L2 for the rest of its weight rows before that wait (_launch).
 """
 
 from __future__ import annotations
