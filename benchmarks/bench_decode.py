@@ -166,11 +166,10 @@ def main() -> None:
         "cuda graphs + look-ahead": Mode(one_row_gemv=False, pdl=False),
         "cuda graphs + look-ahead + one-row GEMV + PDL": Mode(),
         "cuda graphs + look-ahead + one-row GEMV + PDL, no L2 prefetch": Mode(l2_prefetch=frozenset()),
-        # the GEMVs whose programs' rows are 64 KB (K = 4096) asking L2 for them all at once: every
-        # program's loads in flight from its start, deeper than its pipeline keeps them (down's
-        # 176 KB a program would overflow L2 from the resident programs alone)
-        "cuda graphs + look-ahead + one-row GEMV + PDL, L2 prefetch on qkv, dense, gate_up": Mode(
-            l2_prefetch=frozenset({"qkv", "dense", "gate_up"})
+        # every GEMV asking L2 for its first 64 KB a program at once: deeper than its pipeline keeps
+        # in flight, and, where the GEMV before triggers early (dense, down), during that one's tail
+        "cuda graphs + look-ahead + one-row GEMV + PDL, L2 prefetch on all four": Mode(
+            l2_prefetch=frozenset({"qkv", "dense", "gate_up", "down"})
         ),
         "cuda graphs + look-ahead + one-row GEMV + PDL, first K/V tile after the wait": Mode(early_tile=False),
         "cuda graphs + look-ahead + one-row GEMV + PDL, GEMV candidates": Mode(gemv_candidates=True),

@@ -122,6 +122,13 @@ def _input_chunk(x_ptr, residual_ptr, norm_ptr, k, k_ok, K, inv_rms, PROLOGUE: t
     return a
 
 
+# Weight tiles a program asks L2 for with `prefetch` (the first one included): 64 KB in bf16 for
+# every config (BLOCK_N x BLOCK_K = 8192), all of a 4096-wide projection's rows. The resident
+# programs (4 an SM, 528 on 132 SMs) then hold 33 MB in flight against 50 MB of L2; down's whole
+# rows (176 KB a program at K = 11008) would not fit.
+PREFETCH_TILES = tl.constexpr(4)  # a constexpr: Triton 3.6 reads no other globals in a kernel
+
+
 @triton.jit
 def _prefetch_l2(ptrs):
     """Ask L2 for the 128-byte line at each pointer, without waiting for it: a hint that writes
@@ -139,7 +146,7 @@ def _gemv_kernel(
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, K_POW2: tl.constexpr,
     PDL: tl.constexpr,  # launched as a programmatic dependent launch: wait before reading inputs
     EARLY_TRIGGER: tl.constexpr,  # PDL: let the next kernel launch right after the wait (see _launch)
-    PREFETCH: tl.constexpr,  # ask L2 for all of this program's weight rows first (see _launch)
+    PREFETCH: tl.constexpr,  # ask L2 for this program's first PREFETCH_TILES weight tiles first (see _launch)
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, AHEAD: tl.constexpr,
 ):  # fmt: skip
     """out[rows] = W[rows] @ prologue(x) for this program's BLOCK_N rows. AHEAD (0 to 2): weight
@@ -156,12 +163,12 @@ def _gemv_kernel(
     # NOTE: nothing before the wait may write global memory either: the kernel before may still
     # be reading a buffer the caching allocator has since handed to this launch.
     w = tl.load(w_ptrs, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
-    if PREFETCH:  # the other K tiles' lines, one a thread a tile (BLOCK_N x BLOCK_K / LINE = 128 lines)
+    if PREFETCH:  # the next K tiles' lines, one a thread a tile (BLOCK_N x BLOCK_K / LINE = 128 lines)
         LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # elements in 128 bytes
         LINES: tl.constexpr = BLOCK_K // LINE if BLOCK_K > LINE else 1
         line_rows = tl.minimum(rows, N - 1).to(tl.int64) * stride_wn  # rows past N ask for the last one
         line_cols = tl.arange(0, LINES) * LINE
-        for k0 in range(BLOCK_K, K, BLOCK_K):
+        for k0 in range(BLOCK_K, tl.minimum(K, PREFETCH_TILES * BLOCK_K), BLOCK_K):
             _prefetch_l2(w_ptr + line_rows[:, None] + tl.minimum(k0 + line_cols, K - 1)[None, :])  # [BN, LINES]
     if PDL:
         tl.extra.cuda.gdc_wait()
@@ -242,12 +249,12 @@ def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0, pdl=F
     isolated chains of one projection gained 0.2 to 1.1 us a launch except qkv (+4 us), so the
     model chooses per projection (model/cogvlm.py, EARLY_TRIGGER).
 
-    prefetch (CUDA): each program first asks L2 for all its weight rows (prefetch.global.L2), then
-    streams them as usual. Under PDL that runs while the kernel before drains: after the split
-    decode, whose 7 to 10 us a layer read little from HBM (RESULTS.md, twelfth session), the
-    attention output projection's 32 MiB (17B) can be on their way to L2 before its input exists.
-    The model chooses per projection (model/cogvlm.py, L2_PREFETCH). The interpreter runs no PTX:
-    there the hint is left out."""
+    prefetch (CUDA): each program first asks L2 for its first PREFETCH_TILES weight tiles (all its
+    rows at K = 4096; prefetch.global.L2), then streams them as usual. Under PDL that runs while
+    the kernel before drains: after the split decode, whose 7 to 10 us a layer read little from
+    HBM (RESULTS.md, twelfth session), the attention output projection's 32 MiB (17B) can be on
+    their way to L2 before its input exists. The model chooses per projection (model/cogvlm.py,
+    L2_PREFETCH). The interpreter runs no PTX: there the hint is left out."""
     if x.dim() != 2 or x.shape[0] != 1 or not x.is_contiguous():
         raise ValueError(f"gemv takes one contiguous row [1, K], got {tuple(x.shape)} (strides {x.stride()})")
     in_features = x.shape[1] // 2 if prologue == SILU_AND_MUL else x.shape[1]

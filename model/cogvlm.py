@@ -26,12 +26,14 @@ from model.vision import VisionTower
 # none in the same run, -0.02 ms a step (eleventh session), -0.03 (twelfth, first run) and -0.02 or
 # +0.03 against the second run's two defaults: within the noise of the GEMV autotuner's picks, kept.
 EARLY_TRIGGER: frozenset[str] = frozenset({"dense", "down"})  # of "qkv", "dense", "gate_up", "down"
-# Which of them first ask L2 for all their weight rows (kernels/gemv.py, prefetch). The attention
+# Which of them first ask L2 for their weight rows (kernels/gemv.py, prefetch: 64 KB a program, all
+# of a 4096-wide projection's). The attention
 # output projection follows the split decode, which reads little from HBM for 7 to 10 us a layer
 # (an H200, twelfth session; 1.2 MB of K/V at 71 tokens); under PDL its programs are resident then,
 # so its 32 MiB (17B; 4.27 TB/s streams that in 7.9 us) start towards L2 while attention runs. After
 # a GEMV the HBM is already busy: the others stream as before. Untimed on a GPU yet: bench_decode.py's
-# "no L2 prefetch" mode is its baseline.
+# "no L2 prefetch" mode is its baseline, and its "L2 prefetch on all four" mode tries it where a
+# program of the next GEMV is resident during the tail of the one before.
 L2_PREFETCH: frozenset[str] = frozenset({"dense"})
 
 
