@@ -17,8 +17,9 @@ runs); only tiles that straddle two runs gather their rows by pointer.
 
 A one-image batch is a few waves of tiles on 132 SMs, and a partial last wave costs a whole
 tile's time (1267 rows x 4096 outputs: 176 tiles of 128 x 256, 1.33 waves). The stream-K
-config (SK) runs one program per SM and splits that last wave's tiles along K instead; on an
-H200 it won 14 of the benchmark's 24 prefill shapes, by up to 18% (RESULTS.md, eighth session).
+config (SK) runs one program per SM and deals that last wave's K iterations out evenly over
+them instead; on an H200 it won 14 of the benchmark's 24 prefill shapes, by up to 18% (RESULTS.md,
+eighth session).
 
 The gated MLP variant reads the gate and up tiles of the same expert in one K loop and writes
 silu(gate) * up once. It takes gate and up as two tensors: concatenating them into one weight
@@ -333,12 +334,15 @@ def _expert_linear_kernel(
     where rows = sorted_rows[tile] and e is the tile's expert (tile start >= vision_start).
 
     SK = 0: one program per tile slot (empty slots exit at once).
-    SK = 1: one program per SM. Whole tiles round-robin while they fill every program; the tiles
-    of the last partial wave (a one-image batch: 176 tiles of 128 x 256 on 132 SMs leave 44)
-    are split along K into `splits` parts, one per program, so that wave takes 1 / splits of a
-    tile's time instead of a whole one. Each part writes fp32 partial sums; the part that
-    arrives last (kernels/arrivals.py: no waiting) adds all parts in order, so results are the
-    same every run, and writes the tile.
+    SK = 1: one program per SM. Whole tiles round-robin while they fill every program; the K
+    iterations of the last partial wave's tiles (a one-image batch: 176 tiles of 128 x 256 on 132
+    SMs leave 44) are dealt out evenly over all programs, so that wave takes tail / programs of a
+    tile's time instead of a whole one (44 tiles: a third). A share holds parts of at most two
+    tiles. Each part writes fp32 partial sums; the part that arrives last (kernels/arrivals.py:
+    no waiting) adds all parts in order, so results are the same every run, and writes the tile.
+    Before (to the thirteenth session) a tail of more than half the programs ran as a whole
+    wave: CogVLM2's one-image QKV (480 tiles of 128 x 256, 84 in the tail) took 4 tiles' time a
+    program where 3.64 suffice.
     """
     pid = tl.program_id(0)
     vision_start = tl.load(vision_start_ptr)
@@ -378,8 +382,6 @@ def _expert_linear_kernel(
         num_pid_m = language_m + tl.cdiv(num_rows - num_language, BLOCK_M)
         num_tiles = num_pid_m * num_pid_n
         tail = num_tiles % num_programs  # tiles of the last partial wave
-        splits = num_programs // tl.maximum(tail, 1)
-        tail = tl.where(splits >= 2, tail, 0)  # a tail too wide to split runs as whole tiles
         whole = num_tiles - tail
         # Every descriptor this program may use, built once: a descriptor is written to global
         # memory and fenced before its first use (two round trips a descriptor, ahead of the
@@ -412,45 +414,61 @@ def _expert_linear_kernel(
                 GATED, PRECISION, LEVEL, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)  # fmt: skip
             _store_tile(out_ptr, acc, acc2, rows64, row_valid, n0, N, b_lang_ptr, b_vis_ptr, is_vision,
                         stride_om, stride_on, HAS_BIAS_LANG, HAS_BIAS_VIS, GATED, BLOCK_N)  # fmt: skip
-        if pid < tail * splits:
-            tail_index = pid // splits
-            per_part = tl.cdiv(k_tiles, splits)
-            k_lo = tl.minimum((pid % splits) * per_part, k_tiles)
-            k_hi = tl.minimum(k_lo + per_part, k_tiles)  # may be empty: then the part adds zeros
-            is_vision, slot0, n0 = _sk_tile(whole + tail_index, num_pid_m, num_pid_n, language_m, vision_start,
-                                            GROUP_M, BLOCK_M, BLOCK_N)  # fmt: skip
-            if is_vision:
-                w_src = w_vis
-                w2_src = w2_vis
-            else:
-                w_src = w_lang
-                w2_src = w2_lang
-            acc, acc2, rows64, row_valid = _routed_tile(
-                x_ptr, x_desc, w_src, w2_src, sorted_rows_ptr, slot0, n0, k_lo, k_hi, N, K,
-                stride_xm, stride_xk, stride_wn, stride_wk,
-                GATED, PRECISION, LEVEL, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)  # fmt: skip
-            tile_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # [BM, BN]
-            part_size = BLOCK_M * BLOCK_N
-            tl.store(partial_ptr + pid * part_size + tile_offs, acc)
-            if GATED:
-                tl.store(partial_ptr + (num_programs + pid) * part_size + tile_offs, acc2)
-            # the last part to count in adds all parts, in order (kernels/arrivals.py)
-            tl.debug_barrier()  # every thread's partial sums are written before the count says so
-            arrived = tl.atomic_add(arrivals_ptr + tail_index, 1, sem="acq_rel", scope="gpu")
-            if arrived == splits - 1:  # the last part of this tile: add all parts, in order
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for part in range(0, splits):
-                    unit = tail_index * splits + part  # the program that computed that part
-                    acc += tl.load(partial_ptr + unit * part_size + tile_offs, cache_modifier=".cg")
+        # The tail's K iterations, all its tiles' end to end, dealt out evenly: program p takes
+        # iterations [p * per, (p + 1) * per). With fewer tail tiles than programs, per <= k_tiles,
+        # so a program's share touches at most two tiles.
+        tail_iters = tail * k_tiles
+        per = tl.cdiv(tail_iters, num_programs)
+        it = pid * per
+        it_end = tl.minimum(it + per, tail_iters)
+        for seg in range(0, 2):  # the share's part of its first tile, then of the next
+            if it < it_end:
+                t = it // k_tiles  # the tail tile
+                k_lo = it - t * k_tiles
+                k_hi = tl.minimum(k_tiles, k_lo + it_end - it)
+                is_vision, slot0, n0 = _sk_tile(whole + t, num_pid_m, num_pid_n, language_m, vision_start,
+                                                GROUP_M, BLOCK_M, BLOCK_N)  # fmt: skip
+                if is_vision:
+                    w_src = w_vis
+                    w2_src = w2_vis
+                else:
+                    w_src = w_lang
+                    w2_src = w2_lang
+                acc, acc2, rows64, row_valid = _routed_tile(
+                    x_ptr, x_desc, w_src, w2_src, sorted_rows_ptr, slot0, n0, k_lo, k_hi, N, K,
+                    stride_xm, stride_xk, stride_wn, stride_wk,
+                    GATED, PRECISION, LEVEL, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)  # fmt: skip
+                first = (t * k_tiles) // per  # the programs whose shares hold part of tile t
+                last = ((t + 1) * k_tiles - 1) // per
+                if first == last:  # the whole tile in this share: no parts
+                    _store_tile(out_ptr, acc, acc2, rows64, row_valid, n0, N, b_lang_ptr, b_vis_ptr, is_vision,
+                                stride_om, stride_on, HAS_BIAS_LANG, HAS_BIAS_VIS, GATED, BLOCK_N)  # fmt: skip
+                else:
+                    # each share's part of a tile in slot 2 * program + (its tile's place in the share)
+                    tile_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # [BM, BN]
+                    part_size = BLOCK_M * BLOCK_N
+                    unit = 2 * pid + seg
+                    tl.store(partial_ptr + unit * part_size + tile_offs, acc)
                     if GATED:
-                        acc2 += tl.load(partial_ptr + (num_programs + unit) * part_size + tile_offs,
-                                        cache_modifier=".cg")  # fmt: skip
-                if not GATED:
-                    acc2 = acc
-                _store_tile(out_ptr, acc, acc2, rows64, row_valid, n0, N, b_lang_ptr, b_vis_ptr, is_vision,
-                            stride_om, stride_on, HAS_BIAS_LANG, HAS_BIAS_VIS, GATED, BLOCK_N)  # fmt: skip
-                tl.atomic_xchg(arrivals_ptr + tail_index, 0)  # zero again for the next launch
+                        tl.store(partial_ptr + (2 * num_programs + unit) * part_size + tile_offs, acc2)
+                    # the last part to count in adds all parts, in order (kernels/arrivals.py)
+                    tl.debug_barrier()  # every thread's partial sums are written before the count says so
+                    arrived = tl.atomic_add(arrivals_ptr + t, 1, sem="acq_rel", scope="gpu")
+                    if arrived == last - first:  # the last part of this tile: add all parts, in order
+                        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                        for p in range(first, last + 1):
+                            unit = 2 * p + t - (p * per) // k_tiles  # program p's slot for tile t
+                            acc += tl.load(partial_ptr + unit * part_size + tile_offs, cache_modifier=".cg")
+                            if GATED:
+                                acc2 += tl.load(partial_ptr + (2 * num_programs + unit) * part_size + tile_offs,
+                                                cache_modifier=".cg")  # fmt: skip
+                        if not GATED:
+                            acc2 = acc
+                        _store_tile(out_ptr, acc, acc2, rows64, row_valid, n0, N, b_lang_ptr, b_vis_ptr, is_vision,
+                                    stride_om, stride_on, HAS_BIAS_LANG, HAS_BIAS_VIS, GATED, BLOCK_N)  # fmt: skip
+                        tl.atomic_xchg(arrivals_ptr + t, 0)  # zero again for the next launch
+                it = (t + 1) * k_tiles  # the next tile's first iteration (past it_end if this share ended here)
 
 
 @functools.cache
@@ -530,9 +548,9 @@ def _launch(x, routing, w_lang, w_vis, w2_lang, w2_vis, b_lang, b_vis, gated: bo
     key = (out_features, in_features, gated, bucket, limit, x.dtype, bias_dtypes)
     config = _chosen_config(key)
     configs = [config] if config is not None else _expert_linear_kernel.configs
-    if any(c.kwargs["SK"] for c in configs):  # fp32 partial sums, one tile (two when gated) per program
+    if any(c.kwargs["SK"] for c in configs):  # fp32 partial sums, two tiles (four when gated) per program
         tile = max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in configs if c.kwargs["SK"])
-        partial = torch.empty(num_sk * tile * (2 if gated else 1), dtype=torch.float32, device=x.device)
+        partial = torch.empty(num_sk * 2 * tile * (2 if gated else 1), dtype=torch.float32, device=x.device)
     else:
         partial = out  # never read or written
     arrivals = arrival_counts(x.device, num_sk)  # one per tail tile: at most num_sk / 2

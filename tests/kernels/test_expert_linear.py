@@ -133,35 +133,40 @@ def test_tma_limit_follows_alignment(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "programs, num_tokens, n_out, mask_name",
+    "programs, num_tokens, n_out, mask_name, n_in",
     [
-        (5, 300, 96, "long_run"),  # 12 tiles of 64 x 64 on 5 programs: 10 whole, 2 tail tiles in 2 parts
-        (8, 300, 96, "two_runs"),  # 4 tail tiles in 2 parts; the tail tiles straddle the image gap
-        (7, 300, 96, "long_run"),  # 5 tail tiles on 7 programs: too wide to split, all whole
-        (6, 300, 96, "alternating"),  # 12 tiles on 6: no tail
-        (16, 100, 40, "random"),  # 4 tiles or fewer on 16: all tail, 4+ parts of 3 K tiles (empty parts)
+        # 12 tiles of 64 x 64 on 5 programs: 10 whole; the tail's 2 tiles x 3 K tiles dealt 2 a
+        # program: 2 parts a tile, one share spanning both tiles
+        (5, 300, 96, "long_run", 72),
+        (8, 300, 96, "two_runs", 72),  # 4 tail tiles in 2 parts; the tail tiles straddle the image gap
+        (7, 300, 96, "long_run", 72),  # 5 tail tiles on 7 programs, 3 K iterations a share: each tile in one share
+        # the same with 4 K tiles: 3 a share, 2 parts a tile, shares spanning two tiles (a tail of
+        # more than half the programs, which ran as a whole wave before the thirteenth session)
+        (7, 300, 96, "long_run", 128),
+        (6, 300, 96, "alternating", 72),  # 12 tiles on 6: no tail
+        (16, 100, 40, "random", 72),  # 2 tiles on 16: all tail, one K iteration a share, 3 parts a tile, 10 idle
     ],
 )
 @pytest.mark.parametrize("gated", [False, True], ids=["linear", "gated"])
-def test_stream_k_tail_matches_reference(monkeypatch, programs, num_tokens, n_out, mask_name, gated):
-    """SK = 1: whole tiles round-robin over the programs, the last partial wave split along K,
-    the last part of each tile adding all parts. Same function as the reference, the same bits
-    every run, and the arrival counts back at zero."""
+def test_stream_k_tail_matches_reference(monkeypatch, programs, num_tokens, n_out, mask_name, n_in, gated):
+    """SK = 1: whole tiles round-robin over the programs, the last partial wave's K iterations
+    dealt out evenly, the last part of each tile adding all parts. Same function as the
+    reference, the same bits every run, and the arrival counts back at zero."""
     monkeypatch.setattr(kernel_module, "SK_PROGRAMS", programs)
     kernel = kernel_module._expert_linear_kernel
     monkeypatch.setattr(kernel, "configs", [SAFE_SK_CONFIG])
     monkeypatch.setattr(kernel, "cache", {})
     dtype = torch.float16
-    x = torch.randn(num_tokens, 72, device=DEVICE).to(dtype)  # 3 K tiles of 32
+    x = torch.randn(num_tokens, n_in, device=DEVICE).to(dtype)  # K tiles of 32
     mask = pattern(mask_name, num_tokens)
     if gated:
-        gl, ul, gv, uv = (weights(n_out, 72, dtype)[0] for _ in range(4))
+        gl, ul, gv, uv = (weights(n_out, n_in, dtype)[0] for _ in range(4))
         out = expert_gated_up(x, mask, gl, ul, gv, uv)
         again = expert_gated_up(x, mask, gl, ul, gv, uv)
         ref64 = expert_gated_up_ref(x.double(), mask, gl.double(), ul.double(), gv.double(), uv.double())
         check_close(out, ref64, expert_gated_up_ref(x, mask, gl, ul, gv, uv))
     else:
-        w_lang, w_vis, b_lang, b_vis = weights(n_out, 72, dtype, bias_on=("vision",))
+        w_lang, w_vis, b_lang, b_vis = weights(n_out, n_in, dtype, bias_on=("vision",))
         out = expert_linear(x, mask, w_lang, w_vis, b_lang, b_vis)
         again = expert_linear(x, mask, w_lang, w_vis, b_lang, b_vis)
         f64 = [t.double() if t is not None else None for t in (x, w_lang, w_vis, b_lang, b_vis)]
