@@ -230,6 +230,18 @@ def _x_source(x_ptr, num_rows, K, stride_xm, LEVEL: tl.constexpr, BLOCK_M: tl.co
 
 
 @triton.jit
+def _expert_pick(is_vision, w_lang, w_vis, w2_lang, w2_vis):
+    """The tile's expert's pair (W, W2): pointers or descriptors, as the caller holds them."""
+    if is_vision:
+        w = w_vis
+        w2 = w2_vis
+    else:
+        w = w_lang
+        w2 = w2_lang
+    return w, w2
+
+
+@triton.jit
 def _routed_tile(
     x_ptr, x_desc, w_src, w2_src, sorted_rows_ptr, slot0, n0, k_lo, k_hi, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk,
@@ -356,12 +368,7 @@ def _expert_linear_kernel(
             return  # an empty tile: regions fill from their start, so its first slot is padding
         is_vision = slot0 >= vision_start
         n0 = pid_n * BLOCK_N
-        if is_vision:
-            w_ptr = w_vis_ptr
-            w2_ptr = w2_vis_ptr
-        else:
-            w_ptr = w_lang_ptr
-            w2_ptr = w2_lang_ptr
+        w_ptr, w2_ptr = _expert_pick(is_vision, w_lang_ptr, w_vis_ptr, w2_lang_ptr, w2_vis_ptr)
         # one tile a program: only its own expert's descriptors
         w_src = _weight_source(w_ptr, N, K, stride_wn, LEVEL, BLOCK_N, BLOCK_K)
         if GATED:
@@ -402,12 +409,7 @@ def _expert_linear_kernel(
         for tile in range(pid, whole, num_programs):
             is_vision, slot0, n0 = _sk_tile(tile, num_pid_m, num_pid_n, language_m, vision_start, GROUP_M, BLOCK_M,
                                             BLOCK_N)  # fmt: skip
-            if is_vision:  # a select between the two experts' descriptors (or pointers)
-                w_src = w_vis
-                w2_src = w2_vis
-            else:
-                w_src = w_lang
-                w2_src = w2_lang
+            w_src, w2_src = _expert_pick(is_vision, w_lang, w_vis, w2_lang, w2_vis)  # a select of descriptors
             acc, acc2, rows64, row_valid = _routed_tile(
                 x_ptr, x_desc, w_src, w2_src, sorted_rows_ptr, slot0, n0, 0, k_tiles, N, K,
                 stride_xm, stride_xk, stride_wn, stride_wk,
@@ -428,12 +430,7 @@ def _expert_linear_kernel(
                 k_hi = tl.minimum(k_tiles, k_lo + it_end - it)
                 is_vision, slot0, n0 = _sk_tile(whole + t, num_pid_m, num_pid_n, language_m, vision_start,
                                                 GROUP_M, BLOCK_M, BLOCK_N)  # fmt: skip
-                if is_vision:
-                    w_src = w_vis
-                    w2_src = w2_vis
-                else:
-                    w_src = w_lang
-                    w2_src = w2_lang
+                w_src, w2_src = _expert_pick(is_vision, w_lang, w_vis, w2_lang, w2_vis)
                 acc, acc2, rows64, row_valid = _routed_tile(
                     x_ptr, x_desc, w_src, w2_src, sorted_rows_ptr, slot0, n0, k_lo, k_hi, N, K,
                     stride_xm, stride_xk, stride_wn, stride_wk,
@@ -553,7 +550,7 @@ def _launch(x, routing, w_lang, w_vis, w2_lang, w2_vis, b_lang, b_vis, gated: bo
         partial = torch.empty(num_sk * 2 * tile * (2 if gated else 1), dtype=torch.float32, device=x.device)
     else:
         partial = out  # never read or written
-    arrivals = arrival_counts(x.device, num_sk)  # one per tail tile: at most num_sk / 2
+    arrivals = arrival_counts(x.device, num_sk)  # one per tail tile: fewer than num_sk
 
     def grid(meta):
         if meta["SK"]:

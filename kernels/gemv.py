@@ -35,6 +35,7 @@ from kernels.pdl import pdl_launch
 from kernels.rms_norm import rms_norm_ref
 
 PLAIN, RMS_NORM, SILU_AND_MUL = 0, 1, 2  # the prologue
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # no PTX there: the L2 prefetch is left out
 
 
 def _config(bn: int, bk: int, warps: int, stages: int, ahead: int = 0) -> triton.Config:
@@ -87,7 +88,7 @@ SAFE_CONFIG = _config(16, 128, 4, 2)  # the interpreter's and the tests' config
 
 
 def _configs() -> list[triton.Config]:
-    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+    if _INTERPRETED or not torch.cuda.is_available():
         return [SAFE_CONFIG]  # NOTE: the interpreter cannot autotune over several configs
     if os.environ.get("COGSERVE_AUTOTUNE", "1") == "0":
         return [SAFE_CONFIG]
@@ -282,7 +283,7 @@ def _launch(x, weight, prologue, residual=None, norm_weight=None, eps=0.0, pdl=F
         norm_weight if norm_weight is not None else x, out_features, in_features, weight.stride(0), eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None,
         K_POW2=triton.next_power_of_2(in_features) if prologue == RMS_NORM else 1,  # one compile for the others
-        PDL=pdl, EARLY_TRIGGER=pdl and early_trigger, PREFETCH=prefetch and os.environ.get("TRITON_INTERPRET") != "1",
+        PDL=pdl, EARLY_TRIGGER=pdl and early_trigger, PREFETCH=prefetch and not _INTERPRETED,
         **launch, **config_args,
     )  # fmt: skip
     return out, residual_out

@@ -301,7 +301,7 @@ SPLIT_TILE, SPLIT_WARPS, MAX_SPLITS = 128, 4, 16
 # before this step's come from earlier steps). Not yet timed on a GPU; bench_decode.py's "first K/V
 # tile after the wait" mode sets this False, its baseline in the same run. Compiled for sm_90 the
 # kernel with its first tile apart takes 168 registers (128 before), and under Triton 3.6 spills
-# 16 bytes, with either setting.
+# 8 bytes in bf16 (16 before its splits without keys left ahead of the wait), with either setting.
 EARLY_TILE = True
 
 

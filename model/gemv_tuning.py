@@ -88,8 +88,8 @@ def tune_one_row_gemvs(
     configs = list(gemv_module.GPU_CONFIGS if configs is None else configs)
     chosen = {}
     for projection in PROJECTIONS:
-        n_out, n_in = projection.weight(layers[0]).shape
-        dtype = projection.weight(layers[0]).dtype
+        weight0 = projection.weight(layers[0])
+        (n_out, n_in), dtype = weight0.shape, weight0.dtype
         has_residual = projection.prologue == RMS_NORM  # the chain's calls carry one
         fn = chain(projection, layers, pdl, projection.name in early_trigger, projection.name in prefetch)
         times = {}
