@@ -42,6 +42,14 @@ from kernels.rotary import check_kv_write, rotary_and_write_kv_
 
 # fmt: off
 @triton.jit
+def _kv_offsets(physical, key_pos, kv_head, dims, stride_kb, stride_ks, stride_kh, BLOCK_SIZE: tl.constexpr):
+    """[BN, D] element offsets of keys key_pos ([BN]) of one KV head in a paged K or V cache, whose
+    blocks `physical` ([BN] int64, from the block table) hold them."""
+    return (physical[:, None] * stride_kb + (key_pos % BLOCK_SIZE)[:, None] * stride_ks
+            + kv_head * stride_kh + dims[None, :])  # fmt: skip
+
+
+@triton.jit
 def _paged_attention_kernel(
     # pointers
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
@@ -94,8 +102,7 @@ def _paged_attention_kernel(
         key_valid = key_pos < last_key
         physical = tl.load(block_tables_ptr + seq * stride_bt + key_pos // BLOCK_SIZE, mask=key_valid,
                            other=0).to(tl.int64)  # [BN]
-        kv_offs = (physical[:, None] * stride_kb + (key_pos % BLOCK_SIZE)[:, None] * stride_ks
-                   + kv_head * stride_kh + dims[None, :])
+        kv_offs = _kv_offsets(physical, key_pos, kv_head, dims, stride_kb, stride_ks, stride_kh, BLOCK_SIZE)
         k = tl.load(k_cache_ptr + kv_offs, mask=key_valid[:, None], other=0.0)  # [BN, D]
         v = tl.load(v_cache_ptr + kv_offs, mask=key_valid[:, None], other=0.0)  # [BN, D]
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BM, BN] (fp32 accumulate)
@@ -111,17 +118,6 @@ def _paged_attention_kernel(
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
-
-
-@triton.jit
-def _first_tile(cache_ptr, physical, start, first_ok, kv_head, stride_kb, stride_ks, stride_kh,
-                BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
-    """A split's first tile of cached keys or values, [BN, D] in the cache dtype, where first_ok."""
-    first = start + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, HEAD_DIM)
-    offs = (physical[:, None] * stride_kb + (first % BLOCK_SIZE)[:, None] * stride_ks
-            + kv_head * stride_kh + dims[None, :])  # fmt: skip
-    return tl.load(cache_ptr + offs, mask=first_ok[:, None], other=0.0)
 
 
 @triton.jit
@@ -198,22 +194,20 @@ def _decode_split_kernel(
     newest = seq_len - 1  # this step's key: in the cache (written before), or ROTARY's to rotate and write
     cached_end = tl.minimum(end, newest) if ROTARY else end  # ROTARY: the newest key joins after the loop
     first_ok = start + offs < cached_end  # ROTARY: the first tile's cached keys
+    first_offs = _kv_offsets(physical, start + offs, kv_head, dims, stride_kb, stride_ks, stride_kh, BLOCK_SIZE)
     if ROTARY and EARLY_TILE:
         # The keys before this step's were written by earlier steps, not by the kernel right
         # before, so under PDL the split's first tile of keys (at 71 or 1279 tokens of context, its
         # only one) streams in while that kernel drains: one memory latency off each layer's
         # chain. Its values load right after the wait, beside q: they are needed after the scores.
-        k_first = _first_tile(k_cache_ptr, physical, start, first_ok, kv_head, stride_kb, stride_ks, stride_kh,
-                              BLOCK_SIZE, BLOCK_N, HEAD_DIM)  # fmt: skip
+        k_first = tl.load(k_cache_ptr + first_offs, mask=first_ok[:, None], other=0.0)  # [BN, D]
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     if ROTARY:
         if not EARLY_TILE:  # the keys after the wait too (bench_decode.py's baseline)
-            k_first = _first_tile(k_cache_ptr, physical, start, first_ok, kv_head, stride_kb, stride_ks, stride_kh,
-                                  BLOCK_SIZE, BLOCK_N, HEAD_DIM)  # fmt: skip
-        v_first = _first_tile(v_cache_ptr, physical, start, first_ok, kv_head, stride_kb, stride_ks, stride_kh,
-                              BLOCK_SIZE, BLOCK_N, HEAD_DIM)  # fmt: skip
+            k_first = tl.load(k_cache_ptr + first_offs, mask=first_ok[:, None], other=0.0)  # [BN, D]
+        v_first = tl.load(v_cache_ptr + first_offs, mask=first_ok[:, None], other=0.0)  # [BN, D]
         upcoming = start + offs + BLOCK_N  # the second tile's blocks
         physical = tl.load(table + upcoming // BLOCK_SIZE, mask=upcoming < end, other=0).to(tl.int64)
     q = tl.load(q_ptr + q_row * stride_qt + head * stride_qh + dims).to(tl.float32)  # [D]
@@ -250,8 +244,7 @@ def _decode_split_kernel(
     for tile in range(loop_start, cached_end, BLOCK_N):
         key_pos = tile + offs  # [BN]
         valid = key_pos < cached_end
-        kv_offs = (physical[:, None] * stride_kb + (key_pos % BLOCK_SIZE)[:, None] * stride_ks
-                   + kv_head * stride_kh + dims[None, :])
+        kv_offs = _kv_offsets(physical, key_pos, kv_head, dims, stride_kb, stride_ks, stride_kh, BLOCK_SIZE)
         k = tl.load(k_cache_ptr + kv_offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BN, D]
         v = tl.load(v_cache_ptr + kv_offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BN, D]
         # the next tile's blocks load while this tile's K/V are in flight: the table lookup
