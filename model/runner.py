@@ -25,7 +25,7 @@ from model.experts import routed_linear, routing_for
 from model.gemv_tuning import tune_one_row_gemvs
 from model.paged_attention import PagedAttentionMetadata, PagedKVCache, make_attention_backend
 from model.processor import VISION_TOKEN_TYPE
-from model.sampler import Sampler, counts_tokens
+from model.sampler import Sampler
 from model.transfer import to_device
 
 
@@ -194,7 +194,7 @@ class ModelRunner:
         if not sampling:
             return RunnerOutput()
         in_flight_tokens = None  # [B_sample] int64: the token in flight on the device, -1 elsewhere
-        if fed is not None and any(counts_tokens(s.seq.params) for s in sampling):  # the penalties read it
+        if fed is not None and any(s.seq.params.counts_tokens for s in sampling):  # the penalties read it
             if fed[0] is None:  # every row fed, and each samples: in batch order
                 in_flight_tokens = fed[1]
             else:

@@ -62,11 +62,6 @@ class SampledBatch:
         return out
 
 
-def counts_tokens(p: SamplingParams) -> bool:
-    """Whether a row's penalties read how often each token occurred (and so the token in flight)."""
-    return p.repetition_penalty != 1.0 or bool(p.frequency_penalty or p.presence_penalty)
-
-
 def _token_counts(ids: list[int], in_flight: torch.Tensor | None, vocab: int, device) -> torch.Tensor:
     """[V] fp32 occurrences of each token id among ids (and the token in flight, -1 for none).
     Fixed-size scatter: bincount and unique would read the ids' range back from the device."""
@@ -103,7 +98,7 @@ class Sampler:
         in_flight = in_flight or [False] * len(seqs)
         logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
         masked = [self._masks_stop_tokens(s, fed) for s, fed in zip(seqs, in_flight, strict=True)]
-        if any(counts_tokens(p) or p.logit_bias for p in params) or any(masked):
+        if any(p.counts_tokens or p.logit_bias for p in params) or any(masked):
             # NOTE: edited in place below; otherwise read as they are (a decode graph's output buffer,
             # which the next replay overwrites only after this step's reads, in stream order)
             logits = logits.clone()
@@ -155,17 +150,16 @@ class Sampler:
         vocab = logits.shape[1]
         for i, seq in enumerate(seqs):
             p = seq.params
-            if not counts_tokens(p):
+            if not p.counts_tokens:
                 continue
-            repetition, additive = p.repetition_penalty != 1.0, bool(p.frequency_penalty or p.presence_penalty)
             in_flight = in_flight_tokens[i : i + 1] if in_flight_tokens is not None else None
             counts = _token_counts(seq.output_token_ids, in_flight, vocab, logits.device)  # [V]
-            if repetition:
+            if p.has_repetition_penalty:
                 seen = (counts + _token_counts(seq.prompt.input_ids, None, vocab, logits.device)) > 0
                 row = logits[i]
                 logits[i] = torch.where(seen, torch.where(row > 0, row / p.repetition_penalty,
                                                           row * p.repetition_penalty), row)  # fmt: skip
-            if additive:
+            if p.has_additive_penalties:
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
     @staticmethod

@@ -112,6 +112,19 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
     @property
+    def has_repetition_penalty(self) -> bool:  # divides the logits of every token seen so far
+        return self.repetition_penalty != 1.0
+
+    @property
+    def has_additive_penalties(self) -> bool:  # frequency or presence: subtracted by output counts
+        return bool(self.frequency_penalty or self.presence_penalty)
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether the penalties read how often each token occurred (and so the token in flight)."""
+        return self.has_repetition_penalty or self.has_additive_penalties
+
+    @property
     def effective_temperature(self) -> float:  # what the sampler divides by (greedy rows: unused)
         return max(self.temperature, MIN_TEMPERATURE)
 
