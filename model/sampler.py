@@ -1,10 +1,11 @@
 """Batched sampling on the device, for every parameter of SamplingParams.
 
-Order, as vLLM: logprobs from the raw logits; then repetition / frequency / presence penalties;
-min_tokens (stop tokens masked); greedy rows take the argmax; the rest are divided by their
-temperature, filtered by min_p, top_k and top_p, and sampled with the exponential race
-(argmax of p / q with q ~ Exp(1)), whose noise for a seeded request comes from that request's
-own generator, so its tokens do not depend on the rest of the batch.
+Order, as vLLM: logprobs from the raw logits; then repetition / frequency / presence penalties,
+logit_bias, allowed_token_ids (every other token masked), min_tokens (stop tokens masked); greedy
+rows take the argmax; the rest are divided by their temperature, filtered by min_p, top_k and
+top_p, and sampled with the exponential race (argmax of p / q with q ~ Exp(1)), whose noise for a
+seeded request comes from that request's own generator, so its tokens do not depend on the rest
+of the batch.
 """
 
 from __future__ import annotations
@@ -76,9 +77,13 @@ class Sampler:
     def __init__(self, eos_token_ids: tuple[int, ...]):
         self.eos_token_ids = eos_token_ids
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own generators
+        # allowed_token_ids as a [V] bool mask of the tokens it rules out, built on the device once
+        # a request (its ids, the key, are the request's own tuple): not an upload of them every step
+        self.disallowed: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
 
     def forget(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
+        self.disallowed.pop(request_id, None)
 
     def __call__(self, logits: torch.Tensor, seqs: list[SequenceData]) -> list[SampledToken]:
         """logits: [B, vocab] fp32, one row per sequence that samples this step."""
@@ -98,12 +103,13 @@ class Sampler:
         in_flight = in_flight or [False] * len(seqs)
         logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
         masked = [self._masks_stop_tokens(s, fed) for s, fed in zip(seqs, in_flight, strict=True)]
-        if any(p.counts_tokens or p.logit_bias for p in params) or any(masked):
+        if any(p.counts_tokens or p.logit_bias or p.allowed_token_ids for p in params) or any(masked):
             # NOTE: edited in place below; otherwise read as they are (a decode graph's output buffer,
             # which the next replay overwrites only after this step's reads, in stream order)
             logits = logits.clone()
             self._apply_penalties(logits, seqs, in_flight_tokens)
             self._apply_logit_bias(logits, params)
+            self._mask_disallowed(logits, seqs)
             self._mask_stop_tokens(logits, seqs, masked)
 
         greedy = [p.is_greedy for p in params]
@@ -174,6 +180,22 @@ class Sampler:
                 ids, biases = zip(*bias, strict=True)
                 ids_t = to_device(list(ids), logits.device, torch.long)
                 logits[i].index_add_(0, ids_t, to_device(list(biases), logits.device, logits.dtype))
+
+    def _mask_disallowed(self, logits: torch.Tensor, seqs: list[SequenceData]) -> None:
+        """vLLM's allowed_token_ids: every other token's logit is -inf, so greedy and sampled rows
+        pick among them (logprobs stay those of the raw logits). SamplingParams.check_model makes
+        sure min_tokens leaves one of them."""
+        vocab = logits.shape[1]
+        for i, seq in enumerate(seqs):
+            allowed = seq.params.allowed_token_ids
+            if allowed is None:
+                continue
+            cached = self.disallowed.get(seq.request_id)
+            if cached is None or cached[0] is not allowed:
+                ids = to_device([t for t in allowed if t < vocab], logits.device, torch.long)  # ids past it: refused
+                mask = torch.ones(vocab, dtype=torch.bool, device=logits.device).index_fill_(0, ids, False)
+                cached = self.disallowed[seq.request_id] = (allowed, mask)
+            logits[i].masked_fill_(cached[1], float("-inf"))
 
     @staticmethod
     def _masks_stop_tokens(seq: SequenceData, in_flight: bool) -> bool:

@@ -44,6 +44,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; K: the sampled token's logprob and the K best
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias): added to the logits before sampling
+    allowed_token_ids: tuple[int, ...] | None = None  # vLLM's: only these may be sampled; None: any token
 
     def __post_init__(self) -> None:
         self.validate()
@@ -93,12 +94,27 @@ class SamplingParams:
                 fail("logit_bias", "keyed by token ids >= 0", token_id)
             if not is_real(bias) or abs(bias) > MAX_LOGIT_BIAS:
                 fail("logit_bias", f"values in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]", bias)
+        if self.allowed_token_ids is not None and (
+            not self.allowed_token_ids or any(not is_int(t) for t in self.allowed_token_ids)
+        ):
+            fail("allowed_token_ids", "a non-empty list of token ids >= 0", self.allowed_token_ids)
 
-    def check_vocab(self, vocab_size: int) -> None:
-        """What validation cannot know without the model: logit_bias ids past its vocabulary."""
+    def check_model(self, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
+        """What validation cannot know without the model: token ids past its vocabulary, and an
+        allowed_token_ids whose every token min_tokens masks (a row with nothing left to sample)."""
         if outside := sorted(t for t, _ in self.logit_bias if t >= vocab_size):
             raise ParamError(f"logit_bias holds token ids past the vocabulary (size {vocab_size}): {outside[:5]}",
                              "logit_bias")  # fmt: skip
+        allowed = self.allowed_token_ids
+        if allowed is None:
+            return
+        if outside := sorted(t for t in allowed if t >= vocab_size):
+            raise ParamError(f"allowed_token_ids holds token ids past the vocabulary (size {vocab_size}): "
+                             f"{outside[:5]}", "allowed_token_ids")  # fmt: skip
+        stops = set(self.stop_token_ids) | (set() if self.ignore_eos else set(eos_token_ids))
+        if self.min_tokens and set(allowed) <= stops:
+            raise ParamError(f"allowed_token_ids holds only stop tokens, which min_tokens ({self.min_tokens}) "
+                             "forbids before that many tokens", "allowed_token_ids")  # fmt: skip
 
     def child_seed(self, index: int) -> int | None:
         """The seed of completion `index` of n: seed + index, wrapped around the seed range."""

@@ -46,7 +46,8 @@ class AppState:
     engine: AsyncEngine | None = None
     processor: Processor | None = None
     max_model_len: int = 0
-    vocab_size: int = 0  # the model's: logit_bias ids must be below it
+    vocab_size: int = 0  # the model's: logit_bias and allowed_token_ids ids must be below it
+    eos_token_ids: tuple[int, ...] = ()  # the model's: what min_tokens masks besides stop_token_ids
     generation_defaults: GenerationDefaults = GenerationDefaults()  # the checkpoint's sampling defaults
     draining: bool = False
     created: int = field(default_factory=lambda: int(time.time()))

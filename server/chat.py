@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 # vLLM request fields this server does not implement; a request that sets one gets a 400 rather
 # than an answer that silently ignores it (structured outputs, prompt logprobs, echo, beam search)
 UNSUPPORTED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
-               "prompt_logprobs", "echo", "use_beam_search", "allowed_token_ids", "bad_words")  # fmt: skip
+               "prompt_logprobs", "echo", "use_beam_search", "bad_words")  # fmt: skip
 
 
 def sampling_params(body: ChatCompletionRequest, max_n: int, defaults: GenerationDefaults) -> SamplingParams:
@@ -71,6 +71,7 @@ def sampling_params(body: ChatCompletionRequest, max_n: int, defaults: Generatio
             ignore_eos=body.ignore_eos,
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
             logit_bias=tuple(logit_bias),
+            allowed_token_ids=None if body.allowed_token_ids is None else tuple(body.allowed_token_ids),
         )
     except ParamError as err:
         name = err.field
@@ -150,7 +151,7 @@ class ChatHandler:
         Returns `params` with the checkpoint's default max_tokens where the request set none,
         capped to the context the prompt leaves (vLLM's way with a default)."""
         try:
-            params.check_vocab(self.state.vocab_size)
+            params.check_model(self.state.vocab_size, self.state.eos_token_ids)
         except ParamError as err:
             raise bad_request(str(err), err.field) from err
         limit = self.state.max_model_len

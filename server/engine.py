@@ -163,7 +163,7 @@ class Engine:
                 f"prompt of {prompt.num_tokens} tokens (image slots included) leaves no room for output "
                 f"within max_model_len {self.max_model_len}"
             )
-        params.check_vocab(self.model.config.vocab_size)
+        params.check_model(self.model.config.vocab_size, self.model.config.eos_token_ids)
         if any(f"{request_id}#{i}" in self.tracked for i in range(params.n)):
             raise ParamError(f"request id {request_id!r} is already in use")
         room = self.max_model_len - prompt.num_tokens

@@ -63,6 +63,7 @@ class ChatCompletionRequest(BaseModel):
     repetition_penalty: float | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
+    allowed_token_ids: list[int] | None = None
     stop_token_ids: list[int] | None = None
     return_tokens_as_token_ids: bool = False
     include_stop_str_in_output: bool = False
@@ -83,7 +84,6 @@ class ChatCompletionRequest(BaseModel):
     prompt_logprobs: int | None = None
     echo: bool = False
     use_beam_search: bool = False
-    allowed_token_ids: Any = None
     bad_words: Any = None
     best_of: int | None = None  # up to n: the same as n; more: sampling best_of and keeping n
     chat_template: str | None = None  # vLLM's Jinja templates: CogVLM's prompts are `template`'s

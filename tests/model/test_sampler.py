@@ -37,11 +37,12 @@ def test_logits_are_copied_only_for_a_row_that_edits_them(monkeypatch):
     plain = [seq(temperature=0.0), seq(temperature=0.0, output_ids=(5,)), seq(top_k=3, seed=1)]
     sample(logits, *plain)
     assert copies == []
-    for edits in (dict(repetition_penalty=1.5), dict(logit_bias=((7, 100.0),)), dict(min_tokens=2)):
+    for edits in (dict(repetition_penalty=1.5), dict(logit_bias=((7, 100.0),)), dict(min_tokens=2),
+                  dict(allowed_token_ids=(7,))):  # fmt: skip
         picked = sample(logits, *plain[:2], seq(temperature=0.0, output_ids=(7,), **edits))
         assert copies == [logits.shape] and torch.equal(logits, kept)
         copies.clear()
-        if "logit_bias" in edits:
+        if "logit_bias" in edits or "allowed_token_ids" in edits:
             assert picked[2].token_id == 7  # the edit reached the sampled row
     assert [t.token_id for t in sample(logits[:2], *plain[:2])] == logits[:2].argmax(-1).tolist()
 
@@ -155,6 +156,9 @@ def test_seeded_rows_do_not_depend_on_their_neighbours():
         ({"logit_bias": ((-1, 1.0),)}, "logit_bias"),
         ({"logit_bias": ((5, 100.5),)}, "logit_bias"),
         ({"logit_bias": ((5, math.nan),)}, "logit_bias"),
+        ({"allowed_token_ids": ()}, "allowed_token_ids"),  # vLLM refuses an empty list too
+        ({"allowed_token_ids": (3, -1)}, "allowed_token_ids"),
+        ({"allowed_token_ids": (3, 1.0)}, "allowed_token_ids"),
     ],
 )
 def test_every_parameter_is_validated_with_its_name(bad, name):
@@ -193,6 +197,72 @@ def test_logit_bias_is_added_to_the_logits_of_its_row_only():
     assert biased.logprob == pytest.approx(torch.log_softmax(logits[1], -1)[worst].item(), abs=1e-5)
 
 
+def test_allowed_token_ids_keep_every_other_token_out_of_its_row_only():
+    logits = torch.randn(3, 40)
+    allowed = tuple(int(i) for i in logits[1].topk(40).indices[-3:])  # the three worst tokens of row 1
+    rows = [seq("a", temperature=0), seq("b", temperature=0, allowed_token_ids=allowed),
+            seq("c", temperature=0, allowed_token_ids=(int(logits[2].argmax()),))]  # fmt: skip
+    tokens = [t.token_id for t in sample(logits, *rows)]
+    assert tokens[0] == logits[0].argmax().item()  # the row beside them is untouched
+    assert tokens[1] == allowed[0]  # greedy: the best of the allowed ones
+    assert tokens[2] == logits[2].argmax().item()
+    sampler = Sampler((0,))
+    hot = [sampler(logits[1:2] * 0, [seq("s", temperature=5.0, allowed_token_ids=allowed)])[0].token_id
+           for _ in range(60)]  # fmt: skip
+    assert set(hot) == set(allowed)  # sampled rows draw among all of them, and nothing else
+    # with a logit_bias of +100 on a token it rules out, and penalties: still only the allowed ones
+    row = seq("p", temperature=0, output_ids=allowed * 3, repetition_penalty=2.0, frequency_penalty=2.0,
+              allowed_token_ids=allowed, logit_bias=((int(logits[1].argmax()), 100.0),))  # fmt: skip
+    assert sample(logits[1:2], row)[0].token_id in allowed
+    # logprobs stay the raw model's, as vLLM's
+    (t,) = sample(logits[1:2], seq("l", temperature=0, logprobs=2, allowed_token_ids=allowed))
+    raw = torch.log_softmax(logits[1], -1)
+    assert t.logprob == pytest.approx(raw[allowed[0]].item(), abs=1e-5)
+    assert [i for i, _ in t.top_logprobs] == raw.topk(2).indices.tolist()
+
+
+def test_min_tokens_masks_stop_tokens_among_the_allowed_ones():
+    logits = torch.zeros(1, 20)
+    logits[0, 0] = 10.0  # eos (0) is by far the best
+    row = seq("m", temperature=0, min_tokens=2, allowed_token_ids=(0, 9))
+    assert sample(logits, row)[0].token_id == 9  # eos masked until 2 tokens: the other allowed one
+    done = seq("d", temperature=0, min_tokens=2, output_ids=(9, 9), allowed_token_ids=(0, 9))
+    assert sample(logits, done)[0].token_id == 0
+
+
+def test_the_allowed_mask_follows_a_reused_request_id():
+    """The sampler keeps each request's mask on the device; a request id used again (after its
+    first request finished) with other allowed ids gets a new one, forgotten or not."""
+    sampler = Sampler((0,))
+    logits = torch.randn(1, 30)
+    assert sampler(logits, [seq("x", temperature=0, allowed_token_ids=(4,))])[0].token_id == 4
+    assert sampler(logits, [seq("x", temperature=0, allowed_token_ids=(11,))])[0].token_id == 11
+    sampler.forget("x")
+    assert "x" not in sampler.disallowed
+    assert sampler(logits, [seq("x", temperature=0)])[0].token_id == logits.argmax().item()
+
+
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        (dict(allowed_token_ids=(3, 50)), "allowed_token_ids"),  # past the 50-token vocabulary
+        (dict(logit_bias=((50, 1.0),)), "logit_bias"),
+        (dict(allowed_token_ids=(0,), min_tokens=1), "allowed_token_ids"),  # only eos, which min_tokens masks
+        (dict(allowed_token_ids=(0, 7), min_tokens=1, stop_token_ids=(7,)), "allowed_token_ids"),
+    ],
+)
+def test_what_needs_the_model_is_checked_against_it(params, field):
+    with pytest.raises(ParamError) as err:
+        SamplingParams(**params).check_model(50, (0,))
+    assert err.value.field == field
+
+
+def test_allowed_stop_tokens_are_fine_without_min_tokens_or_with_ignore_eos():
+    SamplingParams(allowed_token_ids=(0,)).check_model(50, (0,))
+    SamplingParams(allowed_token_ids=(0,), min_tokens=1, ignore_eos=True).check_model(50, (0,))
+    SamplingParams(allowed_token_ids=(0, 7), min_tokens=1).check_model(50, (0,))
+
+
 EDGE_FLOATS = [math.nan, math.inf, -math.inf, -1.0, 0.0, 1e-30, 1e-4, 1e308]
 EDGE_INTS = [-2, -1, 0, 1, 10**6, 2**63 - 1, 2**63, 2**64, -(2**63), -(2**63) - 1, 10**30]
 EDGES = {
@@ -200,6 +270,7 @@ EDGES = {
     "frequency_penalty": EDGE_FLOATS, "repetition_penalty": EDGE_FLOATS, "top_k": EDGE_INTS, "seed": EDGE_INTS,
     "min_tokens": EDGE_INTS, "logprobs": EDGE_INTS, "stop_token_ids": [(v,) for v in EDGE_INTS],
     "logit_bias": [((3, v),) for v in EDGE_FLOATS] + [((v, 1.0),) for v in EDGE_INTS],
+    "allowed_token_ids": [(v,) for v in EDGE_INTS] + [(5,), (5, 3)],
 }  # fmt: skip
 
 
@@ -207,10 +278,12 @@ EDGES = {
 def test_what_validation_accepts_samples(name, value):
     """Validation and the sampler agree: a value either raises ParamError (a 400) or samples a token
     in the vocabulary, next to a sampled row (temperature 1, top_p 0.9, a seed). A seed past int64 and
-    a top_k of 1e30 once passed validation and then raised in the engine's step, stopping it for all."""
+    a top_k of 1e30 once passed validation and then raised in the engine's step, stopping it for all.
+    Validation here is the engine's: the parameters' own, then check_model's (vocabulary, eos 0)."""
     base = {"temperature": 1.0, "top_p": 0.9, "seed": 7, "min_tokens": 3, "stop_token_ids": (5,)}
     try:
         row = seq("edge", output_ids=(3, 3), **{**base, name: value})
+        row.params.check_model(50, (0,))
     except ParamError:
         return
     tokens = sample(torch.randn(2, 50) * 10, row, seq("other", temperature=0.7, top_k=5))

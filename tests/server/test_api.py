@@ -288,6 +288,11 @@ def chat(**extra):
         (chat(logit_bias={"abc": 1}), 400, "logit_bias", None),
         (chat(logit_bias={"5": 101}), 400, "logit_bias", None),
         (chat(logit_bias={"100000": 1}), 400, "logit_bias", None),
+        (chat(allowed_token_ids=[]), 400, "allowed_token_ids", None),
+        (chat(allowed_token_ids=[5, 100000]), 400, "allowed_token_ids", None),  # past the vocabulary
+        (chat(allowed_token_ids=["five"]), 400, "allowed_token_ids.0", None),
+        (chat(allowed_token_ids=[7], stop_token_ids=[7], min_tokens=1), 400, "allowed_token_ids", None),  # none left
+        (chat(bad_words=["red"]), 400, "bad_words", "unsupported"),
         (chat(stream_options={"include_usage": True}), 400, "stream_options", None),
         (
             chat(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]),
@@ -355,6 +360,33 @@ def test_logit_bias_steers_the_answer(client):
     fifth = int(top[-1].token.removeprefix("token_id:"))
     assert first_token(logit_bias={str(fifth): 100})[0] == fifth != best
     assert first_token(logit_bias={str(best): -100})[0] == int(top[1].token.removeprefix("token_id:"))
+
+
+def test_allowed_token_ids_keep_the_answer_among_them(client, open_server):
+    """vLLM's allowed_token_ids: greedy picks the best of them (the raw model's fourth best here),
+    and sampled completions, streamed or not, never leave them (nor stop: no eos among them)."""
+
+    def ask(**extra):
+        body = {"return_tokens_as_token_ids": True, **extra.pop("extra_body", {})}
+        return client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}],
+                                              logprobs=True, extra_body=body, **extra)  # fmt: skip
+
+    def ids(logprobs) -> list[int]:
+        return [int(c.token.removeprefix("token_id:")) for c in logprobs]
+
+    top = ask(max_tokens=1, temperature=0, top_logprobs=8).choices[0].logprobs.content[0].top_logprobs
+    ranked = [t for t in ids(top) if t not in open_server.state.eos_token_ids]
+    greedy = ask(max_tokens=1, temperature=0, extra_body={"allowed_token_ids": ranked[3:6]})
+    assert ids(greedy.choices[0].logprobs.content) == [ranked[3]]
+    allowed = ranked[2:5]
+    sampled = ask(max_tokens=6, temperature=1.5, n=3, seed=1, extra_body={"allowed_token_ids": allowed})
+    tokens = [t for choice in sampled.choices for t in ids(choice.logprobs.content)]
+    assert set(tokens) <= set(allowed) and len(tokens) == 18  # never eos
+    stream = ask(max_tokens=6, temperature=1.5, stream=True, extra_body={"allowed_token_ids": allowed})
+    streamed = [
+        t for chunk in stream for choice in chunk.choices if choice.logprobs for t in ids(choice.logprobs.content)
+    ]
+    assert set(streamed) <= set(allowed) and len(streamed) == 6
 
 
 def test_retrieve_model_and_unknown_routes_in_openai_shape(open_server, client):
