@@ -25,7 +25,8 @@ from server.token_bytes import TokenBytes
 
 logger = logging.getLogger(__name__)
 # vLLM request fields this server does not implement; a request that sets one gets a 400 rather
-# than an answer that silently ignores it (structured outputs, prompt logprobs, echo, beam search)
+# than an answer that silently ignores it (structured outputs, prompt logprobs, echo, beam search,
+# bad_words: its multi-token words would need the look-ahead token still on the device)
 UNSUPPORTED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
                "prompt_logprobs", "echo", "use_beam_search", "bad_words")  # fmt: skip
 
