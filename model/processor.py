@@ -153,6 +153,15 @@ class Processor:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
+    def word_token_ids(self, word: str) -> list[tuple[int, ...]]:
+        """The token sequences a word takes in generated text, as vLLM's bad_words tokenizes it:
+        on its own and after a space (Llama-3's BPE: "red" and "Ġred"; sentencepiece adds its
+        "▁" to both, one form). No form for a word that is only spaces."""
+        if not word.strip():
+            return []
+        forms = [tuple(self.tokenizer.encode(prefix + word.lstrip(), add_special_tokens=False)) for prefix in ("", " ")]
+        return [ids for ids in dict.fromkeys(forms) if ids]
+
 
 def load_tokenizer(path: str | Path, vocab_size: int | None = None):
     """AutoTokenizer over the folder: vicuna's sentencepiece (CogVLM-17B, shipped separately)

@@ -194,7 +194,7 @@ class ModelRunner:
         if not sampling:
             return RunnerOutput()
         in_flight_tokens = None  # [B_sample] int64: the token in flight on the device, -1 elsewhere
-        if fed is not None and any(s.seq.params.counts_tokens for s in sampling):  # the penalties read it
+        if fed is not None and any(s.seq.params.reads_newest_token for s in sampling):  # penalties, bad words
             if fed[0] is None:  # every row fed, and each samples: in batch order
                 in_flight_tokens = fed[1]
             else:

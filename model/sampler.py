@@ -1,7 +1,7 @@
 """Batched sampling on the device, for every parameter of SamplingParams.
 
 Order, as vLLM: logprobs from the raw logits; then repetition / frequency / presence penalties,
-logit_bias, allowed_token_ids (every other token masked), min_tokens (stop tokens masked); greedy
+logit_bias, allowed_token_ids (every other token masked), bad words, min_tokens (stop tokens masked); greedy
 rows take the argmax; the rest are divided by their temperature, filtered by min_p, top_k and
 top_p, and sampled with the exponential race (argmax of p / q with q ~ Exp(1)), whose noise for a
 seeded request comes from that request's own generator, so its tokens do not depend on the rest
@@ -103,13 +103,14 @@ class Sampler:
         in_flight = in_flight or [False] * len(seqs)
         logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
         masked = [self._masks_stop_tokens(s, fed) for s, fed in zip(seqs, in_flight, strict=True)]
-        if any(p.counts_tokens or p.logit_bias or p.allowed_token_ids for p in params) or any(masked):
+        if any(p.counts_tokens or p.logit_bias or p.allowed_token_ids or p.bad_word_ids for p in params) or any(masked):
             # NOTE: edited in place below; otherwise read as they are (a decode graph's output buffer,
             # which the next replay overwrites only after this step's reads, in stream order)
             logits = logits.clone()
             self._apply_penalties(logits, seqs, in_flight_tokens)
             self._apply_logit_bias(logits, params)
             self._mask_disallowed(logits, seqs)
+            self._mask_bad_words(logits, seqs, in_flight, in_flight_tokens)
             self._mask_stop_tokens(logits, seqs, masked)
 
         greedy = [p.is_greedy for p in params]
@@ -196,6 +197,43 @@ class Sampler:
                 mask = torch.ones(vocab, dtype=torch.bool, device=logits.device).index_fill_(0, ids, False)
                 cached = self.disallowed[seq.request_id] = (allowed, mask)
             logits[i].masked_fill_(cached[1], float("-inf"))
+
+    @staticmethod
+    def _mask_bad_words(
+        logits: torch.Tensor, seqs: list[SequenceData], in_flight: list[bool], in_flight_tokens: torch.Tensor | None
+    ) -> None:
+        """vLLM's bad_words: a word's last token is masked where the output so far ends with the
+        rest of the word. A look-ahead row's newest token is still on the device: the host checks
+        the word up to its second-to-last token, and the device compares that one with the token
+        in flight (no read back)."""
+        vocab = logits.shape[1]
+        rows, ids = [], []  # masked outright
+        fed_rows, fed_ids, fed_newest = [], [], []  # masked where the row's token in flight is fed_newest
+        for i, seq in enumerate(seqs):
+            out = seq.output_token_ids
+            for *rest, last in seq.params.bad_word_ids:
+                if last >= vocab:  # refused by the engine; dropped here before int64
+                    continue
+                newest = rest.pop() if rest and in_flight[i] else None
+                if len(rest) > len(out) or out[len(out) - len(rest) :] != rest:
+                    continue
+                if newest is None:
+                    rows.append(i)
+                    ids.append(last)
+                else:
+                    fed_rows.append(i)
+                    fed_ids.append(last)
+                    fed_newest.append(newest)
+        device = logits.device
+        if rows:
+            logits[to_device(rows, device, torch.long), to_device(ids, device, torch.long)] = float("-inf")
+        if fed_rows:
+            rows_t = to_device(fed_rows, device, torch.long)
+            hit = in_flight_tokens[rows_t] == to_device(fed_newest, device, torch.long)
+            # accumulate: two words may end in the same token after different ones (a plain write
+            # of both would keep either)
+            logits.index_put_((rows_t, to_device(fed_ids, device, torch.long)),
+                              torch.where(hit, float("-inf"), 0.0), accumulate=True)  # fmt: skip
 
     @staticmethod
     def _masks_stop_tokens(seq: SequenceData, in_flight: bool) -> bool:

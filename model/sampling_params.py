@@ -45,6 +45,9 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; K: the sampled token's logprob and the K best
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias): added to the logits before sampling
     allowed_token_ids: tuple[int, ...] | None = None  # vLLM's: only these may be sampled; None: any token
+    # vLLM's bad_words, tokenized (Processor.word_token_ids): a word's last token is masked wherever
+    # the output so far ends with the rest of it (always, for a one-token word)
+    bad_word_ids: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -98,23 +101,32 @@ class SamplingParams:
             not self.allowed_token_ids or any(not is_int(t) for t in self.allowed_token_ids)
         ):
             fail("allowed_token_ids", "a non-empty list of token ids >= 0", self.allowed_token_ids)
+        if any(not word or any(not is_int(t) for t in word) for word in self.bad_word_ids):
+            fail("bad_words", "words of token ids >= 0", self.bad_word_ids)
 
     def check_model(self, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
         """What validation cannot know without the model: token ids past its vocabulary, and an
-        allowed_token_ids whose every token min_tokens masks (a row with nothing left to sample)."""
+        allowed_token_ids whose every token one-token bad words or min_tokens mask (a row with
+        nothing left to sample)."""
         if outside := sorted(t for t, _ in self.logit_bias if t >= vocab_size):
             raise ParamError(f"logit_bias holds token ids past the vocabulary (size {vocab_size}): {outside[:5]}",
                              "logit_bias")  # fmt: skip
+        if outside := sorted(t for word in self.bad_word_ids for t in word if t >= vocab_size):
+            raise ParamError(f"bad_words holds token ids past the vocabulary (size {vocab_size}): {outside[:5]}",
+                             "bad_words")  # fmt: skip
         allowed = self.allowed_token_ids
         if allowed is None:
             return
         if outside := sorted(t for t in allowed if t >= vocab_size):
             raise ParamError(f"allowed_token_ids holds token ids past the vocabulary (size {vocab_size}): "
                              f"{outside[:5]}", "allowed_token_ids")  # fmt: skip
+        banned = {word[0] for word in self.bad_word_ids if len(word) == 1}  # at every step
+        if set(allowed) <= banned:
+            raise ParamError("bad_words rules out every token of allowed_token_ids", "allowed_token_ids")
         stops = set(self.stop_token_ids) | (set() if self.ignore_eos else set(eos_token_ids))
-        if self.min_tokens and set(allowed) <= stops:
-            raise ParamError(f"allowed_token_ids holds only stop tokens, which min_tokens ({self.min_tokens}) "
-                             "forbids before that many tokens", "allowed_token_ids")  # fmt: skip
+        if self.min_tokens and set(allowed) <= stops | banned:
+            raise ParamError(f"allowed_token_ids holds only stop tokens (and bad words), which min_tokens "
+                             f"({self.min_tokens}) forbids before that many tokens", "allowed_token_ids")  # fmt: skip
 
     def child_seed(self, index: int) -> int | None:
         """The seed of completion `index` of n: seed + index, wrapped around the seed range."""
@@ -139,6 +151,12 @@ class SamplingParams:
     def counts_tokens(self) -> bool:
         """Whether the penalties read how often each token occurred (and so the token in flight)."""
         return self.has_repetition_penalty or self.has_additive_penalties
+
+    @property
+    def reads_newest_token(self) -> bool:
+        """Whether sampling reads the newest generated token, which a look-ahead step holds on the
+        device: the penalties count it, and a bad word of two tokens or more may end after it."""
+        return self.counts_tokens or any(len(word) > 1 for word in self.bad_word_ids)
 
     @property
     def effective_temperature(self) -> float:  # what the sampler divides by (greedy rows: unused)

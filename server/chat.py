@@ -25,10 +25,11 @@ from server.token_bytes import TokenBytes
 
 logger = logging.getLogger(__name__)
 # vLLM request fields this server does not implement; a request that sets one gets a 400 rather
-# than an answer that silently ignores it (structured outputs, prompt logprobs, echo, beam search,
-# bad_words: its multi-token words would need the look-ahead token still on the device)
+# than an answer that silently ignores it (structured outputs, prompt logprobs, echo, beam search)
 UNSUPPORTED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
-               "prompt_logprobs", "echo", "use_beam_search", "bad_words")  # fmt: skip
+               "prompt_logprobs", "echo", "use_beam_search")  # fmt: skip
+# bad_words: each is checked against the output at every step of its request, on the host
+MAX_BAD_WORDS = 128
 
 
 def sampling_params(body: ChatCompletionRequest, max_n: int, defaults: GenerationDefaults) -> SamplingParams:
@@ -147,6 +148,14 @@ class ChatHandler:
         # preprocessing (resize, normalise) and tokenisation: off the event loop
         return await asyncio.to_thread(self.state.processor.build, conversation, body.template)
 
+    def bad_word_ids(self, words: list[str]) -> tuple[tuple[int, ...], ...]:
+        """vLLM's bad_words in the model's tokens: each word on its own and after a space."""
+        if len(words) > MAX_BAD_WORDS:
+            raise bad_request(f"bad_words holds at most {MAX_BAD_WORDS} words, got {len(words)}", "bad_words")
+        if blank := [w for w in words if not w.strip()]:
+            raise bad_request(f"bad_words must be words, got {blank[0]!r}", "bad_words")
+        return tuple(ids for word in words for ids in self.state.processor.word_token_ids(word))
+
     def check_request(self, prompt: PromptInputs, params: SamplingParams) -> SamplingParams:
         """What needs the model: the engine checks the same, but by then a stream has said 200.
         Returns `params` with the checkpoint's default max_tokens where the request set none,
@@ -178,6 +187,8 @@ class ChatHandler:
             raise model_not_found(body.model)
         refuse_unsupported(body)
         params = sampling_params(body, state.config.server.max_n, state.generation_defaults)
+        if body.bad_words:
+            params = replace(params, bad_word_ids=self.bad_word_ids(body.bad_words))
         prompt = await self.build_prompt(body)
         check_truncation(body, prompt)
         params = self.check_request(prompt, params)

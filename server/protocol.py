@@ -64,6 +64,7 @@ class ChatCompletionRequest(BaseModel):
     min_tokens: int = 0
     ignore_eos: bool = False
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     stop_token_ids: list[int] | None = None
     return_tokens_as_token_ids: bool = False
     include_stop_str_in_output: bool = False
@@ -84,7 +85,6 @@ class ChatCompletionRequest(BaseModel):
     prompt_logprobs: int | None = None
     echo: bool = False
     use_beam_search: bool = False
-    bad_words: Any = None
     best_of: int | None = None  # up to n: the same as n; more: sampling best_of and keeping n
     chat_template: str | None = None  # vLLM's Jinja templates: CogVLM's prompts are `template`'s
     chat_template_kwargs: dict | None = None

@@ -125,6 +125,21 @@ def test_build_places_image_after_bos(tiny_checkpoint):
     assert text_only.input_ids == [cfg.bos_token_id] + text_ids and text_only.pixels is None
 
 
+def test_a_word_takes_its_forms_in_generated_text(tiny_checkpoints):
+    """bad_words' tokenization, vLLM's: the word alone and after a space; sentencepiece writes both
+    as "▁red" (one form), Llama-3's BPE as "red" and "Ġred"."""
+
+    def forms(generation, word):
+        folder = tiny_checkpoints[generation]
+        processor = Processor(load_tokenizer(folder), CogVLMConfig.from_checkpoint(folder))
+        return [processor.tokenizer.convert_ids_to_tokens(list(ids)) for ids in processor.word_token_ids(word)]
+
+    assert forms(1, "red") == forms(1, "  red") == [["▁red"]]
+    assert ["Ġred"] in forms(2, "red") and len(forms(2, "red")) == 2
+    assert "".join(forms(2, "red")[0]) == "red"
+    assert forms(1, " ") == forms(2, "") == []
+
+
 def test_missing_tokenizer_names_the_folder(tmp_path):
     with pytest.raises(PromptError, match="--tokenizer"):
         load_tokenizer(tmp_path)

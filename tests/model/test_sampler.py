@@ -38,7 +38,7 @@ def test_logits_are_copied_only_for_a_row_that_edits_them(monkeypatch):
     sample(logits, *plain)
     assert copies == []
     for edits in (dict(repetition_penalty=1.5), dict(logit_bias=((7, 100.0),)), dict(min_tokens=2),
-                  dict(allowed_token_ids=(7,))):  # fmt: skip
+                  dict(allowed_token_ids=(7,)), dict(bad_word_ids=((int(logits[2].argmax()),),))):  # fmt: skip
         picked = sample(logits, *plain[:2], seq(temperature=0.0, output_ids=(7,), **edits))
         assert copies == [logits.shape] and torch.equal(logits, kept)
         copies.clear()
@@ -263,6 +263,64 @@ def test_allowed_stop_tokens_are_fine_without_min_tokens_or_with_ignore_eos():
     SamplingParams(allowed_token_ids=(0, 7), min_tokens=1).check_model(50, (0,))
 
 
+def test_a_bad_words_last_token_is_masked_where_the_output_ends_with_the_rest():
+    logits = torch.arange(20, dtype=torch.float32).repeat(4, 1)  # token 19 best, then 18, 17, ...
+    words = ((19,), (3, 18), (4, 5, 17))
+
+    def picked(output_ids, words=words):
+        return sample(logits[:1], seq("w", temperature=0, output_ids=output_ids, bad_word_ids=words))[0].token_id
+
+    assert picked(()) == 18  # one-token word: always
+    assert picked((3,)) == 17  # after 3: 18 too
+    assert picked((3, 1)) == 18  # 3 is not the last token: 18 is fine
+    assert picked((4, 5)) == 18 and picked((9, 4, 5, 3)) == 17
+    assert picked((4, 5, 3)) == 17 and picked((4, 5), words=((4, 5, 17), (3, 18))) == 19
+    assert picked((1, 4, 5), words=((4, 5, 19), (4, 5, 18))) == 17  # two words after the same tokens
+    # the row beside it is untouched
+    tokens = sample(logits[:2], seq("a", temperature=0), seq("b", temperature=0, bad_word_ids=words))
+    assert [t.token_id for t in tokens] == [19, 18]
+
+
+def test_bad_words_after_the_token_in_flight_are_checked_on_the_device():
+    """A look-ahead row's newest token is not in output_token_ids yet: the word's token before its
+    last is compared with the token in flight, and the output on the host checks the rest."""
+    logits = torch.arange(20, dtype=torch.float32).repeat(4, 1)
+    words = ((3, 19), (6, 19), (4, 5, 19))  # 19 after 3, after 6, and after 4, 5
+    rows = [seq(f"r{i}", temperature=0, output_ids=out, bad_word_ids=words)
+            for i, out in enumerate([(1,), (1,), (4,), (2,)])]  # fmt: skip
+    in_flight_tokens = torch.tensor([3, 6, 5, 5])  # row 3: 5 in flight, but 2 before it, not 4
+    batch = Sampler((0,)).sample(logits, rows, [True] * 4, in_flight_tokens).to_host()
+    assert [t.token_id for t in batch] == [18, 18, 18, 19]
+    # the same rows with the token in flight already in their output: the same picks
+    settled = [seq(f"s{i}", temperature=0, output_ids=(*r.output_token_ids, int(t)), bad_word_ids=words)
+               for i, (r, t) in enumerate(zip(rows, in_flight_tokens, strict=True))]  # fmt: skip
+    assert [t.token_id for t in sample(logits, *settled)] == [18, 18, 18, 19]
+
+
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        (dict(bad_word_ids=((),)), "bad_words"),
+        (dict(bad_word_ids=((3, -1),)), "bad_words"),
+    ],
+)
+def test_bad_words_are_validated(params, field):
+    with pytest.raises(ParamError) as err:
+        SamplingParams(**params)
+    assert err.value.field == field
+
+
+def test_bad_words_are_checked_against_the_model():
+    with pytest.raises(ParamError) as err:
+        SamplingParams(bad_word_ids=((3, 50),)).check_model(50, (0,))
+    assert err.value.field == "bad_words"
+    with pytest.raises(ParamError, match="rules out every token"):
+        SamplingParams(allowed_token_ids=(3, 4), bad_word_ids=((3,), (4,))).check_model(50, (0,))
+    with pytest.raises(ParamError, match="min_tokens"):
+        SamplingParams(allowed_token_ids=(0, 4), bad_word_ids=((4,),), min_tokens=2).check_model(50, (0,))
+    SamplingParams(allowed_token_ids=(3, 4), bad_word_ids=((3,), (9, 4))).check_model(50, (0,))  # 4 only after 9
+
+
 EDGE_FLOATS = [math.nan, math.inf, -math.inf, -1.0, 0.0, 1e-30, 1e-4, 1e308]
 EDGE_INTS = [-2, -1, 0, 1, 10**6, 2**63 - 1, 2**63, 2**64, -(2**63), -(2**63) - 1, 10**30]
 EDGES = {
@@ -271,6 +329,7 @@ EDGES = {
     "min_tokens": EDGE_INTS, "logprobs": EDGE_INTS, "stop_token_ids": [(v,) for v in EDGE_INTS],
     "logit_bias": [((3, v),) for v in EDGE_FLOATS] + [((v, 1.0),) for v in EDGE_INTS],
     "allowed_token_ids": [(v,) for v in EDGE_INTS] + [(5,), (5, 3)],
+    "bad_word_ids": [((v,),) for v in EDGE_INTS] + [((3, v),) for v in EDGE_INTS],
 }  # fmt: skip
 
 

@@ -292,7 +292,9 @@ def chat(**extra):
         (chat(allowed_token_ids=[5, 100000]), 400, "allowed_token_ids", None),  # past the vocabulary
         (chat(allowed_token_ids=["five"]), 400, "allowed_token_ids.0", None),
         (chat(allowed_token_ids=[7], stop_token_ids=[7], min_tokens=1), 400, "allowed_token_ids", None),  # none left
-        (chat(bad_words=["red"]), 400, "bad_words", "unsupported"),
+        (chat(bad_words=["  "]), 400, "bad_words", None),
+        (chat(bad_words=[f"w{i}" for i in range(129)]), 400, "bad_words", None),
+        (chat(bad_words="red"), 400, "bad_words", None),
         (chat(stream_options={"include_usage": True}), 400, "stream_options", None),
         (
             chat(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]),
@@ -387,6 +389,23 @@ def test_allowed_token_ids_keep_the_answer_among_them(client, open_server):
         t for chunk in stream for choice in chunk.choices if choice.logprobs for t in ids(choice.logprobs.content)
     ]
     assert set(streamed) <= set(allowed) and len(streamed) == 6
+
+
+def test_bad_words_keep_a_word_out_of_the_answer(client, loaded):
+    """vLLM's bad_words, in the model's tokens: "red" (one token, "▁red", in this tokenizer) forced
+    by logit_bias opens every answer; banned too, it is in none, wherever the bias pushes it."""
+    (red,) = loaded[1].word_token_ids("red")
+    assert len(red) == 1
+
+    def answer(**extra):
+        response = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=6, temperature=0, logprobs=True,
+                                                  logit_bias={str(red[0]): 30},
+                                                  extra_body={"return_tokens_as_token_ids": True, **extra})  # fmt: skip
+        return [int(c.token.removeprefix("token_id:")) for c in response.choices[0].logprobs.content]
+
+    assert answer()[0] == red[0]
+    assert red[0] not in answer(bad_words=["red"]) and red[0] not in answer(bad_words=[" red", "blue"])
 
 
 def test_retrieve_model_and_unknown_routes_in_openai_shape(open_server, client):

@@ -128,6 +128,33 @@ def test_penalties_and_min_tokens_look_ahead(setup, prompts_and_reference):
     assert engine.num_lookahead_steps >= 8
 
 
+def test_bad_words_look_ahead(setup, prompts_and_reference):
+    """Bad words of one, two and three tokens, taken from the greedy answers so that each changes
+    its request's: never in the output, and the same outputs with and without look-ahead (a word's
+    token before its last is compared with the token in flight on the device)."""
+    prompts, reference = prompts_and_reference
+    one, two, three = (reference[0][2],), tuple(reference[1][2:4]), tuple(reference[2][1:4])
+    workload = [
+        (prompts[0], greedy(MAX_TOKENS, bad_word_ids=(one,))),
+        (prompts[1], greedy(MAX_TOKENS, bad_word_ids=(two,))),
+        (prompts[2], greedy(MAX_TOKENS, bad_word_ids=(three, two))),
+        (prompts[3], SamplingParams(temperature=1.5, seed=4, max_tokens=12, bad_word_ids=(two, three, one))),
+        (prompts[4], greedy(MAX_TOKENS, presence_penalty=1.0, bad_word_ids=(one,))),
+    ]
+    sync = setup.engine(async_scheduling=False).generate(workload)
+    engine = setup.engine(async_scheduling=True)
+    assert_same_outputs(engine.generate(workload), sync)
+    assert engine.num_lookahead_steps >= MAX_TOKENS - 2
+    for (_, params), out in zip(workload, sync, strict=True):
+        tokens = out[0].token_ids
+        for word in params.bad_word_ids:
+            assert all(tuple(tokens[j : j + len(word)]) != word for j in range(len(tokens)))
+    # each greedy answer parts from the reference where its word would have ended, not before
+    for i, end in ((0, 2), (1, 3), (2, 3)):
+        tokens = sync[i][0].token_ids
+        assert tokens[:end] == reference[i][:end] and tokens[end] != reference[i][end]
+
+
 def test_finished_requests_are_forgotten_by_the_runner(setup, prompts_and_reference):
     """A look-ahead step with nothing to run must not swallow the ids of requests that just
     finished: the sampler would keep their seeded generators, and the same ids in a second
