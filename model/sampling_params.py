@@ -100,7 +100,7 @@ class SamplingParams:
         if self.allowed_token_ids is not None and (
             not self.allowed_token_ids or any(not is_int(t) for t in self.allowed_token_ids)
         ):
-            fail("allowed_token_ids", "a non-empty list of token ids >= 0", self.allowed_token_ids)
+            fail("allowed_token_ids", "a non-empty list of token ids >= 0", list(self.allowed_token_ids))
         if any(not word or any(not is_int(t) for t in word) for word in self.bad_word_ids):
             fail("bad_words", "words of token ids >= 0", self.bad_word_ids)
 
