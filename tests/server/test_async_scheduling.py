@@ -71,9 +71,11 @@ def test_lookahead_with_chunked_prefill_and_a_queue(setup, prompts_and_reference
 def every_feature(setup, prompts, reference):
     """Seeded sampling, n > 1, stop strings and stop ids found mid-way (the look-ahead token is
     dropped), max_tokens of 1 to 12, logprobs (read back with the tokens), penalties and
-    min_tokens (the token in flight counted on the device) in the same batches."""
+    min_tokens (the token in flight counted on the device), allowed_token_ids and bad words of
+    one and two tokens (the second compared with the token in flight) in the same batches."""
     stop_id = reference[2][2]  # greedy request 2 stops at its third token
     stop_text = setup.processor.decode(reference[1])[2:4]  # request 4 asks prompt 1 with this stop
+    eos = setup.model.config.eos_token_ids
     assert stop_text.strip() and "\ufffd" not in stop_text
     params = [
         greedy(12),
@@ -88,6 +90,14 @@ def every_feature(setup, prompts, reference):
         greedy(3, logprobs=2),
         SamplingParams(temperature=1.2, seed=8, max_tokens=4, frequency_penalty=0.5),
         greedy(8, presence_penalty=-2.0),  # favours its own tokens: a stale list changes cogvlm2 here
+        greedy(MAX_TOKENS, bad_word_ids=((reference[12][0],), tuple(reference[12][2:4]))),
+        SamplingParams(
+            temperature=1.0,
+            seed=6,
+            max_tokens=7,
+            bad_word_ids=(tuple(reference[13][1:3]),),
+            allowed_token_ids=tuple(t for t in range(5, 40) if t not in eos),
+        ),
     ]
     workload = list(zip(prompts[: len(params)], params, strict=True))
     workload[4] = (prompts[1], workload[4][1])
@@ -103,6 +113,10 @@ def test_every_sampling_feature_gives_the_same_outputs(setup, prompts_and_refere
     assert sync[2][0].finish_reason == "stop" and len(sync[2][0].token_ids) == 3
     assert sync[4][0].finish_reason == "stop" and stop_text not in sync[4][0].text
     assert len(sync[9][0].new_logprobs) == 3 and len(sync[9][0].new_logprobs[0].top_logprobs) == 2
+    for (_, params), out in zip(workload[12:], sync[12:], strict=True):
+        tokens = out[0].token_ids
+        assert not any(tuple(tokens[j : j + len(w)]) == w for w in params.bad_word_ids for j in range(len(tokens)))
+    assert set(sync[13][0].token_ids) <= set(workload[13][1].allowed_token_ids) and len(sync[13][0].token_ids) == 7
     assert engine.num_lookahead_steps >= 10
     assert engine.kv.num_free_blocks == len(engine.kv.pool.blocks)
 
@@ -208,7 +222,8 @@ def test_preemption_and_prefix_cache_with_lookahead(setup, prompts_and_reference
 def test_lookahead_through_the_decode_graph_path(setup, prompts_and_reference):
     """The graph path's static buffers take the fed tokens (uncaptured on CPU, Triton attention
     in the interpreter); while every row is a look-ahead row, as they are (rows None), also
-    once requests finish and the batch shrinks (the tokens of the rows left gathered first)."""
+    once requests finish and the batch shrinks (the tokens of the rows left gathered first). One
+    request has a two-token bad word: its second token is compared with the fed one there."""
     prompts, reference = prompts_and_reference
     engine = setup.engine(max_num_batched_tokens=64, async_scheduling=True)
     engine.runner.enable_decode_graphs(max_batch=4, max_model_len=engine.max_model_len, capture=False)
@@ -222,8 +237,12 @@ def test_lookahead_through_the_decode_graph_path(setup, prompts_and_reference):
 
     graphs.run = recording
     picked, lengths = [0, 1, 3], [6, 5, 4]
-    outputs = engine.generate([(prompts[i], greedy(n)) for i, n in zip(picked, lengths, strict=True)])
-    assert [o[0].token_ids for o in outputs] == [reference[i][:n] for i, n in zip(picked, lengths, strict=True)]
+    word = tuple(reference[5][1:3])
+    workload = [(prompts[i], greedy(n)) for i, n in zip(picked, lengths, strict=True)]
+    outputs = engine.generate(workload + [(prompts[5], greedy(MAX_TOKENS, bad_word_ids=(word,)))])
+    assert [o[0].token_ids for o in outputs[:3]] == [reference[i][:n] for i, n in zip(picked, lengths, strict=True)]
+    banned = outputs[3][0].token_ids
+    assert banned[:2] == reference[5][:2] and banned[2] != reference[5][2]
     assert graphs.num_runs > 0 and engine.num_lookahead_steps > 0
     assert any(rows is None for _, rows, _ in feeds)
     assert all(rows is not None or batch == tokens for batch, rows, tokens in feeds)  # None: every row fed
