@@ -1,11 +1,11 @@
 """Batched sampling on the device, for every parameter of SamplingParams.
 
 Order, as vLLM: logprobs from the raw logits; then repetition / frequency / presence penalties,
-logit_bias, allowed_token_ids (every other token masked), bad words, min_tokens (stop tokens masked); greedy
-rows take the argmax; the rest are divided by their temperature, filtered by min_p, top_k and
-top_p, and sampled with the exponential race (argmax of p / q with q ~ Exp(1)), whose noise for a
-seeded request comes from that request's own generator, so its tokens do not depend on the rest
-of the batch.
+logit_bias, allowed_token_ids (every other token masked), bad words, min_tokens (stop tokens
+masked); greedy rows take the argmax; the rest are divided by their temperature, filtered by
+min_p, top_k and top_p, and sampled with the exponential race (argmax of p / q with q ~ Exp(1)),
+whose noise for a seeded request comes from that request's own generator, so its tokens do not
+depend on the rest of the batch.
 """
 
 from __future__ import annotations
@@ -211,9 +211,10 @@ class Sampler:
         fed_rows, fed_ids, fed_newest = [], [], []  # masked where the row's token in flight is fed_newest
         for i, seq in enumerate(seqs):
             out = seq.output_token_ids
-            for *rest, last in seq.params.bad_word_ids:
-                if last >= vocab:  # refused by the engine; dropped here before int64
+            for word in seq.params.bad_word_ids:
+                if max(word) >= vocab:  # refused by the engine; dropped here before int64
                     continue
+                *rest, last = word
                 newest = rest.pop() if rest and in_flight[i] else None
                 if len(rest) > len(out) or out[len(out) - len(rest) :] != rest:
                     continue
