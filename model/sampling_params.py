@@ -114,17 +114,17 @@ class SamplingParams:
         if outside := sorted(t for word in self.bad_word_ids for t in word if t >= vocab_size):
             raise ParamError(f"bad_words holds token ids past the vocabulary (size {vocab_size}): {outside[:5]}",
                              "bad_words")  # fmt: skip
-        allowed = self.allowed_token_ids
-        if allowed is None:
+        if self.allowed_token_ids is None:
             return
+        allowed = set(self.allowed_token_ids)
         if outside := sorted(t for t in allowed if t >= vocab_size):
             raise ParamError(f"allowed_token_ids holds token ids past the vocabulary (size {vocab_size}): "
                              f"{outside[:5]}", "allowed_token_ids")  # fmt: skip
         banned = {word[0] for word in self.bad_word_ids if len(word) == 1}  # at every step
-        if set(allowed) <= banned:
+        if allowed <= banned:
             raise ParamError("bad_words rules out every token of allowed_token_ids", "allowed_token_ids")
         stops = set(self.stop_token_ids) | (set() if self.ignore_eos else set(eos_token_ids))
-        if self.min_tokens and set(allowed) <= stops | banned:
+        if self.min_tokens and allowed <= stops | banned:
             raise ParamError(f"allowed_token_ids holds only stop tokens (and bad words), which min_tokens "
                              f"({self.min_tokens}) forbids before that many tokens", "allowed_token_ids")  # fmt: skip
 

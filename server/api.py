@@ -46,8 +46,6 @@ class AppState:
     engine: AsyncEngine | None = None
     processor: Processor | None = None
     max_model_len: int = 0
-    vocab_size: int = 0  # the model's: logit_bias and allowed_token_ids ids must be below it
-    eos_token_ids: tuple[int, ...] = ()  # the model's: what min_tokens masks besides stop_token_ids
     generation_defaults: GenerationDefaults = GenerationDefaults()  # the checkpoint's sampling defaults
     draining: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
@@ -213,9 +211,10 @@ def build_app(state: AppState) -> FastAPI:
         state.check_accepting()
         if body.model is not None and body.model != state.served_model_name:
             raise model_not_found(body.model)
-        outside = [t for t in body.tokens if not 0 <= t < state.vocab_size]
+        vocab_size = state.processor.cfg.vocab_size
+        outside = [t for t in body.tokens if not 0 <= t < vocab_size]
         if outside:
-            raise bad_request(f"tokens must be ids in [0, {state.vocab_size}), got {outside[:5]}", "tokens")
+            raise bad_request(f"tokens must be ids in [0, {vocab_size}), got {outside[:5]}", "tokens")
         return {"prompt": state.processor.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     if server.allowed_origins:

@@ -161,7 +161,8 @@ class ChatHandler:
         Returns `params` with the checkpoint's default max_tokens where the request set none,
         capped to the context the prompt leaves (vLLM's way with a default)."""
         try:
-            params.check_model(self.state.vocab_size, self.state.eos_token_ids)
+            cfg = self.state.processor.cfg  # the model's
+            params.check_model(cfg.vocab_size, cfg.eos_token_ids)
         except ParamError as err:
             raise bad_request(str(err), err.field) from err
         limit = self.state.max_model_len

@@ -40,7 +40,6 @@ def load_engine(state: AppState) -> None:
     async_engine = AsyncEngine(engine, state.metrics)
     async_engine.start()
     state.processor, state.max_model_len = processor, engine.max_model_len
-    state.vocab_size, state.eos_token_ids = model.config.vocab_size, model.config.eos_token_ids
     state.generation_defaults = defaults
     state.engine = async_engine  # last: this makes the server ready
     logger.info("model loaded in %.1f s; serving %s", time.perf_counter() - start, state.served_model_name)

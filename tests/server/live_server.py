@@ -73,8 +73,6 @@ def make_state(config: ServeConfig, engine: AsyncEngine, processor) -> AppState:
         config=config, served_model_name=MODEL_NAME, metrics=Metrics(MODEL_NAME), fetcher=ImageFetcher(config.media)
     )
     state.engine, state.processor, state.max_model_len = engine, processor, engine.engine.max_model_len
-    state.vocab_size = engine.engine.model.config.vocab_size
-    state.eos_token_ids = engine.engine.model.config.eos_token_ids
     engine.metrics = state.metrics  # as serve_command wires it: the engine thread sets the gauges
     return state
 

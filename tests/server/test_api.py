@@ -377,7 +377,7 @@ def test_allowed_token_ids_keep_the_answer_among_them(client, open_server):
         return [int(c.token.removeprefix("token_id:")) for c in logprobs]
 
     top = ask(max_tokens=1, temperature=0, top_logprobs=8).choices[0].logprobs.content[0].top_logprobs
-    ranked = [t for t in ids(top) if t not in open_server.state.eos_token_ids]
+    ranked = [t for t in ids(top) if t not in open_server.state.processor.cfg.eos_token_ids]
     greedy = ask(max_tokens=1, temperature=0, extra_body={"allowed_token_ids": ranked[3:6]})
     assert ids(greedy.choices[0].logprobs.content) == [ranked[3]]
     allowed = ranked[2:5]
@@ -446,7 +446,7 @@ def test_detokenize_reverses_tokenize_and_refuses_ids_outside_the_vocabulary(ope
     assert response.status_code == 200, response.text
     text = response.json()["prompt"]
     assert text.startswith("<s>") and "Where is the red circle?" in text  # special tokens as written
-    vocab = open_server.state.vocab_size
+    vocab = open_server.state.processor.cfg.vocab_size
     for bad in ([vocab], [5, -1]):  # past the vocabulary; negative (the tokenizer raised: a 500)
         assert_error(httpx.post(f"{open_server.url}/detokenize", json={"tokens": bad}), 400, param="tokens")
     assert_error(httpx.post(f"{open_server.url}/detokenize", json={"tokens": "12"}), 400)

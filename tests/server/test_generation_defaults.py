@@ -42,9 +42,9 @@ def test_unset_fields_take_the_defaults_and_set_ones_keep_the_request_value():
 
 
 def test_the_default_max_tokens_is_capped_to_the_context_the_prompt_leaves():
-    state = SimpleNamespace(
-        vocab_size=100, eos_token_ids=(2,), max_model_len=50, generation_defaults=GenerationDefaults(max_tokens=1000)
-    )
+    model = SimpleNamespace(vocab_size=100, eos_token_ids=(2,))
+    state = SimpleNamespace(processor=SimpleNamespace(cfg=model), max_model_len=50,
+                            generation_defaults=GenerationDefaults(max_tokens=1000))  # fmt: skip
     handler = ChatHandler(state)
     prompt = PromptInputs(input_ids=[1] * 40, token_type_ids=[0] * 40, position_ids=list(range(40)))
     assert handler.check_request(prompt, sampling_params(body(), 4, state.generation_defaults)).max_tokens == 10
