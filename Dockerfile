@@ -27,9 +27,9 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY model ./model
 COPY kernels ./kernels
-# the project itself, its [gpu] extra pinned in pyproject.toml
+# the project itself, its [gpu] and [structured] extras pinned in pyproject.toml
 # hadolint ignore=DL3013
-RUN pip install --no-build-isolation ".[gpu]"
+RUN pip install --no-build-isolation ".[gpu,structured]"
 
 # ---- GPU runtime
 FROM ${BASE_IMAGE} AS gpu
@@ -62,7 +62,7 @@ COPY model ./model
 COPY kernels ./kernels
 COPY models/cogvlm-tiny-shapes /opt/cogvlm-tiny-shapes
 # hadolint ignore=DL3013
-RUN pip install .
+RUN pip install ".[structured]"
 USER 10001
 WORKDIR /home/cogserve
 EXPOSE 8000

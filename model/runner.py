@@ -18,7 +18,7 @@ import torch
 
 import model.cogvlm as cogvlm_module
 from kernels.expert_routing import tuning_row_counts
-from model.batch import RunnerOutput, SchedulerOutput
+from model.batch import RunnerOutput, ScheduledSequence, SchedulerOutput
 from model.cogvlm import CogVLMForCausalLM
 from model.decode_graphs import DecodeGraphs
 from model.experts import routed_linear, routing_for
@@ -27,6 +27,20 @@ from model.paged_attention import PagedAttentionMetadata, PagedKVCache, make_att
 from model.processor import VISION_TOKEN_TYPE
 from model.sampler import Sampler
 from model.transfer import to_device
+
+# Structured output's masks for a step: [G, ceil(V / 32)] int32 allowed-token bits on the host,
+# and the row of each constrained request (server/grammars.py)
+GrammarMask = tuple[torch.Tensor, dict[str, int]]
+
+
+@dataclass
+class StepLogits:
+    """A forward's output, waiting for its sampling (ModelRunner.forward -> ModelRunner.sample)."""
+
+    logits: torch.Tensor  # [B_sample, V] fp32, one row per sequence that samples
+    sampling: list[ScheduledSequence]  # those sequences, in row order
+    in_flight: list[bool]  # per row: its newest token is the look-ahead token still on the device
+    fed: tuple | None  # (rows or None, [F] tokens in flight): look-ahead inputs, as forward took them
 
 
 @dataclass(frozen=True)
@@ -89,16 +103,24 @@ class ModelRunner:
             layer.mlp(hidden, routing)  # gate_up with silu * up, then down
         return row_counts
 
-    @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, feed: RunnerOutput | None = None) -> RunnerOutput:
+    def execute(
+        self, out: SchedulerOutput, feed: RunnerOutput | None = None, grammar_mask: GrammarMask | None = None
+    ) -> RunnerOutput:
         """Queue the step on the device and return at once: the sampled tokens are read when the
         caller resolves the output. `feed`: the output of the step still in flight, whose
         sampled tokens are the inputs of this step's look-ahead ("fed") rows: rows that start at
         the sequence's known token count, whose input is the token still in flight."""
+        return self.sample(self.forward(out, feed), grammar_mask)
+
+    @torch.inference_mode()
+    def forward(self, out: SchedulerOutput, feed: RunnerOutput | None = None) -> StepLogits | None:
+        """The model's half of `execute`, queued: the logits of the rows that sample (None where
+        none does). The engine samples separately where a grammar's mask needs the tokens of the
+        step in flight first (server/engine.py)."""
         for request_id in out.finished_request_ids:
             self.sampler.forget(request_id)
         if not out.scheduled:
-            return RunnerOutput()
+            return None
         device, block_size = self.model.device, self.config.block_size
         input_ids, positions, vision_mask, slots = [], [], [], []
         image_rows, image_features = [], []
@@ -192,7 +214,24 @@ class ModelRunner:
             sample_rows = to_device(last_rows, device, torch.long)  # may be empty
             logits = self.model.compute_logits(hidden[sample_rows])  # [B_sample, V] fp32
         if not sampling:
+            return None
+        return StepLogits(logits, sampling, in_flight, fed)
+
+    @torch.inference_mode()
+    def sample(self, step: StepLogits | None, grammar_mask: GrammarMask | None = None) -> RunnerOutput:
+        """Queue the sampling of a forward's rows; `grammar_mask`: structured output's allowed
+        tokens for the rows whose request has a constraint."""
+        if step is None:
             return RunnerOutput()
+        logits, sampling, in_flight, fed = step.logits, step.sampling, step.in_flight, step.fed
+        device = logits.device
+        rows_bits = None
+        if grammar_mask is not None:
+            bits, where = grammar_mask
+            picks = [(row, where[s.seq.request_id]) for row, s in enumerate(sampling) if s.seq.request_id in where]
+            if picks:
+                rows, taken = zip(*picks, strict=True)
+                rows_bits = (list(rows), bits[list(taken)])
         in_flight_tokens = None  # [B_sample] int64: the token in flight on the device, -1 elsewhere
         if fed is not None and any(s.seq.params.reads_newest_token for s in sampling):  # penalties, bad words
             if fed[0] is None:  # every row fed, and each samples: in batch order
@@ -201,7 +240,7 @@ class ModelRunner:
                 in_flight_tokens = torch.full((len(sampling),), -1, dtype=torch.long, device=device)
                 rows = [j for j, is_fed in enumerate(in_flight) if is_fed]  # fed rows, in batch order as fed[1]
                 in_flight_tokens[to_device(rows, device, torch.long)] = fed[1]
-        batch = self.sampler.sample(logits, [s.seq for s in sampling], in_flight, in_flight_tokens)
+        batch = self.sampler.sample(logits, [s.seq for s in sampling], in_flight, in_flight_tokens, rows_bits)
         request_ids = [s.seq.request_id for s in sampling]
         return RunnerOutput(
             pending=lambda: dict(zip(request_ids, batch.to_host(), strict=True)),

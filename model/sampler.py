@@ -1,11 +1,12 @@
 """Batched sampling on the device, for every parameter of SamplingParams.
 
 Order, as vLLM: logprobs from the raw logits; then repetition / frequency / presence penalties,
-logit_bias, allowed_token_ids (every other token masked), bad words, min_tokens (stop tokens
-masked); greedy rows take the argmax; the rest are divided by their temperature, filtered by
-min_p, top_k and top_p, and sampled with the exponential race (argmax of p / q with q ~ Exp(1)),
-whose noise for a seeded request comes from that request's own generator, so its tokens do not
-depend on the rest of the batch.
+logit_bias, allowed_token_ids (every other token masked), bad words, structured output (the
+tokens a request's grammar rules out, from a host bitmask), min_tokens (stop tokens masked,
+unless the grammar allows nothing else); greedy rows take the argmax; the rest are divided by
+their temperature, filtered by min_p, top_k and top_p, and sampled with the exponential race
+(argmax of p / q with q ~ Exp(1)), whose noise for a seeded request comes from that request's
+own generator, so its tokens do not depend on the rest of the batch.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class Sampler:
         seqs: list[SequenceData],
         in_flight: list[bool] | None = None,  # rows whose newest token is in flight, not in output_token_ids
         in_flight_tokens: torch.Tensor | None = None,  # [B] int64 on the device: those tokens, -1 elsewhere
+        grammar_mask: tuple[list[int], torch.Tensor] | None = None,  # rows, [G, ceil(V/32)] int32 allowed bits
     ) -> SampledBatch:
         """Everything on the device, nothing read back: the host may queue the next step first.
         A look-ahead row counts its token in flight as generated (min_tokens, penalties)."""
@@ -103,7 +105,8 @@ class Sampler:
         in_flight = in_flight or [False] * len(seqs)
         logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
         masked = [self._masks_stop_tokens(s, fed) for s, fed in zip(seqs, in_flight, strict=True)]
-        if any(p.counts_tokens or p.logit_bias or p.allowed_token_ids or p.bad_word_ids for p in params) or any(masked):
+        edits = any(p.counts_tokens or p.logit_bias or p.allowed_token_ids or p.bad_word_ids for p in params)
+        if edits or any(masked) or grammar_mask is not None:
             # NOTE: edited in place below; otherwise read as they are (a decode graph's output buffer,
             # which the next replay overwrites only after this step's reads, in stream order)
             logits = logits.clone()
@@ -111,7 +114,11 @@ class Sampler:
             self._apply_logit_bias(logits, params)
             self._mask_disallowed(logits, seqs)
             self._mask_bad_words(logits, seqs, in_flight, in_flight_tokens)
-            self._mask_stop_tokens(logits, seqs, masked)
+            constrained = set()
+            if grammar_mask is not None:
+                self._mask_by_grammar(logits, *grammar_mask)
+                constrained = set(grammar_mask[0])
+            self._mask_stop_tokens(logits, seqs, masked, constrained)
 
         greedy = [p.is_greedy for p in params]
         tokens = logits.argmax(dim=-1)
@@ -237,17 +244,38 @@ class Sampler:
                               torch.where(hit, float("-inf"), 0.0), accumulate=True)  # fmt: skip
 
     @staticmethod
+    def _mask_by_grammar(logits: torch.Tensor, rows: list[int], bits: torch.Tensor) -> None:
+        """Structured output (server/grammars.py): the tokens each row's grammar rules out are -inf.
+        bits: [G, ceil(V / 32)] int32 from the host, bit t of word w set where token 32 w + t is allowed."""
+        device, vocab = logits.device, logits.shape[1]
+        words = bits.to(device, non_blocking=True)
+        shifts = torch.arange(32, dtype=torch.int32, device=device)
+        # an arithmetic shift keeps bit 31's sign: (-1 & 1) is still 1, the bit
+        allowed = ((words[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :vocab]  # [G, V]
+        rows_t = to_device(rows, device, torch.long)
+        logits[rows_t] = logits[rows_t].masked_fill(~allowed, float("-inf"))
+
+    @staticmethod
     def _masks_stop_tokens(seq: SequenceData, in_flight: bool) -> bool:
         """min_tokens: the row may not stop yet."""
         return len(seq.output_token_ids) + in_flight < seq.params.min_tokens
 
-    def _mask_stop_tokens(self, logits: torch.Tensor, seqs: list[SequenceData], masked: list[bool]) -> None:
+    def _mask_stop_tokens(
+        self, logits: torch.Tensor, seqs: list[SequenceData], masked: list[bool], constrained: set[int]
+    ) -> None:
         for i, seq in enumerate(seqs):
             p = seq.params
             if masked[i]:
                 stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
                 stop_ids = [t for t in stop_ids if t < logits.shape[1]]  # before int64: ids may be any size
-                logits[i, to_device(stop_ids, logits.device, torch.long)] = float("-inf")
+                stop_t = to_device(stop_ids, logits.device, torch.long)
+                if i in constrained:
+                    # a complete text (the grammar allows only stop tokens) stops even before
+                    # min_tokens: decided on the device, where the row is (no read back)
+                    row = logits[i].index_fill(0, stop_t, float("-inf"))
+                    logits[i] = torch.where(row.amax() > float("-inf"), row, logits[i])
+                else:
+                    logits[i, stop_t] = float("-inf")
 
     @staticmethod
     def _filtered_probs(scaled: torch.Tensor, params) -> torch.Tensor:  # [B, V] -> [B, V] probabilities

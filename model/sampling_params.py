@@ -16,12 +16,43 @@ GREEDY_BELOW = 1e-5
 MIN_TEMPERATURE = 1e-2
 
 
+# The forms of structured output (vLLM's structured_outputs): each names what `spec` holds.
+CONSTRAINT_KINDS = {
+    "json": "a JSON schema, as JSON text",
+    "json_object": "nothing (any JSON object)",
+    "regex": "a regular expression",
+    "choice": "the strings the output must be one of",
+    "grammar": "an EBNF grammar (GBNF, as llama.cpp's)",
+}
+
+
 class ParamError(ValueError):
     """A parameter a user can fix; the message names it, and `field` too where it is one field."""
 
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
+
+
+@dataclass(frozen=True)
+class OutputConstraint:
+    """Structured output: the text must match `spec` (server/grammars.py compiles it to a token
+    mask for each step). Hashable: compiled grammars are cached by it."""
+
+    kind: str  # a key of CONSTRAINT_KINDS
+    spec: str | tuple[str, ...] = ""  # json / regex / grammar: text; choice: the strings; json_object: ""
+    field: str = "structured_outputs"  # the request field it came from, for error messages
+
+    def validate(self) -> None:
+        if self.kind not in CONSTRAINT_KINDS:
+            raise ParamError(f"{self.field}: unknown kind {self.kind!r}; one of {sorted(CONSTRAINT_KINDS)}",
+                             self.field)  # fmt: skip
+        if self.kind == "choice":
+            choices = self.spec if isinstance(self.spec, tuple) else ()
+            if not choices or not all(isinstance(c, str) and c for c in choices):
+                raise ParamError(f"{self.field} must be a non-empty list of non-empty strings", self.field)
+        elif self.kind != "json_object" and (not isinstance(self.spec, str) or not self.spec.strip()):
+            raise ParamError(f"{self.field} must be {CONSTRAINT_KINDS[self.kind]}, got {self.spec!r}", self.field)
 
 
 @dataclass(frozen=True)
@@ -48,6 +79,7 @@ class SamplingParams:
     # vLLM's bad_words, tokenized (Processor.word_token_ids): a word's last token is masked wherever
     # the output so far ends with the rest of it (always, for a one-token word)
     bad_word_ids: tuple[tuple[int, ...], ...] = ()
+    constraint: OutputConstraint | None = None  # structured output: a JSON schema, regex, choice or grammar
 
     def __post_init__(self) -> None:
         self.validate()
@@ -103,6 +135,10 @@ class SamplingParams:
             fail("allowed_token_ids", "a non-empty list of token ids >= 0", list(self.allowed_token_ids))
         if any(not word or any(not is_int(t) for t in word) for word in self.bad_word_ids):
             fail("bad_words", "words of token ids >= 0", self.bad_word_ids)
+        if self.constraint is not None:
+            self.constraint.validate()
+            if self.ignore_eos:  # a complete text ends with the grammar's EOS: there is nothing after it
+                raise ParamError("ignore_eos cannot be combined with structured outputs", "ignore_eos")
 
     def check_model(self, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
         """What validation cannot know without the model: token ids past its vocabulary, and an

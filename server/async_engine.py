@@ -51,6 +51,11 @@ class AsyncEngine:
         self._thread.join(timeout=10)
 
     @property
+    def grammars(self):
+        """The engine's structured-output compiler: thread-safe, so the HTTP handlers compile ahead."""
+        return self.engine.grammars
+
+    @property
     def num_waiting(self) -> int:
         return self.engine.scheduler.num_waiting + self.num_added - self.num_taken
 

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from model.generation_config import GenerationDefaults
 from model.processor import PromptError, PromptInputs
-from model.sampling_params import MAX_LOGPROBS, ParamError, SamplingParams
+from model.sampling_params import CONSTRAINT_KINDS, MAX_LOGPROBS, OutputConstraint, ParamError, SamplingParams
 from server import openai_format as fmt
 from server.async_engine import EngineDeadError
 from server.conversation import parse_messages
@@ -25,9 +25,11 @@ from server.token_bytes import TokenBytes
 
 logger = logging.getLogger(__name__)
 # vLLM request fields this server does not implement; a request that sets one gets a 400 rather
-# than an answer that silently ignores it (structured outputs, prompt logprobs, echo, beam search)
-UNSUPPORTED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
-               "prompt_logprobs", "echo", "use_beam_search")  # fmt: skip
+# than an answer that silently ignores it (prompt logprobs, echo, beam search)
+UNSUPPORTED = ("prompt_logprobs", "echo", "use_beam_search")
+# structured output's request forms: vLLM's structured_outputs keys and its older guided_* fields
+CONSTRAINT_KEYS = ("json", "regex", "choice", "grammar", "json_object")
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 # bad_words: each is checked against the output at every step of its request, on the host
 MAX_BAD_WORDS = 128
 
@@ -81,6 +83,59 @@ def sampling_params(body: ChatCompletionRequest, max_n: int, defaults: Generatio
                           else name) from err  # fmt: skip
 
 
+def output_constraint(body: ChatCompletionRequest) -> OutputConstraint | None:
+    """Structured output, from whichever one of its request forms is set: OpenAI's response_format
+    (json_object, json_schema), vLLM's structured_outputs, or vLLM's older guided_* fields."""
+    found: list[OutputConstraint] = []
+    if body.response_format is not None:
+        kind = body.response_format.get("type", "text")
+        if kind == "json_object":
+            found.append(OutputConstraint("json_object", "", "response_format"))
+        elif kind == "json_schema":
+            spec = body.response_format.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict | bool):
+                raise bad_request("response_format of type json_schema needs json_schema.schema, a JSON schema "
+                                  "object", "response_format")  # fmt: skip
+            found.append(OutputConstraint("json", json.dumps(schema), "response_format"))
+        elif kind != "text":
+            raise bad_request(f"response_format type must be text, json_object or json_schema, got {kind!r}",
+                              "response_format")  # fmt: skip
+    for name, kind in GUIDED_FIELDS.items():
+        if (value := getattr(body, name)) is not None:
+            found.append(_constraint(kind, value, name))
+    if body.structured_outputs is not None:
+        spec = body.structured_outputs
+        keys = [k for k in CONSTRAINT_KEYS if isinstance(spec, dict) and spec.get(k) not in (None, False)]
+        if not isinstance(spec, dict) or len(keys) != 1:
+            raise bad_request(f"structured_outputs must set exactly one of {', '.join(CONSTRAINT_KEYS)}",
+                              "structured_outputs")  # fmt: skip
+        found.append(_constraint(keys[0], spec[keys[0]], "structured_outputs"))
+    if len(found) > 1:
+        raise bad_request(f"only one structured output may be asked for; got {found[0].field} and {found[1].field}",
+                          found[1].field)  # fmt: skip
+    return found[0] if found else None
+
+
+def _constraint(kind: str, value, name: str) -> OutputConstraint:
+    if kind == "json" and isinstance(value, dict | bool):
+        value = json.dumps(value)
+    elif kind == "json_object":
+        value = ""
+    elif kind == "choice":
+        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+            raise bad_request(f"{name} must be a list of strings", name)
+        value = tuple(value)
+    elif not isinstance(value, str):
+        raise bad_request(f"{name} must be {CONSTRAINT_KINDS[kind]}", name)
+    constraint = OutputConstraint(kind, value, name)
+    try:
+        constraint.validate()
+    except ParamError as err:
+        raise bad_request(str(err), name) from err
+    return constraint
+
+
 def check_truncation(body: ChatCompletionRequest, prompt: PromptInputs) -> None:
     """vLLM's truncate_prompt_tokens keeps a prompt's last N tokens. CogVLM's image slots sit right
     after BOS, so a cut prompt would lose its image or its BOS: served where it cuts nothing (and
@@ -102,8 +157,6 @@ def first_set(*values):
 def refuse_unsupported(body: ChatCompletionRequest) -> None:
     if body.tools or body.functions or body.tool_choice not in (None, "none"):
         raise bad_request("tool and function calling are not supported by CogVLM", "tools", "unsupported")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise bad_request("only response_format {'type': 'text'} is supported", "response_format", "unsupported")
     for name in UNSUPPORTED:
         value = getattr(body, name)
         if value is not None and value is not False:  # prompt_logprobs=0 asks for them too (and 0 == False)
@@ -190,6 +243,13 @@ class ChatHandler:
         params = sampling_params(body, state.config.server.max_n, state.generation_defaults)
         if body.bad_words:
             params = replace(params, bad_word_ids=self.bad_word_ids(body.bad_words))
+        if (constraint := output_constraint(body)) is not None:
+            try:
+                params = replace(params, constraint=constraint)
+                # compiled off the event loop (up to seconds for a large schema); the engine's is then a cache hit
+                await asyncio.to_thread(state.engine.grammars.compile, constraint)
+            except ParamError as err:
+                raise bad_request(str(err), err.field) from err
         prompt = await self.build_prompt(body)
         check_truncation(body, prompt)
         params = self.check_request(prompt, params)

@@ -1,9 +1,9 @@
 """The offline engine: requests in, one `step()` at a time, outputs out.
 
-A step is four visible calls: `scheduler.schedule()` -> `runner.execute()` (queues the step on
-the device) -> `scheduler.launched()` -> `scheduler.update()` (reads the sampled tokens), then
-detokenization and stop strings. `generate()` loops steps until every request is done; the
-HTTP server drives `step()` from its own loop.
+A step is five visible calls: `scheduler.schedule()` -> `runner.forward()` and `runner.sample()`
+(queue the step on the device) -> `scheduler.launched()` -> `scheduler.update()` (reads the
+sampled tokens), then detokenization and stop strings. `generate()` loops steps until every
+request is done; the HTTP server drives `step()` from its own loop.
 
 Look-ahead (async scheduling, on by default with CUDA): the host work of a step (reading the
 tokens, stop checks, detokenization, scheduling and building the next batch) otherwise leaves
@@ -15,6 +15,11 @@ Prefill chunks and admissions plan ahead the same way (their tokens are the prom
 sampler counts a token in flight for penalties and min_tokens on the device. A request that step
 N finishes wastes its look-ahead token, which is dropped. A step that would preempt waits for
 the tokens first (a preempted request recomputes from them).
+
+Structured output (server/grammars.py): a constrained request's mask for a step comes from its
+matcher on the host, which must first see the request's newest token. A look-ahead step that
+holds such a row queues its forward, reads the tokens in flight while the forward runs, and only
+then fills the masks and queues its sampling.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ from model.cogvlm import CogVLMForCausalLM
 from model.decode_graphs import MAX_GRAPH_BATCH
 from model.paged_attention import PagedKVCache
 from model.processor import Processor, PromptInputs
-from model.runner import ModelRunner, RunnerConfig
+from model.runner import GrammarMask, ModelRunner, RunnerConfig
 from model.sampling_params import ParamError, SamplingParams
 from server.detokenizer import IncrementalDetokenizer
+from server.grammars import Grammars
 from server.kv_blocks import KVCacheManager
 from server.request import Request
 from server.scheduler import Scheduler, SchedulerConfig
@@ -135,6 +141,8 @@ class Engine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv
         )
         self.tracked: dict[str, _Tracked] = {}  # internal id -> caller's id, index, detokenizer
+        self.grammars = Grammars(processor.tokenizer, model.config.vocab_size, model.config.eos_token_ids)
+        self.matchers: dict[str, object] = {}  # internal id -> its xgrammar matcher (constrained requests)
         async_scheduling = config.async_scheduling
         self.async_scheduling = model.device.type == "cuda" if async_scheduling is None else async_scheduling
         self.in_flight: tuple[SchedulerOutput, RunnerOutput] | None = None  # queued, tokens not yet read
@@ -166,6 +174,8 @@ class Engine:
         params.check_model(self.model.config.vocab_size, self.model.config.eos_token_ids)
         if any(f"{request_id}#{i}" in self.tracked for i in range(params.n)):
             raise ParamError(f"request id {request_id!r} is already in use")
+        if params.constraint is not None:
+            self.grammars.compile(params.constraint)  # an invalid spec fails here, before any sequence is added
         room = self.max_model_len - prompt.num_tokens
         max_tokens = min(params.max_tokens or room, room)
         stop_ids = set(params.stop_token_ids)
@@ -182,11 +192,14 @@ class Engine:
                                                  params.include_stop_str_in_output,
                                                  params.skip_special_tokens)  # fmt: skip
             self.tracked[internal_id] = _Tracked(request_id, index, detokenizer)
+            if params.constraint is not None:
+                self.matchers[internal_id] = self.grammars.matcher(params.constraint)
 
     def abort(self, request_id: str) -> None:
         for internal_id in [i for i, t in self.tracked.items() if t.request_id == request_id]:
             self.scheduler.finish(internal_id, "abort")
             del self.tracked[internal_id]
+            self.matchers.pop(internal_id, None)
 
     @property
     def has_unfinished(self) -> bool:
@@ -200,19 +213,37 @@ class Engine:
         if in_flight is not None:
             ahead = self.scheduler.schedule(ahead=True)
             if ahead is not None:  # schedule(ahead=True) returns None rather than an empty step
-                result = self.runner.execute(ahead, feed=in_flight[1])
+                step = self.runner.forward(ahead, feed=in_flight[1])
                 self.scheduler.launched(ahead)
                 self.num_lookahead_steps += 1
+                if self.matchers and any(s.seq.request_id in self.matchers for s in ahead.scheduled):
+                    outputs = self._process(*in_flight)  # the matchers take the tokens in flight first
+                    result = self.runner.sample(step, self._grammar_mask(ahead))
+                else:
+                    result = self.runner.sample(step)
+                    outputs = self._process(*in_flight)  # waits for the earlier step only
                 self.in_flight = (ahead, result)
-                return self._process(*in_flight)  # waits for the earlier step only
+                return outputs
             outputs = self._process(*in_flight)
         out = self.scheduler.schedule()
-        result = self.runner.execute(out)
+        result = self.runner.sample(self.runner.forward(out), self._grammar_mask(out))
         self.scheduler.launched(out)
         if self.async_scheduling and result.pending is not None:
             self.in_flight = (out, result)
             return outputs
         return outputs + self._process(out, result)
+
+    def _grammar_mask(self, out: SchedulerOutput) -> GrammarMask | None:
+        """The allowed tokens of the constrained rows that sample this step, from their matchers."""
+        if not self.matchers:
+            return None
+        where, matchers = {}, []
+        for s in out.scheduled:
+            matcher = self.matchers.get(s.seq.request_id)
+            if matcher is not None and s.needs_sample:
+                where[s.seq.request_id] = len(matchers)
+                matchers.append(matcher)
+        return (self.grammars.bitmask(matchers), where) if matchers else None
 
     def _process(self, out: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
         """Read a step's tokens; stop checks, detokenization, one output per new token."""
@@ -224,6 +255,13 @@ class Engine:
             detok = tracked.detokenizer
             finish_reason = event.finish_reason
             token_id = event.token.token_id
+            matcher = self.matchers.get(request.request_id)
+            if matcher is not None and not matcher.accept_token(token_id) and finish_reason is None:
+                # only where allowed_token_ids or bad_words left the grammar no token to sample
+                logger.warning("request %s: token %d breaks its structured output; stopped", tracked.request_id,
+                               token_id)  # fmt: skip
+                finish_reason = "stop"
+                self.scheduler.finish(request.request_id, "stop")
             stop_token = finish_reason == "stop" and token_id in request.stop_token_ids
             if not stop_token or request.seq.params.include_stop_str_in_output:
                 detok.add([token_id])  # the stop token is text only when asked, as in vLLM
@@ -234,6 +272,7 @@ class Engine:
             if finished:
                 detok.flush()
                 del self.tracked[request.request_id]
+                self.matchers.pop(request.request_id, None)
             outputs.append(RequestOutput(
                 request_id=tracked.request_id, index=tracked.index, new_token_ids=[token_id],
                 new_text=detok.take_delta(finished), text=detok.text if finished else "",

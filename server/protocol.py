@@ -72,16 +72,18 @@ class ChatCompletionRequest(BaseModel):
     truncate_prompt_tokens: int | None = None  # served only where it cuts nothing (chat.check_truncation)
     # CogVLM's prompt template; default: the checkpoint's template_version
     template: Literal["chat", "vqa", "base"] | None = None
-    # refused explicitly rather than silently ignored: each would change what comes back
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
+    # structured outputs (server/grammars.py), checked by chat.output_constraint: OpenAI's
+    # response_format, vLLM's structured_outputs and its older guided_* names
     response_format: dict | None = None
-    guided_json: Any = None  # vLLM's structured outputs, old and new names
+    guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
     structured_outputs: Any = None
+    # refused explicitly rather than silently ignored: each would change what comes back
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
     prompt_logprobs: int | None = None
     echo: bool = False
     use_beam_search: bool = False

@@ -3,6 +3,8 @@ loopback over the tiny model."""
 
 import base64
 import json
+import re
+import sys
 import time
 
 import httpx
@@ -259,8 +261,21 @@ def chat(**extra):
         (chat(max_tokens=-1), 400, "max_tokens", None),
         (chat(n=1000), 400, "n", None),
         (chat(tools=[{"type": "function"}]), 400, "tools", "unsupported"),
-        (chat(response_format={"type": "json_object"}), 400, "response_format", "unsupported"),
-        (chat(guided_json={"type": "object"}), 400, "guided_json", "unsupported"),
+        (chat(response_format={"type": "json_schema"}), 400, "response_format", None),  # no schema
+        (chat(response_format={"type": "json_schema", "json_schema": {"schema": "x"}}), 400, "response_format", None),
+        (chat(response_format={"type": "yaml"}), 400, "response_format", None),
+        (chat(response_format={"type": "json_object"}, ignore_eos=True), 400, "ignore_eos", None),
+        (chat(guided_json={"type": "strange"}), 400, "guided_json", None),
+        (chat(guided_json=5), 400, "guided_json", None),
+        (chat(guided_regex="(("), 400, "guided_regex", None),
+        (chat(guided_choice=[]), 400, "guided_choice", None),
+        (chat(guided_choice="red"), 400, "guided_choice", None),
+        (chat(guided_grammar="root ::= "), 400, "guided_grammar", None),
+        (chat(guided_regex="a", guided_choice=["a"]), 400, "guided_choice", None),  # two at once
+        (chat(response_format={"type": "json_object"}, guided_regex="a"), 400, "guided_regex", None),
+        (chat(structured_outputs={"regex": "a", "choice": ["a"]}), 400, "structured_outputs", None),
+        (chat(structured_outputs={}), 400, "structured_outputs", None),
+        (chat(structured_outputs="a+"), 400, "structured_outputs", None),
         (chat(prompt_logprobs=0), 400, "prompt_logprobs", "unsupported"),
         (chat(echo=True), 400, "echo", "unsupported"),
         (chat(best_of=3), 400, "best_of", "unsupported"),
@@ -406,6 +421,43 @@ def test_bad_words_keep_a_word_out_of_the_answer(client, loaded):
 
     assert answer()[0] == red[0]
     assert red[0] not in answer(bad_words=["red"]) and red[0] not in answer(bad_words=[" red", "blue"])
+
+
+def test_structured_outputs_in_every_request_form(client, open_server):
+    """response_format (json_schema through the openai client's own parameter, json_object),
+    vLLM's structured_outputs and guided_* fields: each answer matches its constraint, streamed
+    or not. The tiny model has not seen JSON: logit_bias pushes json_object's to close at once."""
+    schema = {"type": "object", "properties": {"shape": {"enum": ["circle", "square"]}}, "required": ["shape"],
+              "additionalProperties": False}  # fmt: skip
+
+    def ask(**extra):
+        response = client.chat.completions.create(
+            model=MODEL_NAME, messages=[{"role": "user", "content": "Which shape?"}], max_tokens=40, **extra
+        )
+        assert all(c.finish_reason == "stop" for c in response.choices)
+        return [c.message.content for c in response.choices]
+
+    response_format = {"type": "json_schema", "json_schema": {"name": "shape", "schema": schema, "strict": True}}
+    for text in ask(response_format=response_format, n=2, temperature=1.0, seed=3):
+        assert json.loads(text)["shape"] in ("circle", "square") and set(json.loads(text)) == {"shape"}
+    tokenizer = open_server.state.processor.tokenizer
+    close = {str(t): 50 for t in range(len(tokenizer)) if tokenizer.decode([t]) == "}"}
+    assert ask(response_format={"type": "json_object"}, logit_bias=close, temperature=0) == ["{}"]
+    (text,) = ask(extra_body={"structured_outputs": {"regex": "[0-9]{3}"}}, temperature=1.0)
+    assert re.fullmatch("[0-9]{3}", text)
+    assert ask(extra_body={"guided_choice": ["circle", "square"]}, temperature=0)[0] in ("circle", "square")
+    assert ask(extra_body={"guided_grammar": 'root ::= "a" | "b"'})[0] in ("a", "b")
+    stream = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Which?"}],
+                                            max_tokens=40, stream=True, extra_body={"guided_json": schema})  # fmt: skip
+    assert json.loads("".join(c.choices[0].delta.content or "" for c in stream if c.choices))["shape"] in (
+        "circle", "square")  # fmt: skip
+
+
+def test_structured_outputs_without_xgrammar_are_a_400(open_server, monkeypatch):
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # import xgrammar: ImportError
+    response = post(open_server, chat(guided_regex="a+"))
+    assert_error(response, 400, "guided_regex")
+    assert "pip install 'cogserve[structured]'" in response.json()["error"]["message"]
 
 
 def test_retrieve_model_and_unknown_routes_in_openai_shape(open_server, client):

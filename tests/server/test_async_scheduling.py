@@ -50,7 +50,7 @@ def test_lookahead_with_chunked_prefill_and_a_queue(setup, prompts_and_reference
     prompts, reference = prompts_and_reference
     engine = setup.engine(max_num_seqs=4, max_num_batched_tokens=budget, async_scheduling=True)
     seen, chunks_ahead, admitted_ahead = set(), 0, 0
-    execute = engine.runner.execute
+    forward = engine.runner.forward
 
     def recording(out, feed=None):
         nonlocal chunks_ahead, admitted_ahead
@@ -59,9 +59,9 @@ def test_lookahead_with_chunked_prefill_and_a_queue(setup, prompts_and_reference
             chunks_ahead += any(s.num_new_tokens > 1 for s in out.scheduled)
             admitted_ahead += any(s.seq.request_id not in seen for s in out.scheduled)
         seen.update(s.seq.request_id for s in out.scheduled)
-        return execute(out, feed)
+        return forward(out, feed)
 
-    engine.runner.execute = recording
+    engine.runner.forward = recording
     outputs = engine.generate([(p, greedy(MAX_TOKENS)) for p in prompts])
     assert [o[0].token_ids for o in outputs] == reference
     assert chunks_ahead > 0 and admitted_ahead > 0

@@ -33,17 +33,17 @@ def test_chunked_prefill_at_every_offset_matches_reference(setup, prompts_and_re
     prompts, reference = prompts_and_reference
     engine = setup.engine(max_num_batched_tokens=budget)
     chunk_ends = set()
-    execute = engine.runner.execute
+    forward = engine.runner.forward
 
-    def recording(out):
+    def recording(out, feed=None):
         assert out.num_tokens <= budget
         for s in out.scheduled:
             slots = s.seq.prompt.image_slots
             if slots and slots[0] <= s.end - 1 <= slots[-1]:
                 chunk_ends.add(s.end - slots[0])  # offset of the chunk's last token inside the image
-        return execute(out)
+        return forward(out, feed)
 
-    engine.runner.execute = recording
+    engine.runner.forward = recording
     assert run(engine, prompts) == reference
     num_image = setup.model.config.num_image_tokens
     if budget == 1:  # every token is a chunk end: every offset inside the image span was hit
@@ -72,14 +72,14 @@ def test_recompute_after_preemption_samples_only_at_its_end(setup, prompts_and_r
         tokens += [t for o in engine.step() for t in o.new_token_ids]
     engine.scheduler._preempt(engine.scheduler.running.pop())
     recomputed = []  # starts of one-token rows past the prompt that end short of the sequence
-    original = engine.runner.execute
+    original = engine.runner.forward
 
-    def execute(out, feed=None):
+    def forward(out, feed=None):
         prompt_len = len(prompts[3].input_ids)
         recomputed.extend(s.start for s in out.scheduled if prompt_len <= s.start < s.seq.num_tokens - 1)
         return original(out, feed)
 
-    engine.runner.execute = execute
+    engine.runner.forward = forward
     while engine.has_unfinished:
         tokens += [t for o in engine.step() for t in o.new_token_ids]
     assert tokens == reference[3]

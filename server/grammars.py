@@ -1,0 +1,91 @@
+"""Structured output: a request's OutputConstraint (JSON schema, regex, choice, EBNF grammar)
+compiled by xgrammar into a matcher that says, at each step, which tokens keep the text valid.
+
+xgrammar is an optional package (`pip install 'cogserve[structured]'`); without it a constrained
+request is refused with a 400. Compiling a schema takes milliseconds to seconds, so the HTTP
+handler compiles on a worker thread before the request reaches the engine thread, and the
+engine's compile is then a cache hit. A matcher runs on the host: each step the engine fills one
+bitmask row ([ceil(V / 32)] int32, bit t set where token t is allowed) per constrained row that
+samples, and advances the matcher by the token it sampled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+import torch
+
+from model.sampling_params import OutputConstraint, ParamError
+
+# xgrammar's cache of compiled grammars (by spec): a JSON schema's is ~100 KB to a few MB at a 128k
+# vocabulary, so this keeps hundreds
+CACHE_LIMIT_BYTES = 512 * 2**20
+# xgrammar's errors start "[03:46:08] /project/cpp/regex_converter.cc:83: " (and its checks with
+# "Check failed: (error.empty()) is false: "): nothing a user can act on
+_ERROR_PREFIX = re.compile(r"^(\[[\d:]+\] \S+:\d+: )?(Check failed: .*? is false: )?")
+
+
+def choice_grammar(choices: tuple[str, ...]) -> str:
+    """EBNF for "exactly one of these strings": JSON's string escapes are the grammar's."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+class Grammars:
+    """Compiles constraints for one tokenizer and makes per-request matchers."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: tuple[int, ...]):
+        self._tokenizer, self.vocab_size, self._stop_token_ids = tokenizer, vocab_size, stop_token_ids
+        self._compiler = None  # built on the first constrained request: ~0.1 s at a 32k vocabulary
+        self._lock = threading.Lock()  # the HTTP handlers' worker threads and the engine thread build it
+
+    @staticmethod
+    def xgrammar(field: str = "response_format"):
+        try:
+            import xgrammar
+        except ImportError as err:
+            raise ParamError(f"{field}: structured outputs need the optional xgrammar package on the server "
+                             "(pip install 'cogserve[structured]')", field) from err  # fmt: skip
+        return xgrammar
+
+    def compile(self, constraint: OutputConstraint):
+        """The compiled grammar (cached); a ParamError naming the field where the spec is invalid."""
+        xgr = self.xgrammar(constraint.field)
+        with self._lock:
+            if self._compiler is None:
+                info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.vocab_size,
+                                                          stop_token_ids=list(self._stop_token_ids))  # fmt: skip
+                self._compiler = xgr.GrammarCompiler(info, cache_limit_bytes=CACHE_LIMIT_BYTES)
+        kind, spec = constraint.kind, constraint.spec
+        try:
+            if kind == "json":
+                # NOTE: no free whitespace between JSON tokens (", " and ": " only): with it, a model
+                # unsure how to go on can emit spaces and newlines until max_tokens (a known xgrammar
+                # and vLLM failure); the text is the same JSON
+                compiled = self._compiler.compile_json_schema(spec, any_whitespace=False)
+            elif kind == "json_object":
+                compiled = self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+            elif kind == "regex":
+                compiled = self._compiler.compile_regex(spec)
+            elif kind == "choice":
+                compiled = self._compiler.compile_grammar(choice_grammar(spec))
+            else:
+                compiled = self._compiler.compile_grammar(spec)
+        except (RuntimeError, ValueError) as err:  # xgrammar's parse errors
+            what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar"}.get(kind, kind)
+            message = _ERROR_PREFIX.sub("", str(err).strip().splitlines()[0] if str(err).strip() else "")
+            message = message or type(err).__name__
+            raise ParamError(f"{constraint.field}: invalid {what}: {message}", constraint.field) from err
+        return compiled
+
+    def matcher(self, constraint: OutputConstraint):
+        """A fresh matcher (one per completion: n > 1 gets n): at the start of the text."""
+        return self.xgrammar(constraint.field).GrammarMatcher(self.compile(constraint))
+
+    def bitmask(self, matchers: list) -> torch.Tensor:
+        """[len(matchers), ceil(V / 32)] int32 on the host: each matcher's allowed next tokens."""
+        mask = self.xgrammar().allocate_token_bitmask(len(matchers), self.vocab_size)
+        for i, matcher in enumerate(matchers):
+            matcher.fill_next_token_bitmask(mask, i)
+        return mask
