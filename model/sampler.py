@@ -1,12 +1,12 @@
 """Batched sampling on the device, for every parameter of SamplingParams.
 
-Order, as vLLM: logprobs from the raw logits; then repetition / frequency / presence penalties,
-logit_bias, allowed_token_ids (every other token masked), bad words, structured output (the
-tokens a request's grammar rules out, from a host bitmask), min_tokens (stop tokens masked,
-unless the grammar allows nothing else); greedy rows take the argmax; the rest are divided by
-their temperature, filtered by min_p, top_k and top_p, and sampled with the exponential race
-(argmax of p / q with q ~ Exp(1)), whose noise for a seeded request comes from that request's
-own generator, so its tokens do not depend on the rest of the batch.
+Order, as vLLM: structured output's mask (the tokens a request's grammar rules out, from a host
+bitmask); logprobs, from those logits; then repetition / frequency / presence penalties,
+logit_bias, allowed_token_ids (every other token masked), bad words, min_tokens (stop tokens
+masked, unless the grammar allows nothing else); greedy rows take the argmax; the rest are
+divided by their temperature, filtered by min_p, top_k and top_p, and sampled with the
+exponential race (argmax of p / q with q ~ Exp(1)), whose noise for a seeded request comes from
+that request's own generator, so its tokens do not depend on the rest of the batch.
 """
 
 from __future__ import annotations
@@ -103,21 +103,22 @@ class Sampler:
         device = logits.device
         params = [s.params for s in seqs]
         in_flight = in_flight or [False] * len(seqs)
+        # NOTE: logits are edited in place below, on a copy; otherwise read as they are (a decode
+        # graph's output buffer, which the next replay overwrites only after this step's reads)
+        constrained = set()
+        if grammar_mask is not None:  # before the logprobs, as vLLM's: over the tokens the grammar allows
+            logits = logits.clone()
+            self._mask_by_grammar(logits, *grammar_mask)
+            constrained = set(grammar_mask[0])
         logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
         masked = [self._masks_stop_tokens(s, fed) for s, fed in zip(seqs, in_flight, strict=True)]
-        edits = any(p.counts_tokens or p.logit_bias or p.allowed_token_ids or p.bad_word_ids for p in params)
-        if edits or any(masked) or grammar_mask is not None:
-            # NOTE: edited in place below; otherwise read as they are (a decode graph's output buffer,
-            # which the next replay overwrites only after this step's reads, in stream order)
-            logits = logits.clone()
+        if any(p.counts_tokens or p.logit_bias or p.allowed_token_ids or p.bad_word_ids for p in params) or any(masked):
+            if grammar_mask is None:
+                logits = logits.clone()
             self._apply_penalties(logits, seqs, in_flight_tokens)
             self._apply_logit_bias(logits, params)
             self._mask_disallowed(logits, seqs)
             self._mask_bad_words(logits, seqs, in_flight, in_flight_tokens)
-            constrained = set()
-            if grammar_mask is not None:
-                self._mask_by_grammar(logits, *grammar_mask)
-                constrained = set(grammar_mask[0])
             self._mask_stop_tokens(logits, seqs, masked, constrained)
 
         greedy = [p.is_greedy for p in params]

@@ -39,6 +39,8 @@ class Grammars:
         self._tokenizer, self.vocab_size, self._stop_token_ids = tokenizer, vocab_size, stop_token_ids
         self._compiler = None  # built on the first constrained request: ~0.1 s at a 32k vocabulary
         self._lock = threading.Lock()  # the HTTP handlers' worker threads and the engine thread build it
+        self._batch = None  # xgrammar's BatchGrammarMatcher: the engine thread's alone
+        self._space_dropped = False  # set with the compiler: see compile()
 
     @staticmethod
     def xgrammar(field: str = "response_format"):
@@ -57,35 +59,44 @@ class Grammars:
                 info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.vocab_size,
                                                           stop_token_ids=list(self._stop_token_ids))  # fmt: skip
                 self._compiler = xgr.GrammarCompiler(info, cache_limit_bytes=CACHE_LIMIT_BYTES)
+                # sentencepiece (CogVLM-17B's vicuna tokenizer) writes a word's leading space into its
+                # token ("▁red") and drops the text's first one when decoding: the model answers
+                # "▁red", the reply reads "red", and xgrammar sees " red"
+                ids = self._tokenizer.encode("a", add_special_tokens=False)
+                self._space_dropped = b"".join(info.decoded_vocab[i] for i in ids) == b" a"
         kind, spec = constraint.kind, constraint.spec
         try:
             if kind == "json":
                 # NOTE: no free whitespace between JSON tokens (", " and ": " only): with it, a model
                 # unsure how to go on can emit spaces and newlines until max_tokens (a known xgrammar
                 # and vLLM failure); the text is the same JSON
-                compiled = self._compiler.compile_json_schema(spec, any_whitespace=False)
+                grammar = xgr.Grammar.from_json_schema(spec, any_whitespace=False)
             elif kind == "json_object":
-                compiled = self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+                grammar = xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False)
             elif kind == "regex":
-                compiled = self._compiler.compile_regex(spec)
-            elif kind == "choice":
-                compiled = self._compiler.compile_grammar(choice_grammar(spec))
+                grammar = xgr.Grammar.from_regex(spec)
             else:
-                compiled = self._compiler.compile_grammar(spec)
+                grammar = xgr.Grammar.from_ebnf(choice_grammar(spec) if kind == "choice" else spec)
         except (RuntimeError, ValueError) as err:  # xgrammar's parse errors
             what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar"}.get(kind, kind)
             message = _ERROR_PREFIX.sub("", str(err).strip().splitlines()[0] if str(err).strip() else "")
-            message = message or type(err).__name__
-            raise ParamError(f"{constraint.field}: invalid {what}: {message}", constraint.field) from err
-        return compiled
+            raise ParamError(f"{constraint.field}: invalid {what}: {message or type(err).__name__}",
+                             constraint.field) from err  # fmt: skip
+        if self._space_dropped:  # so the first token may be "▁red": the text the reply shows is still "red"
+            grammar = xgr.Grammar.concat(xgr.Grammar.from_ebnf('root ::= " "?'), grammar)
+        return self._compiler.compile_grammar(grammar)
 
     def matcher(self, constraint: OutputConstraint):
         """A fresh matcher (one per completion: n > 1 gets n): at the start of the text."""
         return self.xgrammar(constraint.field).GrammarMatcher(self.compile(constraint))
 
     def bitmask(self, matchers: list) -> torch.Tensor:
-        """[len(matchers), ceil(V / 32)] int32 on the host: each matcher's allowed next tokens."""
-        mask = self.xgrammar().allocate_token_bitmask(len(matchers), self.vocab_size)
-        for i, matcher in enumerate(matchers):
-            matcher.fill_next_token_bitmask(mask, i)
+        """[len(matchers), ceil(V / 32)] int32 on the host: each matcher's allowed next tokens.
+        Filled by xgrammar's batch matcher, rows side by side over its threads: this is engine
+        thread time between steps, and a row's cost grows with the vocabulary (128k for CogVLM2)."""
+        xgr = self.xgrammar()
+        if self._batch is None:
+            self._batch = xgr.BatchGrammarMatcher()
+        mask = xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
+        self._batch.batch_fill_next_token_bitmask(matchers, mask)
         return mask

@@ -41,7 +41,7 @@ def test_dockerfile_passes_hadolint():
 def test_dockerfile_has_the_promised_shape():
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^ARG BASE_IMAGE=", text, re.M) and "FROM ${BASE_IMAGE} AS gpu" in text
-    assert "AS cpu" in text and '".[gpu]"' in text and "HEALTHCHECK" in text
+    assert "AS cpu" in text and '".[gpu,structured]"' in text and '".[structured]"' in text and "HEALTHCHECK" in text
     assert 'ENTRYPOINT ["cogserve", "serve"]' in text
     assert re.search(r"^USER 10001$", text, re.M)  # non-root
     assert "/models" in text and "COPY checkpoints" not in text  # weights are mounted, never baked in

@@ -2,13 +2,18 @@
 which tokens come out: the same workload gives the same outputs with and without, on CPU too
 (the device there is the CPU: nothing overlaps, but every code path runs)."""
 
+import importlib.util
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.sampling_params import SamplingParams
+from model.sampling_params import OutputConstraint, SamplingParams
 from tests.server.engine_helpers import MAX_TOKENS, greedy
+
+HAS_XGRAMMAR = importlib.util.find_spec("xgrammar") is not None  # the [structured] extra: CI has it
+CHOICE = OutputConstraint("choice", ("yes", "no", "red circle", "blue square"))
 
 
 def summary(outputs):
@@ -267,6 +272,17 @@ def test_lookahead_on_cuda_gives_the_same_outputs(tiny_checkpoint, setup, prompt
     ahead = engine(True)
     assert_same_outputs(ahead.generate(workload), engine(False).generate(workload))
     assert ahead.num_lookahead_steps >= 10
+    if HAS_XGRAMMAR:  # structured outputs: bitmasks from the host, sampled after a graph replay
+        from tests.server.test_structured_outputs import assert_matches
+        from tests.server.test_structured_outputs import workload as constrained
+
+        requests = constrained(setup, prompts)
+        outputs = engine(True).generate(requests)
+        assert_same_outputs(outputs, engine(False).generate(requests))
+        for (_, params), per_request in zip(requests, outputs, strict=True):
+            for output in per_request if params.constraint is not None else ():
+                assert output.finish_reason == "stop"
+                assert_matches(params.constraint, output.text)
     queued = [(p, greedy(MAX_TOKENS)) for p in prompts]
     ahead = engine(True, max_num_seqs=4, max_num_batched_tokens=33)
     assert [o[0].token_ids for o in ahead.generate(queued)] == reference
@@ -279,7 +295,7 @@ def test_lookahead_on_cuda_gives_the_same_outputs(tiny_checkpoint, setup, prompt
         st.tuples(
             st.integers(0, 11),  # prompt
             st.integers(1, 10),  # max_tokens
-            st.sampled_from(["greedy", "seeded", "penalised", "min_tokens", "logprobs", "stop_id", "n2"]),
+            st.sampled_from(["greedy", "seeded", "penalised", "min_tokens", "logprobs", "stop_id", "n2", "choice"]),
         ),
         min_size=1,
         max_size=8,
@@ -299,8 +315,9 @@ def test_random_workloads_give_the_same_outputs_ahead(setup, prompts_and_referen
         "logprobs": lambda n, i: greedy(n, logprobs=3),
         "stop_id": lambda n, i: greedy(n, stop_token_ids=(reference[i][1],)),
         "n2": lambda n, i: SamplingParams(temperature=0.7, seed=i, n=2, max_tokens=n),
+        "choice": lambda n, i: SamplingParams(temperature=1.0, seed=i, max_tokens=n, constraint=CHOICE),
     }
-    workload = [(prompts[i], kinds[kind](n, i)) for i, n, kind in requests]
+    workload = [(prompts[i], kinds[kind](n, i)) for i, n, kind in requests if kind != "choice" or HAS_XGRAMMAR]
     config = dict(max_num_batched_tokens=budget, max_num_seqs=max_seqs, num_kv_blocks=blocks)
     sync = setup.engine(async_scheduling=False, **config).generate(workload)
     engine = setup.engine(async_scheduling=True, **config)

@@ -4,6 +4,7 @@ tokenizers), with and without look-ahead steps, beside unconstrained requests th
 reference path's tokens."""
 
 import json
+import math
 import re
 import sys
 
@@ -197,3 +198,33 @@ def test_bitmask_rows_are_applied_bit_for_bit(setup):
     assert sampled[2] == max(allowed[0], key=lambda t: logits[2, t])
     assert sampled[0] == max(allowed[1], key=lambda t: logits[0, t])
     assert sampled[1] == logits[1].argmax().item()
+
+
+def test_logprobs_are_over_the_tokens_the_grammar_allows(setup, prompts_and_reference):
+    """As vLLM's: the grammar's mask comes before the logprobs, so a guided choice's logprobs are
+    its options' probabilities (what a classifier reads), not the unconstrained model's."""
+    prompts, _ = prompts_and_reference
+    constraint = OutputConstraint("choice", CHOICES)
+    (output,) = setup.engine().generate([(prompts[0], greedy(LONG, logprobs=20, constraint=constraint))])[0]
+    cfg = setup.model.config
+    grammars = Grammars(setup.processor.tokenizer, cfg.vocab_size, cfg.eos_token_ids)
+    bits = grammars.bitmask([grammars.matcher(constraint)])
+    allowed = {t for t in range(cfg.vocab_size) if (bits[0, t // 32].item() >> (t % 32)) & 1}
+    first = output.new_logprobs[0]
+    finite = {t: lp for t, lp in first.top_logprobs if lp > float("-inf")}
+    assert 1 < len(allowed) <= 20 and set(finite) == allowed
+    assert sum(math.exp(lp) for lp in finite.values()) == pytest.approx(1.0, abs=1e-4)
+    assert first.logprob == finite[output.token_ids[0]] == max(finite.values())  # greedy: the likeliest option
+
+
+def test_a_choice_may_start_with_the_models_own_first_token(setup, prompts_and_reference):
+    """The tokens a tokenizer gives a choice's text are the ones a model answers with. Sentencepiece
+    (cogvlm) writes the leading space into the first ("▁red"), which xgrammar reads as " red" and
+    decoding drops: the grammar allows that space, and the text still reads exactly the choice."""
+    prompts, _ = prompts_and_reference
+    choices = ("red circle", "blue square")
+    first = [setup.processor.tokenizer.encode(c, add_special_tokens=False)[0] for c in choices]
+    for choice, token in zip(choices, first, strict=True):
+        params = greedy(LONG, constraint=OutputConstraint("choice", choices), logit_bias=((token, 100.0),))
+        (output,) = setup.engine().generate([(prompts[0], params)])[0]
+        assert output.token_ids[0] == token and output.text == choice and output.finish_reason == "stop"
