@@ -37,10 +37,10 @@ class Grammars:
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: tuple[int, ...]):
         self._tokenizer, self.vocab_size, self._stop_token_ids = tokenizer, vocab_size, stop_token_ids
-        self._compiler = None  # built on the first constrained request: ~0.1 s at a 32k vocabulary
+        self._compiler = None  # see prepare()
         self._lock = threading.Lock()  # the HTTP handlers' worker threads and the engine thread build it
         self._batch = None  # xgrammar's BatchGrammarMatcher: the engine thread's alone
-        self._space_dropped = False  # set with the compiler: see compile()
+        self._space_dropped = False  # set with the compiler: see _build_compiler
 
     @staticmethod
     def xgrammar(field: str = "response_format"):
@@ -51,19 +51,32 @@ class Grammars:
                              "(pip install 'cogserve[structured]')", field) from err  # fmt: skip
         return xgrammar
 
+    def prepare(self) -> bool:
+        """Build the compiler now (the server's start), not on the first constrained request: it
+        reads every token of the vocabulary (128k for CogVLM2). False without xgrammar."""
+        try:
+            self._build_compiler(self.xgrammar())
+        except ParamError:
+            return False
+        return True
+
+    def _build_compiler(self, xgr) -> None:
+        with self._lock:
+            if self._compiler is not None:
+                return
+            info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.vocab_size,
+                                                      stop_token_ids=list(self._stop_token_ids))  # fmt: skip
+            # sentencepiece (CogVLM-17B's vicuna tokenizer) writes a word's leading space into its
+            # token ("▁red") and drops the text's first one when decoding: the model answers
+            # "▁red", the reply reads "red", and xgrammar sees " red"
+            ids = self._tokenizer.encode("a", add_special_tokens=False)
+            self._space_dropped = b"".join(info.decoded_vocab[i] for i in ids) == b" a"
+            self._compiler = xgr.GrammarCompiler(info, cache_limit_bytes=CACHE_LIMIT_BYTES)
+
     def compile(self, constraint: OutputConstraint):
         """The compiled grammar (cached); a ParamError naming the field where the spec is invalid."""
         xgr = self.xgrammar(constraint.field)
-        with self._lock:
-            if self._compiler is None:
-                info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.vocab_size,
-                                                          stop_token_ids=list(self._stop_token_ids))  # fmt: skip
-                self._compiler = xgr.GrammarCompiler(info, cache_limit_bytes=CACHE_LIMIT_BYTES)
-                # sentencepiece (CogVLM-17B's vicuna tokenizer) writes a word's leading space into its
-                # token ("▁red") and drops the text's first one when decoding: the model answers
-                # "▁red", the reply reads "red", and xgrammar sees " red"
-                ids = self._tokenizer.encode("a", add_special_tokens=False)
-                self._space_dropped = b"".join(info.decoded_vocab[i] for i in ids) == b" a"
+        self._build_compiler(xgr)
         kind, spec = constraint.kind, constraint.spec
         try:
             if kind == "json":

@@ -37,6 +37,11 @@ def load_engine(state: AppState) -> None:
                        "(--generation-config none for OpenAI's)", FILE_NAME, defaults.set_fields())  # fmt: skip
     model, processor = load_everything(state.config.model)
     engine = Engine(model, processor, state.config.engine)
+    grammar_start = time.perf_counter()
+    if engine.grammars.prepare():
+        logger.info("structured outputs: vocabulary read in %.1f s", time.perf_counter() - grammar_start)
+    else:
+        logger.info("structured outputs off: the optional xgrammar package is not installed")
     async_engine = AsyncEngine(engine, state.metrics)
     async_engine.start()
     state.processor, state.max_model_len = processor, engine.max_model_len

@@ -149,11 +149,21 @@ def test_an_invalid_spec_is_refused_before_anything_is_added(setup, prompts_and_
 
 
 def test_without_xgrammar_a_constraint_is_refused_by_name(setup, monkeypatch):
-    monkeypatch.setitem(sys.modules, "xgrammar", None)  # import xgrammar: ImportError
     grammars = Grammars(setup.processor.tokenizer, setup.model.config.vocab_size, setup.model.config.eos_token_ids)
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # import xgrammar: ImportError
+    assert not grammars.prepare()  # the server starts all the same, and says so
     with pytest.raises(ParamError, match=r"pip install 'cogserve\[structured\]'") as err:
         grammars.compile(OutputConstraint("regex", "a+", "guided_regex"))
     assert err.value.field == "guided_regex"
+
+
+def test_prepare_reads_the_vocabulary_once(setup):
+    grammars = Grammars(setup.processor.tokenizer, setup.model.config.vocab_size, setup.model.config.eos_token_ids)
+    assert grammars.prepare()
+    compiler = grammars._compiler
+    assert compiler is not None and grammars.prepare() and grammars._compiler is compiler
+    grammars.compile(OutputConstraint("regex", "a+"))
+    assert grammars._compiler is compiler
 
 
 def test_choice_grammar_escapes_quotes_newlines_and_backslashes(setup):
