@@ -90,16 +90,32 @@ class SampledToken:
 
 
 @dataclass
+class PromptLogprob:
+    """vLLM's prompt_logprobs at one prompt position: the prompt's own token there, given the
+    tokens before it, and the K likeliest tokens."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1: the likeliest token
+    top_logprobs: list[tuple[int, float]]  # the K best, best first
+
+
+@dataclass
 class RunnerOutput:
     """The tokens a step sampled. A step whose tokens are still on the device carries `pending`,
     which waits for that step alone and reads them, and `feed`, from which a look-ahead step
-    takes its input tokens on the device."""
+    takes its input tokens on the device. `prompt_logprobs`: the prompt positions this step
+    computed for the requests that ask for them (read with the tokens)."""
 
     sampled: dict[str, SampledToken] = field(default_factory=dict)  # request_id -> token
     pending: Callable[[], dict[str, SampledToken]] | None = None
     feed: tuple | None = None  # ([B] int64 tokens on the device, {request_id: row})
+    prompt_logprobs: dict[str, dict[int, PromptLogprob]] = field(default_factory=dict)  # request_id -> position ->
+    pending_prompt: Callable[[], dict[str, dict[int, PromptLogprob]]] | None = None
 
     def resolve(self) -> RunnerOutput:
         if self.pending is not None:
             self.sampled, self.pending = self.pending(), None
+        if self.pending_prompt is not None:
+            self.prompt_logprobs, self.pending_prompt = self.pending_prompt(), None
         return self

@@ -12,20 +12,21 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 import model.cogvlm as cogvlm_module
 from kernels.expert_routing import tuning_row_counts
-from model.batch import RunnerOutput, ScheduledSequence, SchedulerOutput
+from model.batch import PromptLogprob, RunnerOutput, ScheduledSequence, SchedulerOutput
 from model.cogvlm import CogVLMForCausalLM
 from model.decode_graphs import DecodeGraphs
 from model.experts import routed_linear, routing_for
 from model.gemv_tuning import tune_one_row_gemvs
 from model.paged_attention import PagedAttentionMetadata, PagedKVCache, make_attention_backend
 from model.processor import VISION_TOKEN_TYPE
-from model.sampler import Sampler
+from model.sampler import SampledBatch, Sampler
 from model.transfer import to_device
 
 # Structured output's masks for a step: [G, ceil(V / 32)] int32 allowed-token bits on the host,
@@ -41,6 +42,7 @@ class StepLogits:
     sampling: list[ScheduledSequence]  # those sequences, in row order
     in_flight: list[bool]  # per row: its newest token is the look-ahead token still on the device
     fed: tuple | None  # (rows or None, [F] tokens in flight): look-ahead inputs, as forward took them
+    prompt: Callable | None = None  # reads the step's prompt logprobs (ModelRunner._prompt_logprobs)
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ class ModelRunner:
         fed_rows, fed_from = [], []  # rows whose token is on the device, and where it is there
         self._encode_missing_images(out)
         sampling, last_rows, in_flight = [], [], []  # per sampling sequence: it, its row, is it fed
+        prompt_rows = ([], [], [], [])  # prompt_logprobs: rows, the prompt token each predicts, (id, position), K
         for s in out.scheduled:
             seq, start, end = s.seq, s.start, s.end
             row0 = len(input_ids)
@@ -165,6 +168,10 @@ class ModelRunner:
                     if lo < hi:  # this chunk holds image slots lo..hi-1
                         image_rows += range(row0 + lo - start, row0 + hi - start)
                         image_features.append(self.encoder_cache[prompt.image_hash][lo - first : hi - first])
+            # NOTE: once a token exists the prompt logprobs went out with it: a recompute after
+            # preemption computes none again
+            if seq.params.prompt_logprobs is not None and not seq.output_token_ids:
+                self._prompt_rows(s, row0, num_prompt, prompt_rows)
             if end >= num_tokens:  # s.needs_sample: not a chunk, nor a recompute row, short of the end
                 sampling.append(s)
                 last_rows.append(len(input_ids) - 1)
@@ -189,6 +196,8 @@ class ModelRunner:
             # one text token per sequence: replay (logits for every row; the sampled ones kept)
             logits = graphs.run(input_ids, positions, slots, [s.block_ids for s in out.scheduled],
                                 [s.end for s in out.scheduled], fed)  # fmt: skip
+            every_row = logits
+            prompt = self._prompt_logprobs(lambda rows: every_row[rows], *prompt_rows) if prompt_rows[0] else None
             if len(last_rows) < len(out.scheduled):
                 logits = logits[to_device(last_rows, device, torch.long)]
         else:
@@ -213,9 +222,55 @@ class ModelRunner:
             hidden = self.model(embeds, to_device(positions, device, torch.long), mask, self.attention)
             sample_rows = to_device(last_rows, device, torch.long)  # may be empty
             logits = self.model.compute_logits(hidden[sample_rows])  # [B_sample, V] fp32
+            prompt = None
+            if prompt_rows[0]:
+                prompt = self._prompt_logprobs(lambda rows: self.model.compute_logits(hidden[rows]), *prompt_rows)
         if not sampling:
-            return None
-        return StepLogits(logits, sampling, in_flight, fed)
+            return StepLogits(None, [], [], None, prompt) if prompt is not None else None
+        return StepLogits(logits, sampling, in_flight, fed, prompt)
+
+    @staticmethod
+    def _prompt_rows(s: ScheduledSequence, row0: int, num_prompt: int, into: tuple) -> None:
+        """The rows of this chunk whose next token is a prompt token (vLLM's prompt_logprobs),
+        image slots left out: their token is a placeholder the vision features replace."""
+        seq = s.seq
+        slots = seq.prompt.image_slots
+        first, last = (slots[0], slots[-1]) if slots else (-1, -2)
+        rows, targets, keys, ks = into
+        for position in range(s.start, min(s.end, num_prompt - 1)):
+            if not first <= position + 1 <= last:
+                rows.append(row0 + position - s.start)
+                targets.append(seq.prompt.input_ids[position + 1])
+                keys.append((seq.request_id, position + 1))
+                ks.append(seq.params.prompt_logprobs)
+
+    def _prompt_logprobs(
+        self, logits_of: Callable, rows: list[int], targets: list[int], keys: list[tuple[str, int]], ks: list[int]
+    ) -> Callable[[], dict[str, dict[int, PromptLogprob]]]:
+        """Queue the prompt logprobs of `rows` (logits_of(rows) -> [R, V] fp32) and return what reads
+        them: {request_id: {position: PromptLogprob}}."""
+        device, most = self.model.device, max(ks)
+        rows_t, targets_t = to_device(rows, device, torch.long), to_device(targets, device, torch.long)
+        parts = []
+        # NOTE: 256 rows at a time: a 2048-token chunk's fp32 logits at CogVLM2's 128k vocabulary are 1 GiB
+        for i in range(0, len(rows), 256):
+            logprobs = torch.log_softmax(logits_of(rows_t[i : i + 256]), dim=-1)  # [R, V]
+            own = logprobs.gather(1, targets_t[i : i + 256, None])  # [R, 1]
+            rank = (logprobs > own).sum(dim=-1) + 1  # [R]
+            top = logprobs.topk(most, dim=-1) if most else None
+            parts.append((own[:, 0], rank, top.values if top else None, top.indices if top else None))
+        tensors = [torch.cat(column) if column[0] is not None else None for column in zip(*parts, strict=True)]
+        copied = SampledBatch.copy_to_host(tensors)
+
+        def read() -> dict[str, dict[int, PromptLogprob]]:
+            own, rank, values, indices = (t.tolist() if t is not None else None for t in copied())
+            result: dict[str, dict[int, PromptLogprob]] = {}
+            for j, ((request_id, position), k) in enumerate(zip(keys, ks, strict=True)):
+                top = list(zip(indices[j][:k], values[j][:k], strict=True)) if k else []
+                result.setdefault(request_id, {})[position] = PromptLogprob(targets[j], own[j], rank[j], top)
+            return result
+
+        return read
 
     @torch.inference_mode()
     def sample(self, step: StepLogits | None, grammar_mask: GrammarMask | None = None) -> RunnerOutput:
@@ -223,6 +278,8 @@ class ModelRunner:
         tokens for the rows whose request has a constraint."""
         if step is None:
             return RunnerOutput()
+        if not step.sampling:  # a prompt chunk short of its end, whose prompt logprobs were asked for
+            return RunnerOutput(pending_prompt=step.prompt)
         logits, sampling, in_flight, fed = step.logits, step.sampling, step.in_flight, step.fed
         device = logits.device
         rows_bits = None
@@ -245,6 +302,7 @@ class ModelRunner:
         return RunnerOutput(
             pending=lambda: dict(zip(request_ids, batch.to_host(), strict=True)),
             feed=(batch.tokens, {request_id: i for i, request_id in enumerate(request_ids)}),
+            pending_prompt=step.prompt,
         )
 
     def drain_encode_seconds(self) -> list[float]:

@@ -11,6 +11,7 @@ that request's own generator, so its tokens do not depend on the rest of the bat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,25 +33,32 @@ class SampledBatch:
     logprobs: torch.Tensor | None = None  # [B] fp32: each sampled token's logprob, when a row asks
     top_values: torch.Tensor | None = None  # [B, K] fp32: the K best logprobs, K the most a row asks
     top_indices: torch.Tensor | None = None  # [B, K] int64
-    host: dict[str, torch.Tensor] | None = None  # CUDA: pinned copies of the above, valid after `ready`
-    ready: torch.cuda.Event | None = None
+    read_back: Callable[[], list[torch.Tensor | None]] | None = None  # set by start_copy
+
+    @staticmethod
+    def copy_to_host(tensors: list[torch.Tensor | None]) -> Callable[[], list[torch.Tensor | None]]:
+        """Queue pinned copies of device tensors; the returned call waits for them alone and gives
+        them back (a plain .tolist() would wait for everything queued, the next step included).
+        On CPU: the tensors themselves."""
+        if not any(t is not None and t.is_cuda for t in tensors):
+            return lambda: tensors
+        host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                for t in tensors]  # fmt: skip
+        ready = torch.cuda.Event()
+        ready.record()
+
+        def wait() -> list[torch.Tensor | None]:
+            ready.synchronize()
+            return host
+
+        return wait
 
     def start_copy(self) -> SampledBatch:
-        if self.tokens.is_cuda:
-            # NOTE: a plain .tolist() would wait for everything queued, the next step included
-            self.host = {
-                name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-                for name in _READ_BACK
-                if (t := getattr(self, name)) is not None
-            }
-            self.ready = torch.cuda.Event()
-            self.ready.record()
+        self.read_back = self.copy_to_host([getattr(self, name) for name in _READ_BACK])
         return self
 
     def to_host(self) -> list[SampledToken]:
-        if self.ready is not None:
-            self.ready.synchronize()
-        tensors = self.host if self.host is not None else {name: getattr(self, name) for name in _READ_BACK}
+        tensors = dict(zip(_READ_BACK, self.read_back(), strict=True))
         read = {name: t.tolist() for name, t in tensors.items() if t is not None}
         out = []
         for i, (token, p) in enumerate(zip(read["tokens"], self.params, strict=True)):

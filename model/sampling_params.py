@@ -80,6 +80,9 @@ class SamplingParams:
     # the output so far ends with the rest of it (always, for a one-token word)
     bad_word_ids: tuple[tuple[int, ...], ...] = ()
     constraint: OutputConstraint | None = None  # structured output: a JSON schema, regex, choice or grammar
+    # vLLM's prompt_logprobs: each prompt token's logprob given the ones before it, and the K best
+    # there (None: none). The request's prompt is then computed whole, never read from the prefix cache.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -118,6 +121,8 @@ class SamplingParams:
             fail("min_tokens", f"<= max_tokens ({self.max_tokens})", self.min_tokens)
         if self.logprobs is not None and not is_int(self.logprobs, 0, MAX_LOGPROBS):
             fail("logprobs", f"in [0, {MAX_LOGPROBS}]", self.logprobs)
+        if self.prompt_logprobs is not None and not is_int(self.prompt_logprobs, 0, MAX_LOGPROBS):
+            fail("prompt_logprobs", f"in [0, {MAX_LOGPROBS}]", self.prompt_logprobs)
         if any(not isinstance(s, str) or not s for s in self.stop):
             fail("stop", "a list of non-empty strings", self.stop)
         if any(not is_int(t) for t in self.stop_token_ids):

@@ -25,8 +25,8 @@ from server.token_bytes import TokenBytes
 
 logger = logging.getLogger(__name__)
 # vLLM request fields this server does not implement; a request that sets one gets a 400 rather
-# than an answer that silently ignores it (prompt logprobs, echo, beam search)
-UNSUPPORTED = ("prompt_logprobs", "echo", "use_beam_search")
+# than an answer that silently ignores it (echo, beam search)
+UNSUPPORTED = ("echo", "use_beam_search")
 # structured output's request forms: vLLM's structured_outputs keys and its older guided_* fields
 CONSTRAINT_KEYS = ("json", "regex", "choice", "grammar", "json_object")
 GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
@@ -46,6 +46,8 @@ def sampling_params(body: ChatCompletionRequest, max_n: int, defaults: Generatio
                               "top_logprobs")  # fmt: skip
         if not body.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+    if body.prompt_logprobs is not None and body.stream:  # vLLM's stream chunks have no place for them
+        raise bad_request("prompt_logprobs is not supported with stream", "prompt_logprobs", "unsupported")
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options can only be set when stream is true", "stream_options")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
@@ -74,6 +76,7 @@ def sampling_params(body: ChatCompletionRequest, max_n: int, defaults: Generatio
             stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos,
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            prompt_logprobs=body.prompt_logprobs,
             logit_bias=tuple(logit_bias),
             allowed_token_ids=None if body.allowed_token_ids is None else tuple(body.allowed_token_ids),
         )
@@ -333,10 +336,13 @@ class _Context:
     async def _gather(self, outputs: AsyncIterator) -> JSONResponse:
         n = self.body.n
         finals, logprobs = [None] * n, [[] for _ in range(n)]
+        prompt_logprobs = None  # the prompt's, on the first output of completion 0 (every completion has them)
         try:
             async for output in self._timed(outputs):
                 self._observe(output)
                 logprobs[output.index] += output.new_logprobs
+                if output.prompt_logprobs is not None and output.index == 0:
+                    prompt_logprobs = output.prompt_logprobs
                 if output.finished:
                     finals[output.index] = output
         except TimeoutError as err:
@@ -357,6 +363,8 @@ class _Context:
         completion_tokens = sum(len(out.token_ids) for out in finals)
         body = fmt.completion(self.request_id, self.created, self.model, choices,
                               fmt.usage(self.num_prompt_tokens, completion_tokens))  # fmt: skip
+        if self.body.prompt_logprobs is not None:  # vLLM's place for them: beside the choices
+            body["prompt_logprobs"] = self.logprobs.prompt(prompt_logprobs or [])
         return JSONResponse(body)
 
     async def stream(self, outputs: AsyncIterator) -> AsyncIterator[str]:

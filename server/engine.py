@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from model.batch import RunnerOutput, SampledToken, SchedulerOutput, SequenceData
+from model.batch import PromptLogprob, RunnerOutput, SampledToken, SchedulerOutput, SequenceData
 from model.cogvlm import CogVLMForCausalLM
 from model.decode_graphs import MAX_GRAPH_BATCH
 from model.paged_attention import PagedKVCache
@@ -95,6 +95,9 @@ class RequestOutput:
     finish_reason: str | None = None
     new_logprobs: list[SampledToken] = field(default_factory=list)
     queue_time_s: float | None = None  # set on a completion's first output: arrival to first scheduled
+    # on a completion's first output, where asked: per prompt position, its token's logprob given the
+    # ones before (None at position 0, which nothing predicts, and on image slots, which hold placeholders)
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
 
 @dataclass
@@ -143,6 +146,7 @@ class Engine:
         self.tracked: dict[str, _Tracked] = {}  # internal id -> caller's id, index, detokenizer
         self.grammars = Grammars(processor.tokenizer, model.config.vocab_size, model.config.eos_token_ids)
         self.matchers: dict[str, object] = {}  # internal id -> its xgrammar matcher (constrained requests)
+        self.prompt_logprobs: dict[str, dict[int, PromptLogprob]] = {}  # internal id -> those read so far
         async_scheduling = config.async_scheduling
         self.async_scheduling = model.device.type == "cuda" if async_scheduling is None else async_scheduling
         self.in_flight: tuple[SchedulerOutput, RunnerOutput] | None = None  # queued, tokens not yet read
@@ -200,6 +204,7 @@ class Engine:
             self.scheduler.finish(internal_id, "abort")
             del self.tracked[internal_id]
             self.matchers.pop(internal_id, None)
+            self.prompt_logprobs.pop(internal_id, None)
 
     @property
     def has_unfinished(self) -> bool:
@@ -248,6 +253,9 @@ class Engine:
     def _process(self, out: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
         """Read a step's tokens; stop checks, detokenization, one output per new token."""
         events = self.scheduler.update(out, result)
+        for request_id, positions in result.prompt_logprobs.items():
+            if request_id in self.tracked:  # not aborted meanwhile
+                self.prompt_logprobs.setdefault(request_id, {}).update(positions)
         outputs = []
         for event in events:
             request = event.request
@@ -281,21 +289,32 @@ class Engine:
                 new_logprobs=[event.token] if request.seq.params.logprobs is not None else [],
                 queue_time_s=(request.first_scheduled_time - request.arrival_time
                               if len(request.output_token_ids) == 1 and request.first_scheduled_time else None),
+                prompt_logprobs=self._take_prompt_logprobs(request) if len(request.output_token_ids) == 1 else None,
             ))  # fmt: skip
         return outputs
 
+    def _take_prompt_logprobs(self, request: Request) -> list[PromptLogprob | None] | None:
+        if request.seq.params.prompt_logprobs is None:
+            return None
+        got = self.prompt_logprobs.pop(request.request_id, {})
+        return [None] + [got.get(position) for position in range(1, len(request.seq.prompt.input_ids))]
+
     def generate(self, requests: list[tuple[PromptInputs, SamplingParams]]) -> list[list[RequestOutput]]:
         """Run to completion. Returns, per request in order, its n final outputs (index order)
-        with the complete text, token ids and logprobs."""
+        with the complete text, token ids, logprobs and prompt logprobs."""
         for i, (prompt, params) in enumerate(requests):
             self.add_request(f"generate-{i}", prompt, params)
         finals: dict[tuple[str, int], RequestOutput] = {}
         logprobs: dict[tuple[str, int], list[SampledToken]] = {}
+        prompt_logprobs: dict[tuple[str, int], list[PromptLogprob | None]] = {}
         while self.has_unfinished:
             for output in self.step():
                 key = (output.request_id, output.index)
                 logprobs.setdefault(key, []).extend(output.new_logprobs)
+                if output.prompt_logprobs is not None:
+                    prompt_logprobs[key] = output.prompt_logprobs
                 if output.finished:
                     output.new_logprobs = logprobs.pop(key)
+                    output.prompt_logprobs = prompt_logprobs.pop(key, None)
                     finals[key] = output
         return [[finals[(f"generate-{i}", j)] for j in range(params.n)] for i, (_, params) in enumerate(requests)]

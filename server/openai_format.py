@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from model.batch import SampledToken
+from model.batch import PromptLogprob, SampledToken
 from server.token_bytes import TokenBytes
 
 
@@ -26,6 +26,24 @@ class LogprobFormatter:
             {**self.entry(t.token_id, t.logprob), "top_logprobs": [self.entry(i, lp) for i, lp in t.top_logprobs or []]}
             for t in tokens
         ]}  # fmt: skip
+
+    def prompt(self, entries: list[PromptLogprob | None]) -> list[dict | None]:
+        """vLLM's prompt_logprobs: per prompt position, {token id: {logprob, rank, decoded_token}}
+        for the K likeliest tokens and the prompt's own (keys are strings, as JSON's are)."""
+
+        def one(token_id: int, logprob: float, rank: int) -> dict:
+            text = self.entry(token_id, logprob)["token"]
+            return {"logprob": max(logprob, -9999.0), "rank": rank, "decoded_token": text}
+
+        out = []
+        for e in entries:
+            if e is None:
+                out.append(None)
+                continue
+            at = {str(t): one(t, lp, rank) for rank, (t, lp) in enumerate(e.top_logprobs, start=1)}
+            at[str(e.token_id)] = one(e.token_id, e.logprob, e.rank)
+            out.append(at)
+        return out
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -53,6 +53,7 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: float = 0.0
     logprobs: bool = False
     top_logprobs: int | None = None
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and the K best there
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -84,7 +85,6 @@ class ChatCompletionRequest(BaseModel):
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
-    prompt_logprobs: int | None = None
     echo: bool = False
     use_beam_search: bool = False
     best_of: int | None = None  # up to n: the same as n; more: sampling best_of and keeping n

@@ -88,7 +88,8 @@ class Scheduler:
         # NOTE: no new admissions in a step that had to preempt: the pool is full.
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            hits = self.kv.computed_blocks(request.seq)
+            # prompt_logprobs need every prompt position computed: no prefix-cache hits (as vLLM)
+            hits = self.kv.computed_blocks(request.seq) if request.seq.params.prompt_logprobs is None else []
             num_cached = len(hits) * self.kv.block_size
             num_new = min(request.num_tokens - num_cached, budget)
             if not self.kv.allocate(request.seq, num_cached + num_new, hits):

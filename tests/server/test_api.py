@@ -276,7 +276,8 @@ def chat(**extra):
         (chat(structured_outputs={"regex": "a", "choice": ["a"]}), 400, "structured_outputs", None),
         (chat(structured_outputs={}), 400, "structured_outputs", None),
         (chat(structured_outputs="a+"), 400, "structured_outputs", None),
-        (chat(prompt_logprobs=0), 400, "prompt_logprobs", "unsupported"),
+        (chat(prompt_logprobs=0, stream=True), 400, "prompt_logprobs", "unsupported"),
+        (chat(prompt_logprobs=21), 400, "prompt_logprobs", None),
         (chat(echo=True), 400, "echo", "unsupported"),
         (chat(best_of=3), 400, "best_of", "unsupported"),
         (chat(chat_template="{{ messages }}"), 400, "chat_template", "unsupported"),
@@ -451,6 +452,27 @@ def test_structured_outputs_in_every_request_form(client, open_server):
                                             max_tokens=40, stream=True, extra_body={"guided_json": schema})  # fmt: skip
     assert json.loads("".join(c.choices[0].delta.content or "" for c in stream if c.choices))["shape"] in (
         "circle", "square")  # fmt: skip
+
+
+def test_prompt_logprobs_beside_the_choices(open_server, loaded):
+    """vLLM's shape: per prompt token (the /tokenize endpoint's), {id: {logprob, rank,
+    decoded_token}} for the K best and the token itself; None first and on image slots."""
+    body = chat(messages=[image_message(data_uri(png_bytes()), "What colour?")], prompt_logprobs=2, n=2)
+    response = post(open_server, body)
+    assert response.status_code == 200, response.text
+    entries = response.json()["prompt_logprobs"]
+    tokens = httpx.post(f"{open_server.url}/tokenize", json={"messages": body["messages"]}).json()["tokens"]
+    slots = set(loaded[1].build(Conversation(query="x", image=open_image(png_bytes()))).image_slots)
+    assert len(entries) == len(tokens) == response.json()["usage"]["prompt_tokens"] and entries[0] is None
+    for position, (token, entry) in enumerate(zip(tokens, entries, strict=True)):
+        if position == 0 or position in slots:
+            assert entry is None
+            continue
+        assert str(token) in entry and 2 <= len(entry) <= 3
+        ranks = sorted(e["rank"] for e in entry.values())
+        assert ranks[:2] == [1, 2] and all(e["logprob"] <= 0 and e["decoded_token"] for e in entry.values())
+        assert entry[str(token)]["rank"] >= 1
+    assert "prompt_logprobs" not in post(open_server, chat()).json()
 
 
 def test_structured_outputs_without_xgrammar_are_a_400(open_server, monkeypatch):

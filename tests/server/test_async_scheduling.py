@@ -22,7 +22,9 @@ def summary(outputs):
 
     def one(o):
         named = [(t.token_id, [i for i, _ in t.top_logprobs or []]) for t in o.new_logprobs]
-        return o.index, o.token_ids, o.text, o.finish_reason, named
+        prompt = [None if p is None else (p.token_id, p.rank, [i for i, _ in p.top_logprobs])
+                  for p in o.prompt_logprobs or []]  # fmt: skip
+        return o.index, o.token_ids, o.text, o.finish_reason, named, prompt
 
     return [[one(o) for o in per_request] for per_request in outputs]
 
@@ -77,7 +79,8 @@ def every_feature(setup, prompts, reference):
     """Seeded sampling, n > 1, stop strings and stop ids found mid-way (the look-ahead token is
     dropped), max_tokens of 1 to 12, logprobs (read back with the tokens), penalties and
     min_tokens (the token in flight counted on the device), allowed_token_ids and bad words of
-    one and two tokens (the second compared with the token in flight) in the same batches."""
+    one and two tokens (the second compared with the token in flight), and prompt logprobs in
+    the same batches."""
     stop_id = reference[2][2]  # greedy request 2 stops at its third token
     stop_text = setup.processor.decode(reference[1])[2:4]  # request 4 asks prompt 1 with this stop
     eos = setup.model.config.eos_token_ids
@@ -103,6 +106,7 @@ def every_feature(setup, prompts, reference):
             bad_word_ids=(tuple(reference[13][1:3]),),
             allowed_token_ids=tuple(t for t in range(5, 40) if t not in eos),
         ),
+        greedy(4, prompt_logprobs=2),
     ]
     workload = list(zip(prompts[: len(params)], params, strict=True))
     workload[4] = (prompts[1], workload[4][1])
@@ -122,6 +126,7 @@ def test_every_sampling_feature_gives_the_same_outputs(setup, prompts_and_refere
         tokens = out[0].token_ids
         assert not any(tuple(tokens[j : j + len(w)]) == w for w in params.bad_word_ids for j in range(len(tokens)))
     assert set(sync[13][0].token_ids) <= set(workload[13][1].allowed_token_ids) and len(sync[13][0].token_ids) == 7
+    assert sync[14][0].prompt_logprobs[0] is None and len(sync[14][0].prompt_logprobs) == workload[14][0].num_tokens
     assert engine.num_lookahead_steps >= 10
     assert engine.kv.num_free_blocks == len(engine.kv.pool.blocks)
 
