@@ -11,7 +11,7 @@ from PIL import Image
 
 from server.config import DEFAULT_MODEL, ServeConfig
 from tests.server.live_server import MODEL_NAME, running_engine, serve
-from training.evaluate import HELD_OUT_SEED, ask_server, is_correct
+from training.evaluate import HELD_OUT_SEED, ask_server, is_correct, png_data_uri
 from training.shapes_dataset import Sample, samples
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,3 +53,29 @@ def test_readme_first_example_is_answered_correctly(client):
     image_path, question, template, answer = example.groups()
     sample = Sample(Image.open(ROOT / image_path).convert("RGB"), (), "vqa", template, question, answer)
     assert ask_server(client, MODEL_NAME, sample).strip() == answer
+
+
+def test_readme_choice_example_keeps_the_models_answer(client):
+    """Structured output on a trained model: the README's guided_choice request answers what the
+    model answers freely (the grammar allows its own first token, "▁red"; without that, forced
+    character pieces answered other colours)."""
+    pytest.importorskip("xgrammar")
+    readme = (ROOT / "README.md").read_text()
+    example = re.search(r"<!-- choice example: (\S+) \| (.+?) \| (\w+) \| (.+?) -> (\w+) -->", readme)
+    assert example, "README lost its choice example"
+    image_path, question, template, choices, answer = example.groups()
+    sample = Sample(Image.open(ROOT / image_path).convert("RGB"), (), "vqa", template, question, answer)
+    content = [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": png_data_uri(sample)}}]
+    options = choices.split(", ")
+    response = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": content}],
+        max_tokens=16,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=len(options),
+        extra_body={"template": template, "guided_choice": options},
+    )
+    assert response.choices[0].message.content == ask_server(client, MODEL_NAME, sample).strip() == answer
+    first = response.choices[0].logprobs.content[0]
+    assert first.logprob > -0.5  # the model's own confident token, not a forced piece
