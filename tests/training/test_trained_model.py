@@ -1,6 +1,6 @@
 """The embedded default model answers through the HTTP server: short answers and grounding boxes
 on held-out slices (at what it measured, less a margin; see its model card), and the README's
-first example. Its answers fall to chance if anything in the stack computes wrongly."""
+examples (the second under a guided_choice). Its answers fall to chance if anything in the stack computes wrongly."""
 
 import re
 from pathlib import Path
