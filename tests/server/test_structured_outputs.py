@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from model.sampling_params import OutputConstraint, ParamError, SamplingParams
-from server.grammars import Grammars, choice_grammar
+from server.grammars import MAX_CACHED_CONSTRAINTS, Grammars, choice_grammar
 from tests.server.engine_helpers import MAX_TOKENS, greedy
 
 pytest.importorskip("xgrammar")
@@ -162,8 +162,14 @@ def test_prepare_reads_the_vocabulary_once(setup):
     assert grammars.prepare()
     compiler = grammars._compiler
     assert compiler is not None and grammars.prepare() and grammars._compiler is compiler
-    grammars.compile(OutputConstraint("regex", "a+"))
+    first = grammars.compile(OutputConstraint("regex", "a+"))
     assert grammars._compiler is compiler
+    # the engine thread's compile of what the HTTP handler compiled is a lookup, not a conversion
+    assert grammars.compile(OutputConstraint("regex", "a+")) is first
+    for i in range(MAX_CACHED_CONSTRAINTS):
+        grammars.compile(OutputConstraint("regex", f"b{{{i + 1}}}"))
+    assert len(grammars._compiled) == MAX_CACHED_CONSTRAINTS
+    assert OutputConstraint("regex", "a+") not in grammars._compiled  # the least recently used went
 
 
 def test_choice_grammar_escapes_quotes_newlines_and_backslashes(setup):
