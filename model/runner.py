@@ -38,7 +38,7 @@ GrammarMask = tuple[torch.Tensor, dict[str, int]]
 class StepLogits:
     """A forward's output, waiting for its sampling (ModelRunner.forward -> ModelRunner.sample)."""
 
-    logits: torch.Tensor  # [B_sample, V] fp32, one row per sequence that samples
+    logits: torch.Tensor | None  # [B_sample, V] fp32, one row per sequence that samples (None: none does)
     sampling: list[ScheduledSequence]  # those sequences, in row order
     in_flight: list[bool]  # per row: its newest token is the look-ahead token still on the device
     fed: tuple | None  # (rows or None, [F] tokens in flight): look-ahead inputs, as forward took them
@@ -116,9 +116,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, out: SchedulerOutput, feed: RunnerOutput | None = None) -> StepLogits | None:
-        """The model's half of `execute`, queued: the logits of the rows that sample (None where
-        none does). The engine samples separately where a grammar's mask needs the tokens of the
-        step in flight first (server/engine.py)."""
+        """The model's half of `execute`, queued: the logits of the rows that sample, and the
+        prompt logprobs asked for (None where there are neither). The engine samples separately
+        where a grammar's mask needs the tokens of the step in flight first (server/engine.py)."""
         for request_id in out.finished_request_ids:
             self.sampler.forget(request_id)
         if not out.scheduled:

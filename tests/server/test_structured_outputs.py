@@ -33,7 +33,7 @@ CONSTRAINTS = [
     OutputConstraint("regex", REGEX),
     OutputConstraint("grammar", GRAMMAR),
 ]
-LONG = 48  # tokens a constrained completion may take (a byte-level JSON object of SCHEMA's: ~25)
+LONG = 48  # tokens a constrained completion may take: room for SCHEMA's objects in either tiny tokenizer
 
 
 def assert_matches(constraint: OutputConstraint, text: str) -> None:
