@@ -110,7 +110,7 @@ class RunnerOutput:
     sampled: dict[str, SampledToken] = field(default_factory=dict)  # request_id -> token
     pending: Callable[[], dict[str, SampledToken]] | None = None
     feed: tuple | None = None  # ([B] int64 tokens on the device, {request_id: row})
-    prompt_logprobs: dict[str, dict[int, PromptLogprob]] = field(default_factory=dict)  # request_id -> position ->
+    prompt_logprobs: dict[str, dict[int, PromptLogprob]] = field(default_factory=dict)  # request_id -> {position: ..}
     pending_prompt: Callable[[], dict[str, dict[int, PromptLogprob]]] | None = None
 
     def resolve(self) -> RunnerOutput:

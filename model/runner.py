@@ -26,8 +26,8 @@ from model.experts import routed_linear, routing_for
 from model.gemv_tuning import tune_one_row_gemvs
 from model.paged_attention import PagedAttentionMetadata, PagedKVCache, make_attention_backend
 from model.processor import VISION_TOKEN_TYPE
-from model.sampler import SampledBatch, Sampler
-from model.transfer import to_device
+from model.sampler import Sampler
+from model.transfer import to_device, to_host_later
 
 # Structured output's masks for a step: [G, ceil(V / 32)] int32 allowed-token bits on the host,
 # and the row of each constrained request (server/grammars.py)
@@ -260,7 +260,7 @@ class ModelRunner:
             top = logprobs.topk(most, dim=-1) if most else None
             parts.append((own[:, 0], rank, top.values if top else None, top.indices if top else None))
         tensors = [torch.cat(column) if column[0] is not None else None for column in zip(*parts, strict=True)]
-        copied = SampledBatch.copy_to_host(tensors)
+        copied = to_host_later(tensors)
 
         def read() -> dict[str, dict[int, PromptLogprob]]:
             own, rank, values, indices = (t.tolist() if t is not None else None for t in copied())

@@ -18,7 +18,7 @@ import torch
 
 from model.batch import SampledToken, SequenceData
 from model.sampling_params import SamplingParams
-from model.transfer import to_device
+from model.transfer import to_device, to_host_later
 
 _READ_BACK = ("tokens", "logprobs", "top_values", "top_indices")  # SampledBatch's tensors
 
@@ -35,26 +35,8 @@ class SampledBatch:
     top_indices: torch.Tensor | None = None  # [B, K] int64
     read_back: Callable[[], list[torch.Tensor | None]] | None = None  # set by start_copy
 
-    @staticmethod
-    def copy_to_host(tensors: list[torch.Tensor | None]) -> Callable[[], list[torch.Tensor | None]]:
-        """Queue pinned copies of device tensors; the returned call waits for them alone and gives
-        them back (a plain .tolist() would wait for everything queued, the next step included).
-        On CPU: the tensors themselves."""
-        if not any(t is not None and t.is_cuda for t in tensors):
-            return lambda: tensors
-        host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-                for t in tensors]  # fmt: skip
-        ready = torch.cuda.Event()
-        ready.record()
-
-        def wait() -> list[torch.Tensor | None]:
-            ready.synchronize()
-            return host
-
-        return wait
-
     def start_copy(self) -> SampledBatch:
-        self.read_back = self.copy_to_host([getattr(self, name) for name in _READ_BACK])
+        self.read_back = to_host_later([getattr(self, name) for name in _READ_BACK])
         return self
 
     def to_host(self) -> list[SampledToken]:
@@ -111,18 +93,18 @@ class Sampler:
         device = logits.device
         params = [s.params for s in seqs]
         in_flight = in_flight or [False] * len(seqs)
-        # NOTE: logits are edited in place below, on a copy; otherwise read as they are (a decode
-        # graph's output buffer, which the next replay overwrites only after this step's reads)
-        constrained = set()
-        if grammar_mask is not None:  # before the logprobs, as vLLM's: over the tokens the grammar allows
-            logits = logits.clone()
-            self._mask_by_grammar(logits, *grammar_mask)
-            constrained = set(grammar_mask[0])
-        logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
         masked = [self._masks_stop_tokens(s, fed) for s, fed in zip(seqs, in_flight, strict=True)]
-        if any(p.counts_tokens or p.logit_bias or p.allowed_token_ids or p.bad_word_ids for p in params) or any(masked):
-            if grammar_mask is None:
-                logits = logits.clone()
+        edits = any(p.counts_tokens or p.logit_bias or p.allowed_token_ids or p.bad_word_ids for p in params)
+        edits = edits or any(masked)
+        if edits or grammar_mask is not None:
+            # NOTE: edited in place below; otherwise read as they are (a decode graph's output buffer,
+            # which the next replay overwrites only after this step's reads, in stream order)
+            logits = logits.clone()
+        constrained = set(grammar_mask[0]) if grammar_mask is not None else set()
+        if grammar_mask is not None:  # before the logprobs, as vLLM's: over the tokens the grammar allows
+            self._mask_by_grammar(logits, *grammar_mask)
+        logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
+        if edits:
             self._apply_penalties(logits, seqs, in_flight_tokens)
             self._apply_logit_bias(logits, params)
             self._mask_disallowed(logits, seqs)

@@ -100,7 +100,7 @@ def output_constraint(body: ChatCompletionRequest) -> OutputConstraint | None:
             if not isinstance(schema, dict | bool):
                 raise bad_request("response_format of type json_schema needs json_schema.schema, a JSON schema "
                                   "object", "response_format")  # fmt: skip
-            found.append(OutputConstraint("json", json.dumps(schema), "response_format"))
+            found.append(_constraint("json", schema, "response_format"))
         elif kind != "text":
             raise bad_request(f"response_format type must be text, json_object or json_schema, got {kind!r}",
                               "response_format")  # fmt: skip
@@ -131,12 +131,7 @@ def _constraint(kind: str, value, name: str) -> OutputConstraint:
         value = tuple(value)
     elif not isinstance(value, str):
         raise bad_request(f"{name} must be {CONSTRAINT_KINDS[kind]}", name)
-    constraint = OutputConstraint(kind, value, name)
-    try:
-        constraint.validate()
-    except ParamError as err:
-        raise bad_request(str(err), name) from err
-    return constraint
+    return OutputConstraint(kind, value, name)  # validated with the SamplingParams it joins
 
 
 def check_truncation(body: ChatCompletionRequest, prompt: PromptInputs) -> None:

@@ -2,11 +2,12 @@
 compiled by xgrammar into a matcher that says, at each step, which tokens keep the text valid.
 
 xgrammar is an optional package (`pip install 'cogserve[structured]'`); without it a constrained
-request is refused with a 400. Compiling a schema takes milliseconds to seconds, so the HTTP
-handler compiles on a worker thread before the request reaches the engine thread, and the
-engine's compile is then a cache hit. A matcher runs on the host: each step the engine fills one
-bitmask row ([ceil(V / 32)] int32, bit t set where token t is allowed) per constrained row that
-samples, and advances the matcher by the token it sampled.
+request is refused with a 400. Compiling a schema takes tens of milliseconds (36 ms for a
+40-property schema at the tiny model's 512 tokens, on this project's CPU machine) and grows with
+the schema and the vocabulary, so the HTTP handler compiles on a worker thread before the request
+reaches the engine thread, and the engine's compile is then a cache hit. A matcher runs on the
+host: each step the engine fills one bitmask row ([ceil(V / 32)] int32, bit t set where token t
+is allowed) per constrained row that samples, and advances the matcher by the token it sampled.
 """
 
 from __future__ import annotations

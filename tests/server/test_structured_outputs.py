@@ -39,6 +39,7 @@ LONG = 48  # tokens a constrained completion may take: room for SCHEMA's objects
 def assert_matches(constraint: OutputConstraint, text: str) -> None:
     if constraint.kind == "json":
         value = json.loads(text)
+        assert text == json.dumps(value)  # compact, as the README says: ", " and ": ", no other whitespace
         assert set(value) == {"color", "count"} and value["color"] in ("red", "blue") and 0 <= value["count"] <= 9
     elif constraint.kind == "json_object":
         assert text == "{}"  # pushed toward "}" from the first token (close_brace_bias)
