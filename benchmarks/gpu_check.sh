@@ -11,6 +11,8 @@
 #   [gemv] the one-row GEMV's configs (candidates too) one by one against cuBLAS (52 s)
 #   [attention] the split decode's shapes at batch 1, and its rotary inside against rotary's own launch
 #   [prefill] time to first token for image requests and the vision tower's share (17B and CogVLM2)
+# Carry .whl (fetched here by benchmarks/gpu_wheels.sh) for the structured-output part of the CUDA
+# look-ahead test: run(carry=[".whl"], command="COMMIT=... OUT=$OUT bash benchmarks/gpu_check.sh").
 # Logs and JSON go to $OUT (default /tmp/gpu_check). COMMIT=abc1234 names the commit: write the hash from this
 # machine into the command (the device copy's .git can be stale: it named 2242172 for eba7a7b once).
 set -uo pipefail
@@ -21,9 +23,18 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 PY=${PY:-python3}
+# Wheels carried in .whl/ (benchmarks/gpu_wheels.sh: xgrammar, pydantic and their needs) go on the
+# path; without them the CUDA look-ahead test skips its structured-output part.
+if compgen -G ".whl/*.whl" >/dev/null; then
+    if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/cogserve_site .whl/*.whl; then
+        export PYTHONPATH=$PYTHONPATH:/tmp/cogserve_site
+    else
+        echo "carried wheels did not install: structured outputs are skipped on the GPU"
+    fi
+fi
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'commit', '${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}')" | tee -a "$OUT/gpu.txt"
+$PY -c "import torch, triton; import importlib.util as u; print('torch', torch.__version__, 'triton', triton.__version__, 'xgrammar', bool(u.find_spec('xgrammar')), 'commit', '${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}')" | tee -a "$OUT/gpu.txt"
 
 tests_rc=0 bench_rc=0 decode_rc=0 gemv_rc=0 decode2_rc=0 prefill_rc=0 attention_rc=0
 # The GPU machine has no HTTP stack (fastapi, pydantic, openai): the tests that need CUDA are in

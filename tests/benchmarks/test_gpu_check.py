@@ -35,3 +35,18 @@ def test_every_flag_it_passes_a_benchmark_takes(script):
     assert done.returncode == 0, done.stderr[-2000:]
     for flag in flags:
         assert flag in done.stdout, (script, flag)
+
+
+def test_the_carried_wheels_match_what_ci_tests():
+    """gpu_wheels.sh pins the xgrammar the GPU runs: it must sit inside pyproject's [structured]
+    range, the one CI installs, and pin each package once (two versions stop the whole install)."""
+    from packaging.specifiers import SpecifierSet
+
+    wheels = (ROOT / "benchmarks" / "gpu_wheels.sh").read_text()
+    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_wheels.sh")], check=True)
+    pins = dict(re.findall(r"^\s+([\w-]+)==([\w.]+)", wheels, re.M))
+    names = re.findall(r"^\s+([\w-]+)==", wheels, re.M)
+    assert len(names) == len(set(names)) >= 6
+    structured = re.search(r'^structured = \["xgrammar([^"]+)"\]', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert pins["xgrammar"] in SpecifierSet(structured.group(1))
+    assert ".whl" in SCRIPT and "--no-index" in SCRIPT
