@@ -150,6 +150,20 @@ class Processor:
             image_hash=image_hash,
         )
 
+    def build_text(self, text: str, add_bos: bool = True) -> PromptInputs:
+        """A raw text prompt (the completions API): no template, no image; BOS first unless asked
+        not to, as a tokenizer's add_special_tokens does."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return self.build_token_ids(([self.cfg.bos_token_id] if add_bos else []) + list(ids))
+
+    def build_token_ids(self, input_ids: list[int]) -> PromptInputs:
+        """Token ids taken as they are (no BOS added), every one a language token."""
+        outside = [t for t in input_ids if not 0 <= t < self.cfg.vocab_size]
+        if outside:
+            raise PromptError(f"token ids must be in [0, {self.cfg.vocab_size}), got {outside[:5]}")
+        types = [LANGUAGE_TOKEN_TYPE] * len(input_ids)
+        return PromptInputs(input_ids=list(input_ids), token_type_ids=types, position_ids=position_ids_for(types))
+
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 

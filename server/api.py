@@ -20,12 +20,13 @@ from model.generation_config import GenerationDefaults
 from model.processor import Processor, PromptError
 from server.async_engine import AsyncEngine
 from server.chat import ChatHandler
+from server.completions import CompletionHandler
 from server.config import ServeConfig
 from server.conversation import parse_messages
 from server.errors import APIError, bad_request, model_not_found, unavailable
 from server.media import ImageFetcher
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, DetokenizeRequest, TokenizeRequest
+from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 logger = logging.getLogger(__name__)
 VERSION = "0.1.0"
@@ -100,6 +101,7 @@ def build_app(state: AppState) -> FastAPI:
     app = FastAPI(title="cogserve", version=VERSION, description="OpenAI-compatible server for CogVLM")
     app.state.cogserve = state
     chat = ChatHandler(state)
+    completions = CompletionHandler(state)
 
     @app.middleware("http")
     async def request_id_and_key(request: Request, call_next):
@@ -156,6 +158,10 @@ def build_app(state: AppState) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await chat(body, request)
 
+    @app.post("/v1/completions")
+    async def text_completions(body: CompletionRequest, request: Request):
+        return await completions(body, request)
+
     def model_card() -> dict:
         return {"id": state.served_model_name, "object": "model", "created": state.created, "owned_by": "cogserve",
                 "max_model_len": state.max_model_len}  # fmt: skip
@@ -191,10 +197,16 @@ def build_app(state: AppState) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
-        """Prompt tokens as the model will see them, image slots included; no image is fetched."""
+        """Prompt tokens as the model will see them, image slots included; no image is fetched. A
+        `prompt` is tokenized as /v1/completions takes it."""
         state.check_accepting()
         if body.model is not None and body.model != state.served_model_name:
             raise model_not_found(body.model)
+        if (body.messages is None) == (body.prompt is None):
+            raise bad_request("give one of messages (a chat) and prompt (a completion)", "messages")
+        if body.prompt is not None:
+            prompt = state.processor.build_text(body.prompt, body.add_special_tokens)
+            return {"count": prompt.num_tokens, "max_model_len": state.max_model_len, "tokens": prompt.input_ids}
         try:
             conversation, image_url = parse_messages([m.model_dump(exclude_none=True) for m in body.messages])
         except PromptError as err:

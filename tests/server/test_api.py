@@ -635,12 +635,12 @@ def test_a_client_that_leaves_a_non_streaming_request_stops_it(tiny_checkpoints)
 def test_a_connection_that_cannot_be_watched_still_gets_its_answer(open_server, monkeypatch):
     """If the ASGI server's receive() raises, the disconnect watch ends at once: that must not read as
     the client leaving (a 499 for every request)."""
-    import server.chat
+    import server.answer
 
     async def unwatchable(request):
         raise RuntimeError("stand-in: receive() unavailable")
 
-    monkeypatch.setattr(server.chat, "_client_gone", unwatchable)
+    monkeypatch.setattr(server.answer, "_client_gone", unwatchable)
     response = post(open_server, chat())
     assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"] in ("stop", "length")
 

@@ -18,7 +18,8 @@ def app(tiny_checkpoints):
 def test_no_input_gives_a_server_error(app):
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/chat/completions", "/tokenize", "/detokenize", "/health"}
+    generating = ("/v1/chat/completions", "/v1/completions")
+    assert {op.path for op in operations} >= {*generating, "/tokenize", "/detokenize", "/health"}
     for operation in operations:
 
         @given(case=operation.as_strategy())
@@ -29,11 +30,11 @@ def test_no_input_gives_a_server_error(app):
                 for key in lengths:
                     if isinstance(case.body.get(key), int):
                         case.body[key] = min(abs(case.body[key]), 4) or 1  # keep generations short
-                if case.path == "/v1/chat/completions" and not any(isinstance(case.body.get(k), int) for k in lengths):
+                if case.path in generating and not any(isinstance(case.body.get(k), int) for k in lengths):
                     # NOTE: none at all ran to the tiny model's 2048-token context, past schemathesis's 10 s
                     # read timeout on a slowed machine (CI failed so once); the default is test_generation_defaults'
                     case.body["max_tokens"] = 4
-                if "model" in case.body and case.path == "/v1/chat/completions":
+                if "model" in case.body and case.path in generating:
                     case.body["model"] = MODEL_NAME  # past the 404, into sampling and the engine
             response = case.call()
             assert response.status_code < 500, (case.path, case.body, response.text)

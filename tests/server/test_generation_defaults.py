@@ -13,11 +13,12 @@ import pytest
 from model.config import ConfigError
 from model.generation_config import GenerationDefaults
 from model.processor import PromptInputs
-from server.chat import ChatHandler, sampling_params
+from server.chat import ChatHandler
 from server.config import ModelConfig, ServeConfig, ServerConfig
 from server.engine import EngineConfig
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest
+from server.sampling import sampling_params as to_params
 from tests.server.live_server import MODEL_NAME, running_engine, serve
 
 SHIPPED = GenerationDefaults(temperature=0.6, top_p=0.9, top_k=20, min_p=0.05, repetition_penalty=1.1, max_tokens=7)
@@ -25,6 +26,10 @@ SHIPPED = GenerationDefaults(temperature=0.6, top_p=0.9, top_k=20, min_p=0.05, r
 
 def body(**fields) -> ChatCompletionRequest:
     return ChatCompletionRequest(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], **fields)
+
+
+def sampling_params(request: ChatCompletionRequest, max_n: int, defaults: GenerationDefaults):
+    return to_params(request, max_n, defaults, logprobs=None, max_tokens=request.max_tokens)
 
 
 def test_unset_fields_take_the_defaults_and_set_ones_keep_the_request_value():
