@@ -2,7 +2,7 @@
 (non-streaming, one token) and per streamed token. In-process ASGI, so no socket time is counted
 on either side. Targets on CPU: under 2 ms per request and 50 us per streamed token.
 
-    python benchmarks/api_overhead.py [--requests 300] [--tokens 400]
+    python benchmarks/api_overhead.py [--requests 300] [--tokens 400] [--endpoint chat|completions]
 """
 
 from __future__ import annotations
@@ -40,20 +40,27 @@ class InstantEngine:
                                     finished=done, finish_reason="length" if done else None)  # fmt: skip
 
 
-async def measure(app, requests: int, tokens: int) -> tuple[float, float]:
+BODIES = {  # the same question, as a chat message and as a text prompt
+    "chat": {"messages": [{"role": "user", "content": "What is in the image?"}]},
+    "completions": {"prompt": "Question: What is in the image? Answer:"},
+}
+
+
+async def measure(app, requests: int, tokens: int, endpoint: str) -> tuple[float, float]:
     transport = httpx.ASGITransport(app=app)
+    route = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
-        body = {"model": "bench", "messages": [{"role": "user", "content": "What is in the image?"}], "max_tokens": 1}
+        body = {"model": "bench", **BODIES[endpoint], "max_tokens": 1}
         for _ in range(20):
-            await client.post("/v1/chat/completions", json=body)
+            await client.post(route, json=body)
         start = time.perf_counter()
         for _ in range(requests):
-            response = await client.post("/v1/chat/completions", json=body)
+            response = await client.post(route, json=body)
         per_request = (time.perf_counter() - start) / requests
         assert response.status_code == 200, response.text
         stream_body = {**body, "max_tokens": tokens, "stream": True}
         start = time.perf_counter()
-        async with client.stream("POST", "/v1/chat/completions", json=stream_body) as response:
+        async with client.stream("POST", route, json=stream_body) as response:
             chunks = len([line async for line in response.aiter_lines() if line.startswith("data: {")])
         streamed = time.perf_counter() - start
         assert chunks >= tokens
@@ -64,6 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--tokens", type=int, default=400)
+    parser.add_argument("--endpoint", choices=sorted(BODIES), default="chat")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         write_tiny_checkpoint(tmp, 1)
@@ -72,8 +80,9 @@ def main() -> None:
     state = AppState(config=config, served_model_name="bench", metrics=Metrics("bench"),
                      fetcher=ImageFetcher(config.media))  # fmt: skip
     state.engine, state.processor, state.max_model_len = InstantEngine(), processor, 2048
-    per_request, per_token = asyncio.run(measure(build_app(state), args.requests, args.tokens))
-    print(f"server cost per request (non-streaming, 1 token): {per_request * 1e3:.3f} ms (target < 2 ms)")
+    per_request, per_token = asyncio.run(measure(build_app(state), args.requests, args.tokens, args.endpoint))
+    print(f"{args.endpoint}: server cost per request (non-streaming, 1 token): {per_request * 1e3:.3f} ms "
+          "(target < 2 ms)")  # fmt: skip
     print(f"server cost per streamed token: {per_token * 1e6:.1f} us (target < 50 us)")
 
 

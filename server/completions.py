@@ -64,7 +64,11 @@ def truncated(inputs: PromptInputs, keep: int | None, max_model_len: int) -> Pro
 
 async def merged(streams: list[AsyncIterator], n: int) -> AsyncIterator:
     """The outputs of one engine request per prompt as they come, each re-indexed to its choice
-    (prompt * n + i). Closing this closes them all, which aborts what has not finished."""
+    (prompt * n + i). Closing this cancels the pumps, and a cancelled pump's stream ends in its
+    own `finally`, which aborts its request. NOTE: nothing here awaits once closing: a client
+    that hangs up leaves the answer's generators to the event loop's finalizer, one task each and
+    in no set order, and an await in this `finally` let another's aclose() find this generator
+    still running ("aclose(): asynchronous generator is already running"), skipping the aborts."""
     queue: asyncio.Queue = asyncio.Queue()
     end = object()
 
@@ -86,9 +90,6 @@ async def merged(streams: list[AsyncIterator], n: int) -> AsyncIterator:
     finally:
         for task in pumps:
             task.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)
-        for stream in streams:
-            await stream.aclose()
 
 
 class CompletionHandler(Handler):
