@@ -260,6 +260,18 @@ def test_a_client_leaving_a_stream_of_several_prompts_aborts_them_all(live):
     assert metric(live, "request_success_total", 'finished_reason="abort"') == aborted + 6  # 3 prompts x n = 2
 
 
+def test_a_client_leaving_before_the_whole_answer_stops_every_prompt(live):
+    engine = live.engine.engine
+    body = {"model": MODEL_NAME, "prompt": PROMPTS[:2], "n": 2, "max_tokens": 1500, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{live.url}/v1/completions", json=body, timeout=0.5)
+    for _ in range(300):
+        if engine.kv.num_free_blocks == len(engine.kv.pool.blocks) and not engine.scheduler.requests:
+            break
+        time.sleep(0.02)
+    assert engine.kv.num_free_blocks == len(engine.kv.pool.blocks) and not engine.scheduler.requests
+
+
 def test_merged_closes_every_stream_when_closed_or_when_one_fails():
     closed = []
 
