@@ -30,7 +30,7 @@ from server.protocol import ChatCompletionRequest, CompletionRequest, Detokenize
 
 logger = logging.getLogger(__name__)
 VERSION = "0.1.0"
-PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 # pydantic's labels for the branch of a union in an error's location: `str`, `list[...]`
 UNION_BRANCH = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|tagged-union\[.*\])$")
@@ -94,6 +94,27 @@ class BodyLimit:
 
 class _BodyTooLarge(Exception):
     pass
+
+
+def tokenizer_config(tokenizer) -> dict:
+    """The tokenizer's init kwargs as JSON: special tokens as their text, other objects as strings;
+    files and the path it was loaded from are this machine's business, and are left out."""
+
+    def plain(value):
+        if value is None or isinstance(value, bool | int | float | str):
+            return value
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        return str(getattr(value, "content", value))  # tokenizers' AddedToken: its text
+
+    kwargs = dict(getattr(tokenizer, "init_kwargs", None) or {})
+    left_out = ("name_or_path", "tokenizer_object", "added_tokens_decoder")
+    config = {k: plain(v) for k, v in kwargs.items() if not k.endswith("_file") and k not in left_out}
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        config.setdefault(name, plain(getattr(tokenizer, name, None)))
+    return {"tokenizer_class": type(tokenizer).__name__, **config}
 
 
 def build_app(state: AppState) -> FastAPI:
@@ -228,6 +249,15 @@ def build_app(state: AppState) -> FastAPI:
         if outside:
             raise bad_request(f"tokens must be ids in [0, {vocab_size}), got {outside[:5]}", "tokens")
         return {"prompt": state.processor.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    if server.enable_tokenizer_info:
+
+        @app.get("/tokenizer_info")
+        async def tokenizer_info():
+            """vLLM's: the tokenizer's class and config (special tokens; model_max_length: the served
+            context), which lm-eval's remote tokenizer reads."""
+            state.check_accepting()
+            return {**tokenizer_config(state.processor.tokenizer), "model_max_length": state.max_model_len}
 
     if server.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(server.allowed_origins), allow_methods=["*"],

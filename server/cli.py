@@ -92,6 +92,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generation-config", default=d.generation_config, metavar="{auto,none,FOLDER}",
                         help="sampling defaults for fields a request leaves unset: auto, the checkpoint's "
                         "generation_config.json (vLLM's default); none, OpenAI's; or a folder holding one")  # fmt: skip
+    parser.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
+                        help="serve GET /tokenizer_info (the tokenizer's config), as vLLM does")  # fmt: skip
     parser.add_argument("--image-fetch-timeout", type=SECONDS, default=m.fetch_timeout_s)
     parser.add_argument("--image-connect-timeout", type=SECONDS, default=m.connect_timeout_s)
     parser.add_argument("--max-image-bytes", type=COUNT, default=m.max_image_bytes)
@@ -110,6 +112,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         allowed_origins=tuple(args.allowed_origins), max_queued_requests=args.max_queued_requests,
         max_request_bytes=args.max_request_bytes, max_n=args.max_n, request_timeout_s=args.request_timeout,
         shutdown_timeout_s=args.shutdown_timeout, generation_config=args.generation_config,
+        enable_tokenizer_info=args.enable_tokenizer_info_endpoint,
     )  # fmt: skip
     media = MediaConfig(
         fetch_timeout_s=args.image_fetch_timeout, connect_timeout_s=args.image_connect_timeout,

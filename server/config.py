@@ -51,6 +51,7 @@ class ServerConfig:
     # sampling defaults for what a request leaves unset (model/generation_config.py): auto (the
     # checkpoint's generation_config.json, if any), none, or a folder holding one
     generation_config: str = "auto"
+    enable_tokenizer_info: bool = False  # GET /tokenizer_info (vLLM's, opt-in as there): lm-eval's remote tokenizer
 
 
 @dataclass(frozen=True)

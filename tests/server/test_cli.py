@@ -193,3 +193,12 @@ def test_expert_kernels_tune_at_start_unless_skipped():
     assert engine_config(parser.parse_args(["serve", "--model", "m"])).tune_expert_kernels is True
     skipped = engine_config(parser.parse_args(["serve", "--model", "m", "--skip-kernel-tuning"]))
     assert skipped.tune_expert_kernels is False
+
+
+def test_the_tokenizer_info_endpoint_is_off_unless_asked_for():
+    from server.cli import build_parser, serve_config
+
+    parser = build_parser()
+    assert serve_config(parser.parse_args(["serve", "--model", "m"])).server.enable_tokenizer_info is False
+    on = serve_config(parser.parse_args(["serve", "--model", "m", "--enable-tokenizer-info-endpoint"]))
+    assert on.server.enable_tokenizer_info is True

@@ -13,7 +13,7 @@ import torch
 
 from model.generation import GenerationParams, generate_reference
 from server.completions import merged
-from server.config import ServeConfig
+from server.config import ServeConfig, ServerConfig
 from server.detokenizer import IncrementalDetokenizer
 from tests.server.live_server import MODEL_NAME, running_engine, serve
 from tests.server.test_api import assert_error, metric
@@ -241,6 +241,27 @@ def test_tokenize_takes_one_of_messages_and_prompt(live):
     both = httpx.post(f"{live.url}/tokenize", json={"prompt": "x", "messages": [{"role": "user", "content": "x"}]})
     assert_error(both, 400, "messages")
     assert_error(httpx.post(f"{live.url}/tokenize", json={}), 400, "messages")
+
+
+def test_lm_evals_remote_tokenizer_finds_what_it_reads(live):
+    """lm-eval's local-completions checks GET /tokenizer_info for eos_token, then tokenizes through
+    POST /tokenize {"prompt", "add_special_tokens": false} and decodes through /detokenize. The
+    endpoint is vLLM's opt-in one: off by default, behind the API key when one is set."""
+    assert httpx.get(f"{live.url}/tokenizer_info").status_code == 404
+    config = ServeConfig(server=ServerConfig(enable_tokenizer_info=True, api_key="k"))
+    with serve(config, live.engine, live.processor) as on:
+        assert httpx.get(f"{on.url}/tokenizer_info").status_code == 401
+        key = {"authorization": "Bearer k"}
+        info = httpx.get(f"{on.url}/tokenizer_info", headers=key).json()
+        cfg = live.processor.cfg
+        assert info["model_max_length"] == on.state.max_model_len and info["tokenizer_class"]
+        assert not any(k.endswith("_file") or k == "name_or_path" for k in info), info
+        for name, ids in (("eos_token", cfg.eos_token_ids), ("bos_token", (cfg.bos_token_id,))):
+            tokens = httpx.post(f"{on.url}/tokenize", json={"prompt": info[name], "add_special_tokens": False},
+                                headers=key).json()["tokens"]  # fmt: skip
+            assert len(tokens) == 1 and tokens[0] in ids, (name, info[name], tokens)  # CogVLM2 stops on two ids
+        text = httpx.post(f"{on.url}/detokenize", json={"tokens": tokenized(live, "hello")}, headers=key).json()
+        assert text["prompt"].endswith("hello")
 
 
 def test_a_client_leaving_a_stream_of_several_prompts_aborts_them_all(live):
