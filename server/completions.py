@@ -126,9 +126,9 @@ class CompletionHandler(Handler):
         params = await self.params(body, logprobs=body.logprobs, max_tokens=1 if echo_only else body.max_tokens)
         if body.echo and body.logprobs is not None:  # the echoed prompt's logprobs, with the K best
             params = replace(params, prompt_logprobs=max(body.logprobs, body.prompt_logprobs or 0))
+        self.check_queue(len(prompt_list(body.prompt)))  # before tokenizing what would be refused
         prompts = await asyncio.to_thread(self.build_prompts, body)  # tokenisation: off the event loop
         per_prompt = [self.check_request(p.inputs, params, "prompt") for p in prompts]
-        self.check_queue(len(prompts))
         request_id = f"cmpl-{uuid.uuid4().hex}"
         state.metrics.prompt_tokens.inc(sum(p.inputs.num_tokens for p in prompts))
         streams = [state.engine.generate(f"{request_id}-{i}", p.inputs, params_i)

@@ -243,6 +243,15 @@ def test_tokenize_takes_one_of_messages_and_prompt(live):
     assert_error(httpx.post(f"{live.url}/tokenize", json={}), 400, "messages")
 
 
+def test_each_prompt_takes_a_place_in_the_queue(live):
+    with serve(ServeConfig(server=ServerConfig(max_queued_requests=2)), live.engine, live.processor) as small:
+        response = httpx.post(f"{small.url}/v1/completions", json={"model": MODEL_NAME, "prompt": PROMPTS})
+        assert_error(response, 503, code="service_unavailable")
+        assert response.headers["retry-after"]
+        response = httpx.post(f"{small.url}/v1/completions", json={"model": MODEL_NAME, "prompt": PROMPTS[:2]})
+        assert response.status_code == 200 and len(response.json()["choices"]) == 2
+
+
 def test_lm_evals_remote_tokenizer_finds_what_it_reads(live):
     """lm-eval's local-completions checks GET /tokenizer_info for eos_token, then tokenizes through
     POST /tokenize {"prompt", "add_special_tokens": false} and decodes through /detokenize. The
