@@ -41,7 +41,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: str | None = None  # the name clients send as "model"; default: the folder's name
-    api_key: str | None = None  # when set, /v1/* and /tokenize need "Authorization: Bearer <key>"
+    api_key: str | None = None  # when set, /v1/*, /(de)tokenize, /tokenizer_info need "Authorization: Bearer <key>"
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers
     max_queued_requests: int = 512  # beyond this many waiting requests: 503 with Retry-After
     max_request_bytes: int = 32 * 2**20  # request bodies (data: URIs included); larger: 413
