@@ -81,7 +81,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=d.host)
     parser.add_argument("--port", type=number(int, 0, 65535), default=d.port)
     parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: folder name)")
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* and /tokenize*")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize and "
+                        "/tokenizer_info")  # fmt: skip
     parser.add_argument("--allowed-origins", nargs="*", default=[], help="CORS origins, e.g. https://app.example")
     parser.add_argument("--max-queued-requests", type=number(int, 0), default=d.max_queued_requests)
     parser.add_argument("--max-request-bytes", type=COUNT, default=d.max_request_bytes)
