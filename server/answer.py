@@ -34,7 +34,6 @@ class Answer:
         self.request_id = request_id
         self.created = int(time.time())
         self.model = state.served_model_name
-        self.state = state
         self.metrics = state.metrics
         self.arrival = arrival
         self.num_completions = num_completions
@@ -48,7 +47,7 @@ class Answer:
         raise NotImplementedError
 
     def chunks(self, outputs: AsyncIterator) -> AsyncIterator[str]:
-        """The answer's SSE chunks, from `self.observed(outputs, streamed=True)`, without [DONE]."""
+        """The answer's SSE chunks, from `self.observed(outputs)`, without [DONE]."""
         raise NotImplementedError
 
     def _observe(self, output) -> None:
@@ -74,9 +73,9 @@ class Answer:
             self.metrics.finished("abort")
         self.num_finished = self.num_completions
 
-    async def observed(self, outputs: AsyncIterator, streamed: bool = False) -> AsyncIterator:
+    async def observed(self, outputs: AsyncIterator) -> AsyncIterator:
         """`outputs` under the request timeout, with metrics; closed (aborting what is left) at the
-        end. Not streamed, an engine error becomes the APIError the handler answers with."""
+        end. An engine error becomes an APIError: the response, or a stream's error event."""
         try:
             async with asyncio.timeout(self.timeout_s):
                 async for output in outputs:
@@ -85,12 +84,8 @@ class Answer:
         except TimeoutError as err:
             raise APIError(408, f"request timed out after {self.timeout_s} s", code="timeout") from err
         except EngineDeadError as err:
-            if streamed:
-                raise
             raise APIError(500, str(err), code="engine_dead") from err
         except ValueError as err:
-            if streamed:
-                raise
             raise bad_request(str(err)) from err
         finally:
             await outputs.aclose()
@@ -120,10 +115,8 @@ class Answer:
         try:
             async for piece in self.chunks(outputs):
                 yield piece
-        except (APIError, EngineDeadError, ValueError) as err:
-            error = err if isinstance(err, APIError) else APIError(500 if isinstance(err, EngineDeadError) else 400,
-                                                                   str(err))  # fmt: skip
-            yield f"data: {json.dumps(error.body())}\n\n"
+        except APIError as err:
+            yield f"data: {json.dumps(err.body())}\n\n"
         except Exception:  # noqa: BLE001 -- the 200 is sent: the stream must still end with an error and [DONE]
             logger.exception("stream %s failed", rid)
             error = APIError(500, f"internal error (request id {rid})", code="internal_error")

@@ -12,17 +12,13 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from model.processor import PromptError, PromptInputs
+from model.sampling_params import MAX_LOGPROBS
 from server import openai_format as fmt
 from server.answer import Answer
 from server.conversation import parse_messages
 from server.errors import bad_request
 from server.handler import Handler
 from server.protocol import ChatCompletionRequest
-from server.sampling import check_top_logprobs
-
-# vLLM chat fields this server does not implement; a request that sets one gets a 400 rather
-# than an answer that silently ignores it
-UNSUPPORTED = ("echo",)
 
 
 def check_truncation(body: ChatCompletionRequest, prompt: PromptInputs) -> None:
@@ -42,9 +38,8 @@ def check_truncation(body: ChatCompletionRequest, prompt: PromptInputs) -> None:
 def refuse_unsupported(body: ChatCompletionRequest) -> None:
     if body.tools or body.functions or body.tool_choice not in (None, "none"):
         raise bad_request("tool and function calling are not supported by CogVLM", "tools", "unsupported")
-    for name in UNSUPPORTED:
-        if getattr(body, name):
-            raise bad_request(f"{name} is not supported by cogserve's chat completions", name, "unsupported")
+    if body.echo:  # vLLM's chat echo repeats an assistant-last message, which CogVLM's templates refuse
+        raise bad_request("echo is not supported by cogserve's chat completions", "echo", "unsupported")
     if body.chat_template is not None or body.chat_template_kwargs:
         name = "chat_template" if body.chat_template is not None else "chat_template_kwargs"
         raise bad_request(f"{name} is not supported: CogVLM's prompts come from `template` (chat, vqa or base)",
@@ -75,7 +70,9 @@ class ChatHandler(Handler):
         arrival = time.monotonic()
         self.admit(body)
         refuse_unsupported(body)
-        check_top_logprobs(body.top_logprobs, "top_logprobs")
+        if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
+            raise bad_request(f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {body.top_logprobs}",
+                              "top_logprobs")  # fmt: skip
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
         use_completion = body.max_completion_tokens is not None
@@ -141,7 +138,7 @@ class ChatAnswer(Answer):
 
         for i in range(self.body.n):
             yield chunk(fmt.delta_choice(i, {"role": "assistant", "content": ""}))
-        async for output in self.observed(outputs, streamed=True):
+        async for output in self.observed(outputs):
             completion_tokens += len(output.new_token_ids)
             logprobs = None
             if self.body.logprobs and output.new_logprobs:

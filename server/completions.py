@@ -25,7 +25,6 @@ from server.answer import Answer
 from server.errors import bad_request
 from server.handler import Handler
 from server.protocol import CompletionRequest
-from server.sampling import check_top_logprobs
 
 OBJECT = "text_completion"
 
@@ -93,10 +92,9 @@ async def merged(streams: list[AsyncIterator], n: int) -> AsyncIterator:
 
 
 class CompletionHandler(Handler):
-    def build_prompts(self, body: CompletionRequest) -> list[Prompt]:
+    def build_prompts(self, body: CompletionRequest, given: list[str | list[int]]) -> list[Prompt]:
         processor = self.state.processor
         prompts = []
-        given = prompt_list(body.prompt)
         for i, prompt in enumerate(given):
             where = f"prompt {i}: " if len(given) > 1 else ""
             try:
@@ -121,13 +119,13 @@ class CompletionHandler(Handler):
         self.admit(body)
         if body.suffix:
             raise bad_request("suffix is not supported: CogVLM has no fill-in-the-middle", "suffix", "unsupported")
-        check_top_logprobs(body.logprobs, "logprobs")
         echo_only = body.echo and body.max_tokens == 0  # the prompt alone: one token is generated and dropped
         params = await self.params(body, logprobs=body.logprobs, max_tokens=1 if echo_only else body.max_tokens)
         if body.echo and body.logprobs is not None:  # the echoed prompt's logprobs, with the K best
             params = replace(params, prompt_logprobs=max(body.logprobs, body.prompt_logprobs or 0))
-        self.check_queue(len(prompt_list(body.prompt)))  # before tokenizing what would be refused
-        prompts = await asyncio.to_thread(self.build_prompts, body)  # tokenisation: off the event loop
+        given = prompt_list(body.prompt)
+        self.check_queue(len(given))  # before tokenizing what would be refused
+        prompts = await asyncio.to_thread(self.build_prompts, body, given)  # tokenisation: off the event loop
         per_prompt = [self.check_request(p.inputs, params, "prompt") for p in prompts]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         state.metrics.prompt_tokens.inc(sum(p.inputs.num_tokens for p in prompts))
@@ -205,7 +203,7 @@ class CompletionAnswer(Answer):
         echoed: set[int] = set()
         offsets = [0] * self.num_completions  # each choice's next text_offset: the chunks join up as one answer
         generated = [0] * self.num_completions
-        async for output in self.observed(outputs, streamed=True):
+        async for output in self.observed(outputs):
             i = output.index
             text, tokens = ("", []) if self.echo_only else (output.new_text, self._steps(output))
             generated[i] += 0 if self.echo_only else len(output.new_token_ids)

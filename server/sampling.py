@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from model.generation_config import GenerationDefaults
-from model.sampling_params import CONSTRAINT_KINDS, MAX_LOGPROBS, OutputConstraint, ParamError, SamplingParams
+from model.sampling_params import CONSTRAINT_KINDS, OutputConstraint, ParamError, SamplingParams
 from server.errors import bad_request
 from server.protocol import SamplingRequest
 
@@ -64,11 +64,6 @@ def sampling_params(body: SamplingRequest, max_n: int, defaults: GenerationDefau
         )
     except ParamError as err:
         raise bad_request(str(err), max_tokens_field if err.field == "max_tokens" else err.field) from err
-
-
-def check_top_logprobs(k: int | None, field: str) -> None:
-    if k is not None and not 0 <= k <= MAX_LOGPROBS:
-        raise bad_request(f"{field} must be between 0 and {MAX_LOGPROBS}, got {k}", field)
 
 
 def output_constraint(body: SamplingRequest) -> OutputConstraint | None:
