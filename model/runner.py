@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+import kernels.gemv as gemv_module
 import model.cogvlm as cogvlm_module
 from kernels.expert_routing import tuning_row_counts
 from model.batch import PromptLogprob, RunnerOutput, ScheduledSequence, SchedulerOutput
@@ -84,6 +85,11 @@ class ModelRunner:
         before the decode graphs are captured, which then launch those configs."""
         return tune_one_row_gemvs(self.model.model.layers, self.config.pdl, cogvlm_module.EARLY_TRIGGER,
                                   prefetch=cogvlm_module.L2_PREFETCH)  # fmt: skip
+
+    def pin_tuned_gemvs(self) -> int:
+        """Pin the batch-1 GEMV configs kernels/gemv.py's TUNED table holds for this card and the
+        model's dtype, before the decode graphs are captured; returns how many shapes it pinned."""
+        return gemv_module.pin_tuned(torch.cuda.get_device_name(self.model.device), self.model.dtype)
 
     @torch.inference_mode()
     def tune_expert_kernels(self, max_rows: int) -> list[int]:

@@ -76,6 +76,10 @@ class EngineConfig:
     # seconds at start. Off until a decode step on a GPU shows it winning (bench_decode.py's
     # "GEMV tuned in a graph" mode; not yet run on one).
     tune_gemv_in_graph: bool = False
+    # CUDA, with one_row_gemv: the batch-1 GEMV shapes kernels/gemv.py's TUNED table holds for this
+    # card launch its configs, not the autotuner's pick (which moved a 17B step between 3.64 and
+    # 3.77 ms in one H200 run). Tuning in a graph, when asked, replaces it.
+    pin_tuned_gemvs: bool = True
 
 
 @dataclass
@@ -133,6 +137,8 @@ class Engine:
             start = time.perf_counter()  # before the decode graphs capture the configs it pins
             chosen = self.runner.tune_one_row_gemvs()
             logger.info("one-row GEMVs tuned in a graph in %.1f s: %s", time.perf_counter() - start, chosen)
+        elif config.pin_tuned_gemvs and config.one_row_gemv and model.device.type == "cuda":
+            logger.info("one-row GEMVs: %d call shapes pinned from the tuned table", self.runner.pin_tuned_gemvs())
         if config.cuda_graphs and model.device.type == "cuda":
             self.runner.enable_decode_graphs(min(config.max_num_seqs, MAX_GRAPH_BATCH), self.max_model_len)
         if config.tune_expert_kernels and model.device.type == "cuda":

@@ -10,13 +10,14 @@ from kernels.gemv import PLAIN, RMS_NORM, SAFE_CONFIG, SILU_AND_MUL
 from model.cogvlm import CogVLMForCausalLM
 from model.gemv_tuning import PROJECTIONS, tune_one_row_gemvs
 from model.tiny_checkpoint import tiny_config
+from tests.kernels.error_bound import DEVICE
 
 
 @pytest.mark.parametrize("generation", [1, 2])
 def test_each_projection_pins_the_config_its_chain_ran_fastest_with(monkeypatch, generation):
     monkeypatch.setattr(gemv_module, "_pinned", {})
     cfg = tiny_config(generation, vocab_size=100)
-    model = CogVLMForCausalLM(cfg).eval()
+    model = CogVLMForCausalLM(cfg).to(DEVICE).eval()  # compiled kernels on a GPU read CUDA tensors only
     model.fuse_for_inference()  # the fused gate_up weight the one-row path reads
     layers = model.model.layers
     configs = [type(SAFE_CONFIG)({**SAFE_CONFIG.kwargs, "BLOCK_N": bn}, num_warps=4, num_stages=2) for bn in (16, 32)]

@@ -369,6 +369,42 @@ def test_engine_on_cuda_matches_the_cpu_reference(
     assert getattr(engine.runner.attention, "pdl", False) == pdl and (graphs is None or graphs.pdl == pdl)
 
 
+def test_an_engine_pins_no_gemv_off_cuda(monkeypatch, setup):
+    """EngineConfig.pin_tuned_gemvs acts on CUDA only: a CPU engine leaves every shape to the
+    autotuner, even where the table names this model's shapes."""
+    import kernels.gemv as gemv_module
+
+    monkeypatch.setattr(gemv_module, "_pinned", {})
+    setup.engine(pin_tuned_gemvs=True)
+    assert not gemv_module.pinned()
+
+
+@pytest.mark.gpu
+def test_an_engine_pins_the_tuned_gemv_configs_of_its_card(monkeypatch, tiny_checkpoint, setup):
+    """At start a CUDA engine pins kernels/gemv.py TUNED's configs for its card (here a table
+    made for the tiny model's shapes, bf16) before capturing its decode graphs; its batch-1
+    decodes then launch them and run to the end. Without pin_tuned_gemvs nothing is pinned."""
+    import kernels.gemv as gemv_module
+    from model.gemv_tuning import PROJECTIONS
+    from model.weights import load_model
+    from server.engine import Engine
+
+    monkeypatch.setattr(gemv_module, "_pinned", {})
+    model = load_model(tiny_checkpoint, torch.bfloat16, "cuda")
+    layer = model.model.layers[0]
+    shapes = [(*p.weight(layer).shape, p.prologue, p.prologue == gemv_module.RMS_NORM) for p in PROJECTIONS]
+    shapes.append((*model.lm_head.weight.shape, gemv_module.RMS_NORM, True))
+    table = {shape: gemv_module.GPU_CONFIGS[i % len(gemv_module.GPU_CONFIGS)] for i, shape in enumerate(shapes)}
+    monkeypatch.setattr(gemv_module, "TUNED", {torch.cuda.get_device_name(): table})
+    Engine(model, setup.processor, engine_config(model, max_num_seqs=1, pin_tuned_gemvs=False))
+    assert not gemv_module.pinned()
+    engine = Engine(model, setup.processor, engine_config(model, max_num_seqs=1))
+    assert gemv_module.pinned() == {(*shape, torch.bfloat16): config for shape, config in table.items()}
+    outputs = engine.generate([(p, greedy(MAX_TOKENS, ignore_eos=True)) for p in setup.prompts(2)])
+    assert [len(o[0].token_ids) for o in outputs] == [MAX_TOKENS, MAX_TOKENS]
+    assert engine.runner.decode_graphs.num_runs > 0
+
+
 def test_a_stop_token_is_text_only_when_asked(setup, prompts_and_reference):
     """stop_token_ids end the completion on that token; its own text joins the output only with
     include_stop_str_in_output (vLLM's rule), as a stop string's does."""
