@@ -391,13 +391,16 @@ def test_an_engine_pins_the_tuned_gemv_configs_of_its_card(monkeypatch, tiny_che
 
     monkeypatch.setattr(gemv_module, "_pinned", {})
     model = load_model(tiny_checkpoint, torch.bfloat16, "cuda")
+    monkeypatch.setattr(gemv_module, "TUNED", {})
+    Engine(model, setup.processor, engine_config(model, max_num_seqs=1))  # fuses gate_up, the shape it reads
+    assert not gemv_module.pinned()
     layer = model.model.layers[0]
     shapes = [(*p.weight(layer).shape, p.prologue, p.prologue == gemv_module.RMS_NORM) for p in PROJECTIONS]
     shapes.append((*model.lm_head.weight.shape, gemv_module.RMS_NORM, True))
     table = {shape: gemv_module.GPU_CONFIGS[i % len(gemv_module.GPU_CONFIGS)] for i, shape in enumerate(shapes)}
     monkeypatch.setattr(gemv_module, "TUNED", {torch.cuda.get_device_name(): table})
     Engine(model, setup.processor, engine_config(model, max_num_seqs=1, pin_tuned_gemvs=False))
-    assert not gemv_module.pinned()
+    assert not gemv_module.pinned()  # off: nothing pinned, though the table names this card's shapes
     engine = Engine(model, setup.processor, engine_config(model, max_num_seqs=1))
     assert gemv_module.pinned() == {(*shape, torch.bfloat16): config for shape, config in table.items()}
     outputs = engine.generate([(p, greedy(MAX_TOKENS, ignore_eos=True)) for p in setup.prompts(2)])
