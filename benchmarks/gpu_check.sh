@@ -2,10 +2,9 @@
 # The one GPU check a lent machine runs (< 8 minutes, no network): the GPU tests with compiled
 # kernels, then the kernel and decode benchmarks; their short tables are printed last.
 # Usage (repo root): bash benchmarks/gpu_check.sh [tests] [decode] [kernels]  # no argument: these,
-#   in this order, under 8 minutes on an H200 by estimate: the twelfth session's parts took tests
-#   96 s with pytest-xdist, decode 123 and kernels 109; decode has since gained the "GEMV tuned in a
-#   graph" modes, the "first K/V tile after the wait", "no L2 prefetch" and "L2 prefetch on all
-#   four" modes and a second crowded run (about 210 s). For a second call:
+#   in this order, 389 s in all on an H200 (nineteenth session): tests 148 s with pytest-xdist, the
+#   decode and kernel benchmarks the rest; decode has since swapped its "L2 prefetch on all four"
+#   mode for the two "autotuner's GEMV picks" modes (about 20 s more). For a second call:
 #   [decode2] the decode benchmark on CogVLM2-19B (GQA, 128k vocabulary), which meets issue 4's
 #     1.2x already: cuBLAS, the default, the graph-tuned and "no L2 prefetch" modes (47 s before them)
 #   [gemv] the one-row GEMV's configs (candidates too) one by one against cuBLAS (52 s)

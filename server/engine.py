@@ -73,12 +73,13 @@ class EngineConfig:
     tune_expert_kernels: bool = True
     # CUDA, with one_row_gemv: choose each batch-1 GEMV's config by its time in a CUDA-graph chain
     # over the layers (model/gemv_tuning.py) instead of Triton's autotuner timing each alone; a few
-    # seconds at start. Off until a decode step on a GPU shows it winning (bench_decode.py's
-    # "GEMV tuned in a graph" mode; not yet run on one).
+    # seconds at start. Off: on an H200 its 17B steps read 3.72 ms twice, steady but slower than
+    # the pinned table's 3.60 (it picks dense's config alone in a chain, not after attention).
     tune_gemv_in_graph: bool = False
     # CUDA, with one_row_gemv: the batch-1 GEMV shapes kernels/gemv.py's TUNED table holds for this
-    # card launch its configs, not the autotuner's pick (which moved a 17B step between 3.64 and
-    # 3.77 ms in one H200 run). Tuning in a graph, when asked, replaces it.
+    # card launch its configs, not the autotuner's pick: on an H200 a 17B batch-1 step read 3.60
+    # and 3.61 ms pinned in four runs, 3.60 to 3.77 with the autotuner's picks (RESULTS.md,
+    # nineteenth session). Tuning in a graph, when asked, replaces it.
     pin_tuned_gemvs: bool = True
 
 

@@ -19,7 +19,7 @@ def test_crowded_decode_takes_what_the_pool_holds_without_preempting():
     engine = Engine(
         model, processor, EngineConfig(num_kv_blocks=20, block_size=16, max_model_len=320)
     )  # 6 blocks a sequence: 3 fit
-    held = []  # what before_abort saw: the sequences, and the blocks free while they still hold theirs
+    held = []  # what before_abort saw: the sequences, the blocks free while they still hold theirs, their tokens
     sequences, ms, floor_ms = crowded_decode(
         engine,
         prompts,
@@ -27,13 +27,33 @@ def test_crowded_decode_takes_what_the_pool_holds_without_preempting():
         steps=4,
         weight_bytes=0,
         bandwidth=1e9,
-        before_abort=lambda n: held.append((n, engine.kv.num_free_blocks)),
+        before_abort=lambda n: held.append(
+            (n, engine.kv.num_free_blocks, [r.num_tokens for r in engine.scheduler.running])
+        ),
     )
     assert sequences == 3 and ms > 0 and held[0][0] == 3 and held[0][1] <= 20 - 3 * 5
     assert engine.scheduler.num_preemptions == 0
     assert not engine.has_unfinished and engine.kv.num_free_blocks == 20  # aborted, every block back
     per_token = 2 * model.config.num_layers * model.config.num_kv_heads * model.config.head_dim * 4  # fp32 K and V
-    assert floor_ms == 3 * (prompts[0].num_tokens + 3 + 2) * per_token / 1e9 * 1e3
+    tokens = held[0][2]  # each past its prompt by the prefill's token, 3 settling steps and 4 timed ones
+    assert len(tokens) == 3 and all(t >= prompts[0].num_tokens + 1 + 3 + 4 for t in tokens)
+    assert floor_ms == (sum(tokens) - 3 * 4 / 2) * per_token / 1e9 * 1e3  # the timed steps' mean context
+
+
+def test_crowded_sequences_outlast_a_prefill_spread_over_many_steps():
+    """At a small step budget the prompts prefill over many steps while the first admitted decode:
+    params' own max_tokens (5) would end those before the timed steps; every sequence is still in
+    the batch when they end."""
+    model = random_model("tiny", "cpu", torch.float32)
+    processor = Processor(DigitTokenizer(), model.config)
+    prompts = [processor.build(Conversation(query=f"{i:02d}" + "7" * 60)) for i in range(3)]  # ~75 tokens each
+    engine = Engine(model, processor, EngineConfig(num_kv_blocks=40, block_size=16, max_model_len=320,
+                                                   max_num_batched_tokens=24))  # ~10 steps of prefill  # fmt: skip
+    seen = []
+    sequences, _, _ = crowded_decode(engine, prompts, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True),
+                                     steps=4, weight_bytes=0, bandwidth=1e9,
+                                     before_abort=lambda n: seen.append(len(engine.scheduler.running)))  # fmt: skip
+    assert sequences == 3 and seen == [3] and not engine.has_unfinished
 
 
 def test_attention_share_sums_the_attention_kernels_of_a_step():
