@@ -269,8 +269,8 @@ def main() -> None:
                 attention[mode] = (short_attention, attention_ms(step_kernels(graphs.graphs[1].replay)))
                 engine.abort("long")
                 if mode in crowd_modes:  # serving's usual shape, every sequence an image's length. The two
-                    # modes differ there only in PDL on attention (batch 64 runs cuBLAS): 17B read 11.62 ms a
-                    # step in the first (tenth session), 17.2 and 18.4 in the default (twelfth)
+                    # modes differ there only in PDL on attention (batch 64 runs cuBLAS): 17B read 14.47 and
+                    # 14.53 ms a step, 1.08x and 1.09x its floor (nineteenth session, 64 sequences each)
                     share = {}
 
                     def attention_share(sequences, graphs=graphs, share=share):
