@@ -247,7 +247,7 @@ def unpin_all() -> None:
 # picks and with others (RESULTS.md, nineteenth session). The slow picks ran dense with
 # (32, 256): 128 programs for 132 SMs. Timing the configs in a graph chain of one projection
 # (model/gemv_tuning.py) chose that one too, and its steps read 3.72 ms twice. Pinned, these read
-# 3.61, 3.60, 3.60 and 3.60 ms in two later processes (1.16x the HBM floor). Each config is one
+# 3.60 to 3.64 ms in six steps of three later processes (1.16x to 1.18x the HBM floor). Each config is one
 # of GPU_CONFIGS, which the GPU tests check; other cards and shapes keep the autotuner.
 TUNED: dict[str, dict[tuple[int, int, int, bool], triton.Config]] = {
     "NVIDIA H200": {

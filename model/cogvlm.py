@@ -31,9 +31,10 @@ EARLY_TRIGGER: frozenset[str] = frozenset({"dense", "down"})  # of "qkv", "dense
 # output projection follows the split decode, which reads little from HBM for 7 to 10 us a layer
 # (an H200, twelfth session; 1.2 MB of K/V at 71 tokens); under PDL its programs are resident then,
 # so its 32 MiB (17B; 4.27 TB/s streams that in 7.9 us) start towards L2 while attention runs. After
-# a GEMV the HBM is already busy: the others stream as before. Untimed on a GPU yet: bench_decode.py's
-# "no L2 prefetch" mode is its baseline, and its "L2 prefetch on all four" mode tries it where a
-# program of the next GEMV is resident during the tail of the one before.
+# a GEMV the HBM is already busy: the others stream as before. On an H200 (nineteenth session) it
+# changed nothing measurable: a 17B step read 3.64 ms with it and 3.63 without (bench_decode.py's
+# "no L2 prefetch" mode, same run); on all four GEMVs it cost 0.35 ms (3.99). It stays on because
+# kernels/gemv.py's TUNED configs were picked and timed with it.
 L2_PREFETCH: frozenset[str] = frozenset({"dense"})
 
 

@@ -78,8 +78,8 @@ class EngineConfig:
     tune_gemv_in_graph: bool = False
     # CUDA, with one_row_gemv: the batch-1 GEMV shapes kernels/gemv.py's TUNED table holds for this
     # card launch its configs, not the autotuner's pick: on an H200 a 17B batch-1 step read 3.60
-    # and 3.61 ms pinned in four runs, 3.60 to 3.77 with the autotuner's picks (RESULTS.md,
-    # nineteenth session). Tuning in a graph, when asked, replaces it.
+    # to 3.64 ms pinned (six times, three processes), 3.60 to 3.77 with the autotuner's picks
+    # (RESULTS.md, nineteenth session). Tuning in a graph, when asked, replaces it.
     pin_tuned_gemvs: bool = True
 
 
