@@ -151,6 +151,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="CUDA: batch-1 decodes use our GEMV kernel (norms fused in), not cuBLAS")  # fmt: skip
     parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=d.pdl,
                         help="CUDA sm_90+: decode kernels start while the one before drains (PDL)")  # fmt: skip
+    parser.add_argument("--tuned-gemv-configs", action=argparse.BooleanOptionalAction, default=d.pin_tuned_gemvs,
+                        help="CUDA: batch-1 GEMVs of the shapes tuned for this card (kernels/gemv.py TUNED) "
+                             "launch those configs; off: the autotuner picks at start")  # fmt: skip
     parser.add_argument("--skip-kernel-tuning", action="store_true",
                         help="CUDA: do not autotune the expert kernels at start (each row bucket then tunes "
                              "on its first image step, about a second a shape, stalling running requests)")  # fmt: skip
@@ -164,6 +167,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         attention_backend=args.attention_backend, cuda_graphs=not args.enforce_eager,
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
         one_row_gemv=args.one_row_gemv, pdl=args.pdl, tune_expert_kernels=not args.skip_kernel_tuning,
+        pin_tuned_gemvs=args.tuned_gemv_configs,
     )  # fmt: skip
 
 

@@ -176,14 +176,15 @@ def test_async_scheduling_flag(flag, want):
     assert engine_config(args).async_scheduling is want
 
 
-def test_one_row_gemv_and_pdl_are_on_unless_turned_off():
+def test_one_row_gemv_pdl_and_tuned_configs_are_on_unless_turned_off():
     from server.cli import build_parser, engine_config
 
     parser = build_parser()
     default = engine_config(parser.parse_args(["serve", "--model", "m"]))
-    assert default.one_row_gemv is True and default.pdl is True
-    off = engine_config(parser.parse_args(["serve", "--model", "m", "--no-one-row-gemv", "--no-pdl"]))
-    assert off.one_row_gemv is False and off.pdl is False
+    assert default.one_row_gemv is True and default.pdl is True and default.pin_tuned_gemvs is True
+    off = engine_config(parser.parse_args(["serve", "--model", "m", "--no-one-row-gemv", "--no-pdl",
+                                           "--no-tuned-gemv-configs"]))  # fmt: skip
+    assert off.one_row_gemv is False and off.pdl is False and off.pin_tuned_gemvs is False
 
 
 def test_expert_kernels_tune_at_start_unless_skipped():
