@@ -147,20 +147,6 @@ class Mode(NamedTuple):
     early_tile: bool = True  # kernels/paged_attention.py's EARLY_TILE: the first K/V tile before the PDL wait
     l2_prefetch: frozenset[str] = cogvlm_module.L2_PREFETCH  # which GEMVs ask L2 for their weights first
     gemv_pins: bool = True  # EngineConfig.pin_tuned_gemvs: kernels/gemv.py's TUNED configs for this card
-    gemv_table: str = "tuned"  # which table they come from: TUNED, or ALTERNATIVE_PICKS below
-
-
-# Another set of GEMV picks for the "other GEMV picks" mode, in TUNED's form: the autotuner's
-# picks in the "no L2 prefetch" mode of the nineteenth session's run (3.63 ms a step, the fastest
-# there), against TUNED's from its default mode (3.64).
-ALTERNATIVE_PICKS = {
-    (12288, 4096, gemv_module.RMS_NORM, True): gemv_module._config(32, 256, 4, 4),
-    (12288, 4096, gemv_module.RMS_NORM, False): gemv_module._config(16, 512, 4, 3),
-    (4096, 4096, gemv_module.PLAIN, False): gemv_module._config(8, 1024, 4, 3, ahead=1),
-    (22016, 4096, gemv_module.RMS_NORM, True): gemv_module._config(8, 1024, 4, 3, ahead=1),
-    (4096, 11008, gemv_module.SILU_AND_MUL, False): gemv_module._config(8, 1024, 4, 3),
-    (32000, 4096, gemv_module.RMS_NORM, True): gemv_module._config(8, 1024, 4, 3, ahead=1),
-}
 
 
 def main() -> None:
@@ -197,10 +183,9 @@ def main() -> None:
         "cuda graphs + look-ahead + one-row GEMV + PDL, first K/V tile after the wait": Mode(early_tile=False),
         "cuda graphs + look-ahead + one-row GEMV + PDL, GEMV candidates": Mode(gemv_candidates=True),
         "cuda graphs + look-ahead + one-row GEMV + PDL, GEMV tuned in a graph": Mode(gemv_in_graph=True),
-        # the default pins TUNED's configs on a card it names; these time the autotuner's picks
-        # (twice: they vary from run to run) and another fast set against them
+        # the default pins TUNED's configs on a card it names; this times the autotuner's picks
+        # against them (twice: they vary from run to run)
         "cuda graphs + look-ahead + one-row GEMV + PDL, autotuner's GEMV picks": Mode(gemv_pins=False),
-        "cuda graphs + look-ahead + one-row GEMV + PDL, other GEMV picks": Mode(gemv_table="alternative"),
         # the default once more, last: how far the same code drifts within a run (3.78 and 3.73 ms
         # replayed in one run, twelfth session, with different GEMV configs picked by the autotuner)
         "cuda graphs + look-ahead + one-row GEMV + PDL, again": Mode(),
@@ -214,7 +199,8 @@ def main() -> None:
     # triggers on dense, gate_up and down, 3.89 against 3.83 replayed (17B, eleventh session);
     # persistent GEMVs on qkv and gate_up, 4.23 against 3.73 to 3.78 replayed; rotary's cos and sin
     # computed each step instead of looked up, 3.73 (the same, twelfth session); the L2 prefetch on
-    # all four GEMVs instead of dense alone, 3.99 against 3.64 (nineteenth session).
+    # all four GEMVs instead of dense alone, 3.99 against 3.64; another fast set of GEMV picks pinned
+    # (the autotuner's in the "no L2 prefetch" mode), 3.62 against TUNED's 3.61 (nineteenth session).
     if args.modes:
         wanted = [w.strip() for w in args.modes.split(",") if w.strip()]
         # the cuBLAS mode (the first) and the engine's default always run, as the baselines
@@ -222,7 +208,6 @@ def main() -> None:
     batch1_tokens = {}  # greedy tokens of the batch-1 run per mode: the GEMV paths should agree
     gemv_kernel = gemv_module._gemv_kernel
     gemv_configs = list(gemv_kernel.configs)
-    tuned = gemv_module.TUNED
     chosen = {}  # mode -> the GEMV configs the autotuner chose, by (N, K, prologue)
     crowd_modes = {next(iter(modes)), next((name for name, m in modes.items() if m == Mode()), None)}
     for mode, m in modes.items():
@@ -233,8 +218,6 @@ def main() -> None:
         gemv_kernel.configs = gemv_configs + (gemv_module.CANDIDATE_CONFIGS if m.gemv_candidates else [])
         gemv_kernel.cache = {}  # tuned again per mode: a candidate may win a shape
         gemv_module.unpin_all()  # and pinned again by the engine (TUNED, or tuned in a graph)
-        name = torch.cuda.get_device_name()
-        gemv_module.TUNED = {**tuned, name: ALTERNATIVE_PICKS} if m.gemv_table == "alternative" else tuned
         look_ahead = m.look_ahead
         # text-only steps never run the routed expert kernels: nothing to tune at start
         config = EngineConfig(max_num_seqs=64, gpu_memory_fraction=0.5, cuda_graphs=m.cuda_graphs,
@@ -291,7 +274,6 @@ def main() -> None:
     cogvlm_module.L2_PREFETCH = Mode().l2_prefetch
     gemv_kernel.configs, gemv_kernel.cache = gemv_configs, {}
     gemv_module.unpin_all()
-    gemv_module.TUNED = tuned
     base = batch1_tokens.get("cuda graphs + look-ahead", [])
     for mode, tokens in batch1_tokens.items():
         n = min(len(tokens), len(base))

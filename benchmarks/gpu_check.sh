@@ -6,8 +6,9 @@
 #   decode and kernel benchmarks the rest; decode has since swapped its "L2 prefetch on all four"
 #   mode for the two "autotuner's GEMV picks" modes (about 20 s more). For a second call:
 #   [decode2] the decode benchmark on CogVLM2-19B (GQA, 128k vocabulary): cuBLAS, the default (the
-#     autotuner's picks: kernels/gemv.py TUNED has no CogVLM2 shapes yet), the "autotuner's GEMV
-#     picks" modes and "no L2 prefetch"; each mode prints its picks, so the fastest set can join TUNED
+#     autotuner's picks: kernels/gemv.py TUNED has no CogVLM2 shapes yet) and the "autotuner's GEMV
+#     picks" mode, each twice, and "no L2 prefetch"; each mode prints its picks, so the fastest set
+#     can join TUNED
 #   [gemv] the one-row GEMV's configs (candidates too) one by one against cuBLAS (52 s)
 #   [attention] the split decode's shapes at batch 1, and its rotary inside against rotary's own launch
 #   [prefill] time to first token for image requests and the vision tower's share (17B and CogVLM2)
@@ -86,8 +87,8 @@ if want kernels; then
 fi
 if want decode2; then
     echo "== decode benchmark (CogVLM2-19B architecture, random weights) =="
-    # cuBLAS; the default, the autotuner's picks and the other picks: five samples of the autotuner's
-    # picks, as TUNED and the other picks name no CogVLM2 shape; the default without the L2 prefetch
+    # cuBLAS; the default and the autotuner's picks, each twice: four samples of the autotuner's picks,
+    # as TUNED names no CogVLM2 shape; the default without the L2 prefetch
     timeout 300 $PY benchmarks/bench_decode.py --arch cogvlm2-19b --modes "GEMV picks,no L2" 2>&1 | tee "$OUT/bench_decode2.log" \
         | tail -n 45
     decode2_rc=${PIPESTATUS[0]}

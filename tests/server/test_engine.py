@@ -370,13 +370,15 @@ def test_engine_on_cuda_matches_the_cpu_reference(
 
 
 def test_an_engine_pins_no_gemv_off_cuda(monkeypatch, setup):
-    """EngineConfig.pin_tuned_gemvs acts on CUDA only: a CPU engine leaves every shape to the
-    autotuner, even where the table names this model's shapes."""
+    """EngineConfig.pin_tuned_gemvs acts on CUDA only: a CPU engine never asks kernels/gemv.py for
+    its card's table, and leaves every shape to the autotuner."""
     import kernels.gemv as gemv_module
 
     monkeypatch.setattr(gemv_module, "_pinned", {})
-    setup.engine(pin_tuned_gemvs=True)
-    assert not gemv_module.pinned()
+    asked = []
+    monkeypatch.setattr(gemv_module, "pin_tuned", lambda *args: asked.append(args) or 0)
+    setup.engine(pin_tuned_gemvs=True, one_row_gemv=True)
+    assert asked == [] and not gemv_module.pinned()
 
 
 @pytest.mark.gpu
