@@ -21,22 +21,49 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests
 TRITON36 = ROOT / ".triton36"  # the lent GPUs' Triton, which `make test` installs beside the venv's
 
 
-def _run(args: list[str], triton_path: Path | None = None) -> subprocess.CompletedProcess:
+def _start(args: list[str], triton_path: Path | None = None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, not interpret
     env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (triton_path, ROOT) if p)
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        process.kill()  # a no-op once it has exited; else a hung compile does not outlive the test
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def _run(args: list[str], triton_path: Path | None = None) -> subprocess.CompletedProcess:
+    return _finish(_start(args, triton_path))
+
+
+@pytest.fixture(scope="module")
+def quick_checks(tmp_path_factory):
+    """Both quick checks started at once, with the venv's Triton and with 3.6: each is a single-threaded
+    compile of about 37 s on this 2-core machine, so together they take one's time, not two's."""
+    checks = {}
+    for name, triton_path in (("venv", None), ("3.6", TRITON36)):
+        if name == "3.6" and not (TRITON36 / "triton").is_dir():
+            continue
+        out = tmp_path_factory.mktemp("hopper") / "records.json"
+        args = ["-m", "tests.kernels.hopper_compile", "--quick", "--json", str(out)]
+        checks[name] = (_start(args, triton_path), out)
+    yield checks
+    for process, _ in checks.values():
+        process.kill()
 
 
 @pytest.fixture(scope="module", params=["venv", "3.6"])
-def records(request, tmp_path_factory):
+def records(request, quick_checks):
     """The quick check's records, with the venv's Triton and with 3.6: kernels must compile with both."""
-    triton_path = None
-    if request.param == "3.6":
-        if not (TRITON36 / "triton").is_dir():
-            pytest.skip("Triton 3.6 is not installed beside the venv (`make test` installs it in .triton36)")
-        triton_path = TRITON36
-    out = tmp_path_factory.mktemp("hopper") / "records.json"
-    done = _run(["-m", "tests.kernels.hopper_compile", "--quick", "--json", str(out)], triton_path)
+    if request.param not in quick_checks:
+        pytest.skip("Triton 3.6 is not installed beside the venv (`make test` installs it in .triton36)")
+    process, out = quick_checks[request.param]
+    done = _finish(process)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     if request.param == "3.6":
         assert "triton 3.6." in done.stdout  # the 3.6 check ran 3.6, not the venv's
