@@ -104,6 +104,17 @@ CANDIDATE_CONFIGS: list[triton.Config] = [
     _config(128, 128, 64, 8, 4, tma=2, sk=1),
     _config(128, 128, 64, 8, 4, tma=2, sk=1, group_m=16),
 ]
+# NOTE: warp specialisation (a producer warpgroup feeding TMA tiles to two consumer warpgroups, as
+# cuBLAS's Hopper GEMMs do) is out of this kernel's reach with Triton 3.6 and 3.7 (twentieth
+# session, compiled for sm_90 with tests/kernels/hopper_compile.py's stand-in, no GPU). On Hopper
+# `tl.range(..., warp_specialize=True)` partitions only a textbook loop: a TMA-only K loop at the top
+# of the kernel, or a persistent tile loop around one, at num_warps=4 (12 warps with the
+# partitions; at 8 warps nothing is partitioned). Here the K loop sits under the tile's
+# run-or-gather branch: left whole, and 4 warps then spill (1,024 bytes at 128 x 256). An early return, or a
+# pointer-loaded K loop anywhere in the kernel (the gathered tiles, before or after the partitioned
+# loop), makes the pass fail ("unsupported load type for producer commit"). Triton's docs call the
+# feature Blackwell-only, and Meta's fork fixed a wgmma buffer-reuse race in its Hopper path in
+# April 2026: it would take a kernel whose every tile is one TMA run of x, and a GPU to prove it.
 # Fits every dtype and both variants: the interpreter's config, the tests' config on GPU, and
 # the fallback when pruning leaves nothing. Its TMA level is capped by the call's TMA_LIMIT.
 SAFE_CONFIG = _config(64, 64, 32, 4, 3, tma=2)
