@@ -46,8 +46,8 @@ def test_one_row_gemv_layers_give_the_same_tokens(monkeypatch, tiny_checkpoint):
     image = Image.fromarray((torch.rand(20, 30, 3) * 255).byte().numpy())
     inputs = processor.build(Conversation(query="What is it?", image=image))
     params = GenerationParams(max_tokens=5, stop_token_ids=(), top_logprobs=3)
+    want = generate_reference(model, inputs, params)  # the torch layers, the reference of the test above too
     monkeypatch.setattr(dispatch, "FORCE_TRITON", True)
-    want = generate_reference(model, inputs, params)
     model.fuse_for_inference(one_row_gemv=True)
     calls, asked = [], []  # each GEMV's name; those that ask L2 for their weights first
     for name in ("gemv", "rms_norm_gemv", "silu_and_mul_gemv"):
