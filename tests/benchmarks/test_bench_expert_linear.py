@@ -21,3 +21,31 @@ def test_contenders_are_timed_in_turns_and_their_median_round_reported(monkeypat
     assert order == ["ours", "dense"] * 3
     # rounds: ours 10.0, 10.2, 10.4 and dense 9.1, 9.3, 9.5: the middle ones, drift shared alike
     assert times == {"ours": 10.2, "dense": 9.3}
+
+
+
+def test_a_case_splits_its_graphed_ratio_into_routing_and_kernel(monkeypatch):
+    """The graphed ratio against cuBLAS = routing (ours / the same rows all on one expert, through
+    ours) x kernel (that / cuBLAS's dense GEMM); the one-expert call routes every row to one expert."""
+    import torch
+
+    import benchmarks.kernels.bench_expert_linear as bench
+    from kernels.expert_routing import route_by_expert
+
+    torch.set_num_threads(1)
+    routed = []  # the masks the case routes, in order
+    monkeypatch.setattr(bench, "route_by_expert", lambda mask: routed.append(mask.clone()) or route_by_expert(mask))
+
+    def timed(value):  # a timer that runs the call (the interpreter) and reads `value`
+        return lambda fn: (fn(), value)[1]
+
+    graphed = iter([3.0, 2.0, 2.5])  # ours, the dense GEMM, one expert: the order the case times them in
+    monkeypatch.setattr(bench, "graph_ms", lambda fn: timed(next(graphed))(fn))
+    monkeypatch.setattr(bench, "bench_interleaved", lambda fns: {name: timed(1.0)(fn) for name, fn in fns.items()})
+    monkeypatch.setattr(bench, "host_us", timed(0.0))
+    mask = torch.zeros(40, dtype=torch.bool)
+    mask[3:30] = True
+    r = bench.run_case("tiny", "dense", mask, 64, 48, gated=False)
+    assert r["routing_cost"] == 3.0 / 2.5 and r["kernel_vs_cublas"] == 2.5 / 2.0
+    assert r["one_expert_graph_ms"] == 2.5 and r["graph_ratio_vs_dense"] == 3.0 / 2.0
+    assert torch.equal(routed[0], mask) and routed[1].all() and len(routed) == 2 and len(routed[1]) == 40
