@@ -23,7 +23,6 @@ def test_contenders_are_timed_in_turns_and_their_median_round_reported(monkeypat
     assert times == {"ours": 10.2, "dense": 9.3}
 
 
-
 def test_a_case_splits_its_graphed_ratio_into_routing_and_kernel(monkeypatch):
     """The graphed ratio against cuBLAS = routing (ours / the same rows all on one expert, through
     ours) x kernel (that / cuBLAS's dense GEMM); the one-expert call routes every row to one expert."""
