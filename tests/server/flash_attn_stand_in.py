@@ -11,6 +11,7 @@ import torch
 from kernels.paged_attention import paged_attention_ref
 
 calls = []  # (max_seqlen_q, max_seqlen_k) of each call, for the tests
+query_lens = []  # each call's query rows a sequence
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -26,6 +27,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     seq_lens = cu_seqlens_k.diff()
     assert int((cu_seqlens_q.diff()).max()) == max_seqlen_q and int(seq_lens.max()) == max_seqlen_k
     calls.append((max_seqlen_q, max_seqlen_k))
+    query_lens.append(cu_seqlens_q.diff().tolist())
     # bottom-right causal: query i of a sequence's q_len sees keys up to seq_len - q_len + i,
     # which is how paged_attention_ref places a sequence's queries
     out = paged_attention_ref(q, k, v, block_table, seq_lens, cu_seqlens_q)  # [T, H * D]

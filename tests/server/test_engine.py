@@ -260,10 +260,12 @@ def test_flash_attn_backend_gives_the_same_tokens(monkeypatch, setup, tiny_check
     engine.runner.attention = make_attention_backend("flash_attn", cache, torch.device("cuda"))  # CUDA's path
     assert isinstance(engine.runner.attention, FlashAttnPagedAttention)
     flash_attn_stand_in.calls.clear()
+    flash_attn_stand_in.query_lens.clear()
     picked = [0, 3, 4]  # two image requests and a text-only one: chunks, decodes and mixed steps
     assert run(engine, [prompts[i] for i in picked]) == [reference[i] for i in picked]
     calls = set(flash_attn_stand_in.calls)
     assert any(q == 1 for q, _ in calls) and any(q == 40 for q, _ in calls)  # decodes, and full chunks
+    assert any(1 in lens and max(lens) > 1 for lens in flash_attn_stand_in.query_lens)  # a decode beside a chunk
 
 
 def test_flash_attn_backend_refuses_what_it_cannot_run(monkeypatch, setup):
