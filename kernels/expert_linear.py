@@ -100,9 +100,16 @@ GPU_CONFIGS.append(_config(128, 256, 64, 8, 3, tma=2, sk=1, group_m=16))
 # one-tile program does. Now it builds them once: 3 descriptors a program where the one-tile
 # gated config builds 3 a tile, at 1 program an SM (192 KB of shared memory) and 104 waves of
 # tiles on 17B's 16-image gate_up.
+# (128, 128) in 3 stages (twentieth session, untimed): 96 KB of shared memory and 116 to 118
+# registers a thread under Triton 3.6 and 3.7, so two programs share an SM (4 stages: 128 KB, one).
+# A one-image batch is where the target is lost, and there 128 x 256 tiles leave a partial wave
+# (17B dense: 176 tiles for 132 SMs, two tiles' time at 1.33 tiles an SM); 352 tiles of 128 x 128
+# are 2.67 an SM, and a second resident program hides the first's epilogue and loads. (128, 128)
+# in 4 stages, one program an SM, lost that shape to 128 x 256 (fifth session).
 CANDIDATE_CONFIGS: list[triton.Config] = [
     _config(128, 128, 64, 8, 4, tma=2, sk=1),
     _config(128, 128, 64, 8, 4, tma=2, sk=1, group_m=16),
+    _config(128, 128, 64, 8, 3, tma=2),
 ]
 # NOTE: warp specialisation (a producer warpgroup feeding TMA tiles to two consumer warpgroups, as
 # cuBLAS's Hopper GEMMs do) is out of this kernel's reach with Triton 3.6 and 3.7 (twentieth
