@@ -114,6 +114,22 @@ def tile_of(config) -> str:
             f"{k['TMA']}{sk}{group}")  # fmt: skip
 
 
+def tile_counts(routing, block_m: int, block_n: int, n_out: int) -> dict:
+    """Output tiles of a config: ours (the routed row tiles that hold rows), the dense GEMM's over
+    the same rows, and ours that gather their rows by pointer (not one run of x: the language tile,
+    and vision tiles across an image boundary). Read on the host from the routing, for the report."""
+    rows = routing.sorted_rows.cpu().tolist()
+    col_tiles = -(-n_out // block_n)
+    ours = gathered = 0
+    for slot0 in range(0, len(rows), block_m):
+        tile = [r for r in rows[slot0 : slot0 + block_m] if r >= 0]
+        if tile:
+            ours += 1
+            gathered += max(tile) - tile[0] != len(tile) - 1
+    dense = -(-routing.vision_mask.shape[0] // block_m)
+    return {"ours": ours * col_tiles, "dense": dense * col_tiles, "gathered": gathered * col_tiles}
+
+
 def tuning_times() -> dict:
     """{tile: the autotuner's median time (ms)} from the tuning the last call ran, if it ran one."""
     return {
@@ -177,13 +193,15 @@ def run_case(name, proj, mask, n_in, n_out, gated) -> dict:
     # The GPU time alone: a call replayed from a CUDA graph queues no host work. Where ours reads
     # well above this eagerly, its host time (host_us) sets the pace of that shape.
     ours_graph, dense_graph, one_graph = graph_ms(call), graph_ms(dense_call), graph_ms(one_call)
+    chosen = _expert_linear_kernel.best_config.kwargs
+    tiles = tile_counts(routing, chosen["BLOCK_M"], chosen["BLOCK_N"], n_out)
     return {
         "model": name, "proj": proj, "rows": m, "vision_rows": int(mask.sum()), "ours_ms": ours,
         "peers_ms": peers, "dense_ms": dense, "tflops": flops / ours / 1e9,
         "speedup_vs_peers": peers / ours, "ratio_vs_dense": ours / dense, "config": config, "rel_err_vs_fp32": err,
         "ours_graph_ms": ours_graph, "dense_graph_ms": dense_graph, "graph_ratio_vs_dense": ours_graph / dense_graph,
         "one_expert_graph_ms": one_graph, "routing_cost": ours_graph / one_graph,
-        "kernel_vs_cublas": one_graph / dense_graph,
+        "kernel_vs_cublas": one_graph / dense_graph, "tiles": tiles,
         "tuning_ms": tuning, "tuning_best_ms_by_tma_level": best_by_tma_level(tuning),
         "host_us": host_us(call), "dense_host_us": host_us(dense_call),
         # the smallest shape (17B dense, one image), where the host time showed (eleventh session)
@@ -223,7 +241,9 @@ def main() -> None:
         print(f"{r['model']:<17}{r['proj']:<9}{r['rows']:>7}{r['ours_ms']:>9.3f}{r['tflops']:>9.0f}{r['peers_ms']:>9.3f}"
               f"{r['dense_ms']:>9.3f}{r['speedup_vs_peers']:>9.2f}x{r['ratio_vs_dense']:>9.2f}x"
               f"{r['graph_ratio_vs_dense']:>8.2f}x{r['routing_cost']:>8.2f}x{r['kernel_vs_cublas']:>7.2f}x  "
-              f"{r['host_us']:5.0f}, {r['dense_host_us']:3.0f}  ({r['config']}); {tuning}", flush=True)  # fmt: skip
+              f"{r['host_us']:5.0f}, {r['dense_host_us']:3.0f}  ({r['config']}); {tuning}; tiles "
+              f"{r['tiles']['ours']} ({r['tiles']['gathered']} gathered) to {r['tiles']['dense']}",
+              flush=True)  # fmt: skip
         if r["host_profile"]:
             print(f"host time of {r['model']} {r['proj']}, by function:\n{r['host_profile']}", flush=True)
 

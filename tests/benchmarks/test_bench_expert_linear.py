@@ -48,3 +48,16 @@ def test_a_case_splits_its_graphed_ratio_into_routing_and_kernel(monkeypatch):
     assert r["routing_cost"] == 3.0 / 2.5 and r["kernel_vs_cublas"] == 2.5 / 2.0
     assert r["one_expert_graph_ms"] == 2.5 and r["graph_ratio_vs_dense"] == 3.0 / 2.0
     assert torch.equal(routed[0], mask) and routed[1].all() and len(routed) == 2 and len(routed[1]) == 40
+
+
+def test_tile_counts_name_the_extra_and_the_gathered_tiles():
+    """Two requests of 299 image rows and 41 text rows, 128-row tiles: the text rows fill one tile
+    from two places (gathered), the vision rows five, one of them across the image boundary
+    (gathered); the dense GEMM covers the 680 rows in six."""
+    from benchmarks.kernels.bench_expert_linear import serving_mask, tile_counts
+    from kernels.expert_routing import route_by_expert
+
+    routing = route_by_expert(serving_mask(2, 300, "cpu"))
+    assert tile_counts(routing, 128, 64, 200) == {"ours": 6 * 4, "dense": 6 * 4, "gathered": 2 * 4}
+    one_image = route_by_expert(serving_mask(1, 1227, "cpu"))  # 17B, one image: 176 tiles to 160 at 128 x 256
+    assert tile_counts(one_image, 128, 256, 4096) == {"ours": 176, "dense": 160, "gathered": 16}
