@@ -38,7 +38,7 @@ def test_a_case_splits_its_graphed_ratio_into_routing_and_kernel(monkeypatch):
     def timed(value):  # a timer that runs the call (the interpreter) and reads `value`
         return lambda fn: (fn(), value)[1]
 
-    graphed = iter([3.0, 2.0, 2.5])  # ours, the dense GEMM, one expert: the order the case times them in
+    graphed = iter([3.0, 2.0, 2.5, 1.8])  # ours, the dense GEMM, one expert, grouped rows: the case's order
     monkeypatch.setattr(bench, "graph_ms", lambda fn: timed(next(graphed))(fn))
     monkeypatch.setattr(bench, "bench_interleaved", lambda fns: {name: timed(1.0)(fn) for name, fn in fns.items()})
     monkeypatch.setattr(bench, "host_us", timed(0.0))
@@ -47,6 +47,7 @@ def test_a_case_splits_its_graphed_ratio_into_routing_and_kernel(monkeypatch):
     r = bench.run_case("tiny", "dense", mask, 64, 48, gated=False)
     assert r["routing_cost"] == 3.0 / 2.5 and r["kernel_vs_cublas"] == 2.5 / 2.0
     assert r["one_expert_graph_ms"] == 2.5 and r["graph_ratio_vs_dense"] == 3.0 / 2.0
+    assert r["grouped_graph_ratio_vs_dense"] == 1.8 / 2.0
     assert torch.equal(routed[0], mask) and routed[1].all() and len(routed) == 2 and len(routed[1]) == 40
 
 

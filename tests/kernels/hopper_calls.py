@@ -77,9 +77,19 @@ def production_calls(quick: bool, dtype: torch.dtype) -> list[tuple[str, Callabl
         cache = t(8, 16, kv_heads, 128)
         rotary.rotary_and_write_kv_(q, k, k.clone(), cos, cos.clone(), cache, cache.clone(), torch.arange(64), pdl)
 
+    def grouped_projections():  # kernels/grouped_expert_linear.py, the experiment the kernel benchmark times
+        from kernels.expert_routing import route_by_expert
+        from kernels.grouped_expert_linear import grouped_expert_linear, grouped_gated_up
+
+        routing = route_by_expert(mask)
+        slots = t(routing.num_slots, hidden)
+        grouped_expert_linear(slots, routing, t(hidden, hidden), t(hidden, hidden), None, t(hidden))
+        grouped_gated_up(slots, routing, *(t(11008, hidden) for _ in range(4)))
+
     calls = [
         ("17B projections", lambda: projections(3 * hidden, 11008, False)),
         ("CogVLM2 projections", lambda: projections(hidden + 2 * 1024, 14336, True)),  # 8 KV heads, vision QKV bias
+        ("grouped-rows projections", grouped_projections),
     ]
 
     calls.append(("one-row GEMVs pdl=True early trigger", lambda: one_row(True, early=True)))

@@ -65,6 +65,8 @@ FEATURES = {
     # "the last program to arrive merges" (stream-K tail, split decode): one thread's counter add
     "arrival count": "atom.global.gpu.acq_rel.add",
     "l2 prefetch": "prefetch.global.L2",  # the GEMV's weight rows asked of L2 (kernels/gemv.py, prefetch)
+    # warpgroups given different register budgets: Triton's warp specialisation partitioned a loop
+    "warp specialised": "setmaxnreg",
 }
 # "pipelined": Triton's software pipeliner gave a loop's loads a ring of buffers in shared memory
 # (a 2-D tile allocated as [stages, rows, cols]), so several tiles are in flight while one is used.
@@ -238,8 +240,11 @@ def install() -> HopperStandIn:
     triton.knobs.runtime.jit_post_compile_hook = stand_in.post_compile_hook
 
     import kernels.gemv
+    import kernels.grouped_expert_linear
     import kernels.paged_attention
     import kernels.rotary
+
+    kernels.grouped_expert_linear.compiled = lambda device: True  # its GPU tile, warp-specialised
 
     def pdl_launch(pdl, device):  # kernels/pdl.py's decision on an sm_90 device
         return pdl, ({"launch_pdl": True} if pdl else {})

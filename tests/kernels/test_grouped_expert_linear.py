@@ -1,0 +1,81 @@
+"""The grouped-rows experiment (kernels/grouped_expert_linear.py) against the float64 oracle: its
+slots, mapped back to their rows, give expert_linear's results. On CPU it runs in the Triton
+interpreter (fp32, fp16); with CUDA compiled and warp-specialised, bf16 included."""
+
+import pytest
+import torch
+
+from kernels.expert_linear import expert_gated_up_ref, expert_linear_ref
+from kernels.expert_routing import route_by_expert
+from kernels.grouped_expert_linear import from_slots, grouped_expert_linear, grouped_gated_up, to_slots
+from tests.kernels.error_bound import DEVICE, DTYPES, check_close
+from tests.kernels.test_expert_linear import pattern, weights
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_tokens", [1, 130, 700])
+@pytest.mark.parametrize("mask_name", ["all_text", "all_vision", "long_run", "two_runs", "random"])
+def test_grouped_rows_match_reference(dtype, num_tokens, mask_name):
+    x = torch.randn(num_tokens, 72, device=DEVICE).to(dtype)
+    mask = pattern(mask_name, num_tokens)
+    routing = route_by_expert(mask)
+    w_lang, w_vis, _, b_vis = weights(200, 72, dtype, bias_on=("vision",))
+    out = from_slots(grouped_expert_linear(to_slots(x, routing), routing, w_lang, w_vis, None, b_vis), routing)
+    ref64 = expert_linear_ref(x.double(), mask, w_lang.double(), w_vis.double(), None, b_vis.double())
+    check_close(out, ref64, expert_linear_ref(x, mask, w_lang, w_vis, None, b_vis))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias_on", [("language",), ("language", "vision")], ids=str)
+def test_grouped_bias_by_expert(dtype, bias_on):
+    x = torch.randn(300, 96, device=DEVICE).to(dtype)
+    mask = pattern("long_run", 300)
+    routing = route_by_expert(mask)
+    w_lang, w_vis, b_lang, b_vis = weights(130, 96, dtype, bias_on)
+    out = from_slots(grouped_expert_linear(to_slots(x, routing), routing, w_lang, w_vis, b_lang, b_vis), routing)
+    f64 = [t.double() if t is not None else None for t in (x, w_lang, w_vis, b_lang, b_vis)]
+    check_close(
+        out, expert_linear_ref(f64[0], mask, *f64[1:]), expert_linear_ref(x, mask, w_lang, w_vis, b_lang, b_vis)
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grouped_gated_up_matches_reference(dtype):
+    x = torch.randn(300, 64, device=DEVICE).to(dtype)
+    mask = pattern("two_runs", 300)
+    routing = route_by_expert(mask)
+    gates_ups = [(torch.randn(160, 64, device=DEVICE) / 8).to(dtype) for _ in range(4)]  # gate_l, up_l, gate_v, up_v
+    out = from_slots(grouped_gated_up(to_slots(x, routing), routing, *gates_ups), routing)
+    ref64 = expert_gated_up_ref(x.double(), mask, *(w.double() for w in gates_ups))
+    check_close(out, ref64, expert_gated_up_ref(x, mask, *gates_ups))
+
+
+def test_grouped_refuses_rows_out_of_slot_order():
+    mask = pattern("long_run", 100)
+    routing = route_by_expert(mask)
+    x, w = torch.randn(100, 64, device=DEVICE), torch.randn(32, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="slots"):
+        grouped_expert_linear(x, routing, w, w)  # the rows themselves, not their slots
+    with pytest.raises(ValueError, match="contiguous"):
+        grouped_expert_linear(to_slots(x, routing), routing, w.t().contiguous().t(), w)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="the warp-specialised binary runs on CUDA only")
+@pytest.mark.parametrize("gated", [False, True])
+def test_the_warp_specialised_binary_gives_the_same_bits_every_run(gated):
+    """Producer and consumer warpgroups hand buffers over through barriers; a buffer refilled while
+    a consumer's wgmma still reads it (the race Meta's fork fixed in April 2026) would change
+    results from run to run. A two-image batch at CogVLM's width, 20 runs, the same bits."""
+    mask = torch.zeros(2 * 1267, dtype=torch.bool, device=DEVICE)
+    mask[1:1227] = mask[1268:2494] = True
+    routing = route_by_expert(mask)
+    x = to_slots(torch.randn(mask.shape[0], 4096, device=DEVICE, dtype=torch.bfloat16), routing)
+    ws = [(torch.randn(1024, 4096, device=DEVICE) / 64).to(torch.bfloat16) for _ in range(4 if gated else 2)]
+    call = (lambda: grouped_gated_up(x, routing, *ws)) if gated else (lambda: grouped_expert_linear(x, routing, *ws))
+    first = call()
+    assert all(torch.equal(call(), first) for _ in range(20))
+    xs = from_slots(x, routing)
+    want = expert_gated_up_ref(xs.float(), mask, *(w.float() for w in ws)) if gated else (
+        expert_linear_ref(xs.float(), mask, *(w.float() for w in ws)))  # fmt: skip
+    assert ((from_slots(first, routing).float() - want).norm() / want.norm()).item() < 1e-2  # bf16 outputs
