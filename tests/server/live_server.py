@@ -43,6 +43,18 @@ def running_engine(folder, num_kv_blocks: int = 512, async_scheduling: bool | No
         engine.stop()
 
 
+def wait_until(done, seconds: float = 30.0) -> bool:
+    """Poll done() every 20 ms until it holds or `seconds` pass; returns its last answer. A guard
+    against hangs, not a timing: `make test` runs two workers, so a step may take many times
+    its idle time (the aborts these tests wait for land within a step or two)."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,7 @@ import pytest
 from model.generation import GenerationParams, generate_reference
 from model.processor import Conversation, open_image
 from server.config import ServeConfig, ServerConfig
-from tests.server.live_server import MODEL_NAME, ImageHost, png_bytes, running_engine, serve, with_media
+from tests.server.live_server import MODEL_NAME, ImageHost, png_bytes, running_engine, serve, wait_until, with_media
 
 
 @pytest.fixture(scope="module")
@@ -601,12 +601,7 @@ def test_disconnect_mid_stream_frees_every_block(open_server, loaded):
         for line in response.iter_lines():
             if '"content"' in line and '"role"' not in line:
                 break  # a token arrived: the request is running; now hang up
-    for _ in range(200):
-        if kv.num_free_blocks == len(kv.pool.blocks) and not engine.engine.scheduler.requests:
-            break
-        time.sleep(0.02)
-    assert kv.num_free_blocks == len(kv.pool.blocks)
-    assert not engine.engine.scheduler.requests
+    assert wait_until(lambda: kv.num_free_blocks == len(kv.pool.blocks) and not engine.engine.scheduler.requests)
     assert metric(open_server, "request_success_total", 'finished_reason="abort"') == aborted + 1
 
 
@@ -621,11 +616,7 @@ def test_a_client_that_leaves_a_non_streaming_request_stops_it(tiny_checkpoints)
 
         with pytest.raises(httpx.ReadTimeout):
             post(live, chat(max_tokens=1500, ignore_eos=True, n=4, temperature=1.0), timeout=1.0)
-        for _ in range(200):
-            if kv.num_free_blocks == len(kv.pool.blocks) and not engine.engine.scheduler.requests:
-                break
-            time.sleep(0.02)
-        assert kv.num_free_blocks == len(kv.pool.blocks) and not engine.engine.scheduler.requests
+        assert wait_until(lambda: kv.num_free_blocks == len(kv.pool.blocks) and not engine.engine.scheduler.requests)
         time.sleep(0.1)
         assert metric(live, "num_requests_running") == 0
         assert metric(live, "http_responses_total", 'status="499"') == 1
@@ -682,11 +673,7 @@ def test_request_timeout_and_cors(loaded):
         )
         assert "access-control-allow-origin" not in other.headers
     kv = engine.engine.kv
-    for _ in range(100):  # the timed-out request was aborted: its blocks come back
-        if kv.num_free_blocks == len(kv.pool.blocks):
-            break
-        time.sleep(0.02)
-    assert kv.num_free_blocks == len(kv.pool.blocks)
+    assert wait_until(lambda: kv.num_free_blocks == len(kv.pool.blocks))  # the timed-out request was aborted
 
 
 def test_requests_go_through_look_ahead_steps(loaded, client):

@@ -15,7 +15,7 @@ from model.generation import GenerationParams, generate_reference
 from server.completions import merged
 from server.config import ServeConfig, ServerConfig
 from server.detokenizer import IncrementalDetokenizer
-from tests.server.live_server import MODEL_NAME, running_engine, serve
+from tests.server.live_server import MODEL_NAME, running_engine, serve, wait_until
 from tests.server.test_api import assert_error, metric
 from tests.server.test_prompt_logprobs import whole_prompt_logprobs
 
@@ -281,11 +281,7 @@ def test_a_client_leaving_a_stream_of_several_prompts_aborts_them_all(live):
         for line in response.iter_lines():
             if line.startswith("data: {"):
                 break  # a token arrived: the requests are running; now hang up
-    for _ in range(300):
-        if engine.kv.num_free_blocks == len(engine.kv.pool.blocks) and not engine.scheduler.requests:
-            break
-        time.sleep(0.02)
-    assert engine.kv.num_free_blocks == len(engine.kv.pool.blocks) and not engine.scheduler.requests
+    assert wait_until(lambda: engine.kv.num_free_blocks == len(engine.kv.pool.blocks) and not engine.scheduler.requests)
     time.sleep(0.1)
     assert metric(live, "request_success_total", 'finished_reason="abort"') == aborted + 6  # 3 prompts x n = 2
 
@@ -295,11 +291,7 @@ def test_a_client_leaving_before_the_whole_answer_stops_every_prompt(live):
     body = {"model": MODEL_NAME, "prompt": PROMPTS[:2], "n": 2, "max_tokens": 1500, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{live.url}/v1/completions", json=body, timeout=0.5)
-    for _ in range(300):
-        if engine.kv.num_free_blocks == len(engine.kv.pool.blocks) and not engine.scheduler.requests:
-            break
-        time.sleep(0.02)
-    assert engine.kv.num_free_blocks == len(engine.kv.pool.blocks) and not engine.scheduler.requests
+    assert wait_until(lambda: engine.kv.num_free_blocks == len(engine.kv.pool.blocks) and not engine.scheduler.requests)
 
 
 def test_merged_closes_every_stream_when_closed_or_when_one_fails():
