@@ -62,3 +62,30 @@ def test_tile_counts_name_the_extra_and_the_gathered_tiles():
     assert tile_counts(routing, 128, 64, 200) == {"ours": 6 * 4, "dense": 6 * 4, "gathered": 2 * 4}
     one_image = route_by_expert(serving_mask(1, 1227, "cpu"))  # 17B, one image: 176 tiles to 160 at 128 x 256
     assert tile_counts(one_image, 128, 256, 4096) == {"ours": 176, "dense": 160, "gathered": 16}
+
+
+def test_a_case_leaves_the_grouped_rows_out_when_gpu_check_says_so(monkeypatch):
+    """gpu_check.sh sets COGSERVE_BENCH_GROUPED=0 when the experiment's GPU tests fail or hang: the
+    case then never calls its kernel, and reports NaN for it."""
+    import math
+
+    import torch
+
+    import benchmarks.kernels.bench_expert_linear as bench
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(bench, "GROUPED", False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the grouped-rows kernel ran")
+
+    monkeypatch.setattr(bench, "grouped_expert_linear", refuse)
+    graphed = iter([3.0, 2.0, 2.5])  # ours, the dense GEMM, one expert
+    monkeypatch.setattr(bench, "graph_ms", lambda fn: (fn(), next(graphed))[1])
+    monkeypatch.setattr(bench, "bench_interleaved", lambda fns: {name: (fn(), 1.0)[1] for name, fn in fns.items()})
+    monkeypatch.setattr(bench, "host_us", lambda fn: 0.0)
+    mask = torch.zeros(40, dtype=torch.bool)
+    mask[3:30] = True
+    r = bench.run_case("tiny", "dense", mask, 64, 48, gated=False)
+    assert math.isnan(r["grouped_graph_ratio_vs_dense"]) and math.isnan(r["grouped_ms"])
+    assert r["routing_cost"] == 3.0 / 2.5
