@@ -4,8 +4,9 @@
 # Usage (repo root): bash benchmarks/gpu_check.sh [tests] [decode] [kernels]  # no argument: these,
 #   in this order, 389 s in all on an H200 (nineteenth session): tests 148 s with pytest-xdist, the
 #   decode and kernel benchmarks the rest; decode has since swapped its "L2 prefetch on all four"
-#   mode for the two "autotuner's GEMV picks" modes (about 20 s more), and the kernel benchmark times
-#   two more contenders a case (about 15 s more). For a second call:
+#   mode for the two "autotuner's GEMV picks" modes (about 20 s more), the kernel benchmark times
+#   two more contenders a case (about 15 s more) and the grouped-rows tests run apart (at most 90 s;
+#   about 460 s in all by estimate). For a second call:
 #   [decode2] the decode benchmark on CogVLM2-19B (GQA, 128k vocabulary): cuBLAS, the default (the
 #     autotuner's picks: kernels/gemv.py TUNED has no CogVLM2 shapes yet) and the "autotuner's GEMV
 #     picks" mode, each twice, and "no L2 prefetch"; each mode prints its picks, so the fastest set
