@@ -117,9 +117,9 @@ CANDIDATE_CONFIGS: list[triton.Config] = [
 # `tl.range(..., warp_specialize=True)` partitions only a textbook loop: a TMA-only K loop at the top
 # of the kernel, or a persistent tile loop around one, at num_warps=4 (12 warps with the
 # partitions; at 8 warps nothing is partitioned). Here the K loop sits under the tile's
-# run-or-gather branch: left whole, and 4 warps then spill (1,024 bytes at 128 x 256). An early return, or a
-# pointer-loaded K loop anywhere in the kernel (the gathered tiles, before or after the partitioned
-# loop), makes the pass fail ("unsupported load type for producer commit"). Triton's docs call the
+# run-or-gather branch: left whole, and 4 warps then spill (1,024 bytes at 128 x 256). An early
+# return, or a pointer-loaded K loop anywhere in the kernel (the gathered tiles, before or after the
+# partitioned loop), makes the pass fail ("unsupported load type for producer commit"). Triton's docs call the
 # feature Blackwell-only, and Meta's fork fixed a wgmma buffer-reuse race in its Hopper path in
 # April 2026. kernels/grouped_expert_linear.py is the experiment: rows already in slot order, every
 # tile one TMA run, and the loop partitioned; the kernel benchmark times it beside this kernel.
@@ -530,6 +530,13 @@ def _remember(key: tuple) -> None:
     _chosen[key] = kernel.best_config
 
 
+def check_biases(b_lang: torch.Tensor | None, b_vis: torch.Tensor | None, out_features: int) -> None:
+    """Each expert's bias, when given, is a contiguous [out_features] vector (the kernels index it by column)."""
+    for b in (b_lang, b_vis):
+        if b is not None and (b.shape != (out_features,) or not b.is_contiguous()):
+            raise ValueError(f"bias must be a contiguous [{out_features}] tensor, got {list(b.shape)}")
+
+
 def _launch(x, routing, w_lang, w_vis, w2_lang, w2_vis, b_lang, b_vis, gated: bool) -> torch.Tensor:
     num_tokens, in_features = x.shape
     out_features = w_lang.shape[0]
@@ -544,9 +551,7 @@ def _launch(x, routing, w_lang, w_vis, w2_lang, w2_vis, b_lang, b_vis, gated: bo
         weights = [w.contiguous() for w in weights]
         w_lang, w_vis = weights[0], weights[1]
         w2_lang, w2_vis = (weights[2], weights[3]) if gated else (None, None)
-    for b in (b_lang, b_vis):
-        if b is not None and (b.shape != (out_features,) or not b.is_contiguous()):
-            raise ValueError(f"bias must be a contiguous [{out_features}] tensor, got {list(b.shape)}")
+    check_biases(b_lang, b_vis, out_features)
     if routing.vision_mask.shape != (num_tokens,):
         raise ValueError(f"vision_mask must be [{num_tokens}], got {list(routing.vision_mask.shape)}")
     out = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.expert_linear import _expert_pick, _num_sms, _sk_tile
+from kernels.expert_linear import _expert_pick, _num_sms, _sk_tile, check_biases
 from kernels.expert_routing import ALIGN_M, ExpertRouting
 from kernels.tma import has_tma, set_tma_allocator, tma_ready
 
@@ -102,9 +102,7 @@ def _launch(x, routing: ExpertRouting, weights: list[torch.Tensor], b_lang, b_vi
             raise ValueError("x and the weights must be contiguous, 16-byte aligned tensors of one dtype and device")
     if any(w.shape != (out_features, in_features) for w in weights):
         raise ValueError(f"every weight must be [{out_features}, {in_features}]")
-    for b in (b_lang, b_vis):
-        if b is not None and (b.shape != (out_features,) or not b.is_contiguous()):
-            raise ValueError(f"bias must be a contiguous [{out_features}] tensor, got {list(b.shape)}")
+    check_biases(b_lang, b_vis, out_features)
     if not has_tma(x.device):
         raise ValueError("grouped_expert_linear reads every tile through TMA: sm_90 or later")
     # fp32 (the GPU tests) computes in IEEE fp32, which has no wgmma: its GPU tile would spill 27 KB
