@@ -121,8 +121,9 @@ CANDIDATE_CONFIGS: list[triton.Config] = [
 # return, or a pointer-loaded K loop anywhere in the kernel (the gathered tiles, before or after the
 # partitioned loop), makes the pass fail ("unsupported load type for producer commit"). Triton's docs call the
 # feature Blackwell-only, and Meta's fork fixed a wgmma buffer-reuse race in its Hopper path in
-# April 2026. kernels/grouped_expert_linear.py is the experiment: rows already in slot order, every
-# tile one TMA run, and the loop partitioned; the kernel benchmark times it beside this kernel.
+# April 2026. kernels/grouped_expert_linear.py is the alternative (--expert-rows grouped): rows already
+# in slot order, every tile one TMA run, and the loop partitioned; the kernel benchmark times it
+# beside this kernel, benchmarks/bench_expert_layers.py the model's layers either way.
 # Fits every dtype and both variants: the interpreter's config, the tests' config on GPU, and
 # the fallback when pruning leaves nothing. Its TMA level is capped by the call's TMA_LIMIT.
 SAFE_CONFIG = _config(64, 64, 32, 4, 3, tma=2)

@@ -4,6 +4,10 @@ projections, and the row buckets the kernel's autotuning is keyed on.
 
 Language rows come first, then vision rows, each region starting on a multiple of ALIGN_M;
 padding slots hold -1. Nothing here reads a device value on the host.
+
+A model may also carry its hidden states in this slot order (`in_slots`) through the layers,
+so that every tile of a projection is one run of rows (kernels/grouped_expert_linear.py):
+`to_slots` puts rows in it and `from_slots` takes them back out, both plain gathers.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ class ExpertRouting:
     sorted_rows: torch.Tensor  # [num_slots] int32: original row of each slot, -1 for padding
     vision_start: torch.Tensor  # [1] int32, on device: first slot of the vision region
     num_language: torch.Tensor  # [1] int32, on device: language rows (the stream-K tail counts tiles)
+    row_slots: torch.Tensor  # [T] int32: the slot of each row (sorted_rows inverted)
+    # the hidden states between the projections are in slot order (host-known, chosen by the model)
+    in_slots: bool = False
 
     @property
     def num_slots(self) -> int:  # host-known upper bound: cdiv(T, ALIGN_M) * ALIGN_M + ALIGN_M
@@ -51,7 +58,7 @@ def tuning_row_counts(max_rows: int) -> list[int]:
     return sorted(largest.values())
 
 
-def route_by_expert(vision_mask: torch.Tensor) -> ExpertRouting:
+def route_by_expert(vision_mask: torch.Tensor, in_slots: bool = False) -> ExpertRouting:
     """A few elementwise ops and one scatter; no host synchronisation."""
     num_tokens = vision_mask.shape[0]
     device = vision_mask.device
@@ -65,4 +72,21 @@ def route_by_expert(vision_mask: torch.Tensor) -> ExpertRouting:
     num_slots = _num_slots(num_tokens)
     sorted_rows = torch.full((num_slots,), -1, dtype=torch.int32, device=device)
     sorted_rows.scatter_(0, slot.long(), row_ids)
-    return ExpertRouting(vision_mask.to(torch.bool), sorted_rows, vision_start.reshape(1), num_language.reshape(1))
+    return ExpertRouting(vision_mask.to(torch.bool), sorted_rows, vision_start.reshape(1), num_language.reshape(1),
+                         slot, in_slots)  # fmt: skip
+
+
+def to_slots(x: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:  # [T, n] -> [num_slots, n]
+    """x in slot order; padding slots take a copy of row 0, so they hold finite values."""
+    return x.index_select(0, routing.sorted_rows.clamp(min=0))
+
+
+def from_slots(x: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:  # [num_slots, n] -> [T, n]
+    """Each row read back from its slot; the padding slots are dropped. A gather: no host sync."""
+    return x.index_select(0, routing.row_slots)
+
+
+def slot_vision_mask(routing: ExpertRouting) -> torch.Tensor:  # [num_slots] bool
+    """Which slots are in the vision region: the mask a reference runs over rows in slot order."""
+    slots = torch.arange(routing.num_slots, device=routing.sorted_rows.device, dtype=torch.int32)
+    return slots >= routing.vision_start

@@ -1,18 +1,19 @@
-"""The routed projection over rows already grouped by expert: an experiment, not on the model's path.
+"""The routed projection over rows already grouped by expert (the engine's --expert-rows grouped).
 
     out[s] = x[s] @ w_language.T + b_language    for s < vision_start
     out[s] = x[s] @ w_vision.T + b_vision        for s >= vision_start
 
 x holds the batch in ExpertRouting's slot order (language rows, padding to a multiple of ALIGN_M,
-vision rows, padding), as a model would if it carried its hidden states in that order from the
-embedding to the last layer (attention and the logits then read rows through the routing). Every
+vision rows, padding), as the model holds its hidden states from the embedding to the last layer
+when asked to (CogVLMForCausalLM.use_grouped_expert_rows; attention reads rows back in order). Every
 tile is then one TMA run of x, which is what Triton's Hopper warp specialisation needs: with
 kernels/expert_linear.py's gathered tiles it partitions nothing (the NOTE there), while this loop
 is partitioned under Triton 3.6 and 3.7 (a producer warpgroup, two consumers of 64 rows; 12 warps
 at num_warps=4, no spill), cuBLAS's Hopper layout. expert_linear reaches 600 to 680 TFLOP/s where
-cuBLAS reaches 700 to 780 (nineteenth session); benchmarks/kernels/bench_expert_linear.py times this
-kernel beside both, so a GPU run says whether carrying the slot order through the model would pay.
-Until then the model does not use it.
+cuBLAS reaches 700 to 780 (nineteenth session). Untimed so far: benchmarks/kernels/bench_expert_linear.py
+times this kernel beside both, and benchmarks/bench_expert_layers.py the layers either way, so a GPU
+run says whether carrying the slot order through the model pays; until then the engine's default
+keeps batch order.
 """
 
 from __future__ import annotations
@@ -149,16 +150,3 @@ def grouped_gated_up(
     up_vision: torch.Tensor,
 ) -> torch.Tensor:  # [num_slots, inter]: silu(x @ gate.T) * (x @ up.T), each slot by its expert
     return _launch(x, routing, [gate_language, gate_vision, up_language, up_vision], None, None, gated=True)
-
-
-def to_slots(x: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:  # [T, in] -> [num_slots, in]
-    """x in slot order (padding slots take row 0): what the model would keep from its embedding on."""
-    return x[routing.sorted_rows.clamp(min=0).long()]
-
-
-def from_slots(out: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:  # [num_slots, n] -> [T, n]
-    """Each row's result read back from its slot; the padding slots are dropped."""
-    rows = out.new_empty(routing.vision_mask.shape[0], out.shape[1])
-    valid = routing.sorted_rows >= 0
-    rows[routing.sorted_rows[valid].long()] = out[valid]
-    return rows

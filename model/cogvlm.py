@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.expert_routing import from_slots, to_slots
 from kernels.gemv import gemv, rms_norm_gemv, silu_and_mul_gemv
+from kernels.tma import has_tma
 from model.attention import AttentionBackend
 from model.config import CogVLMConfig
 from model.dispatch import use_triton
@@ -112,6 +114,7 @@ class CogVLMForCausalLM(nn.Module):
         # rotary_table's, built on first use on the positions' device; not a buffer, so the
         # state_dict keys stay the checkpoint's
         self._rotary_table: torch.Tensor | None = None
+        self.grouped_expert_rows = False  # see use_grouped_expert_rows
 
     @property
     def dtype(self) -> torch.dtype:
@@ -166,10 +169,13 @@ class CogVLMForCausalLM(nn.Module):
     def _layers(self, inputs_embeds, position_ids, vision_mask, attention) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder layers: the last one's output and the residual sum before it (the final norm adds them)."""
         cos_sin = self.rotary_cos_sin(position_ids, inputs_embeds.dtype)
-        routing = routing_for(vision_mask)
-        hidden, residual = inputs_embeds, None
+        routing = routing_for(vision_mask, self.grouped_expert_rows)
+        in_slots = routing is not None and routing.in_slots
+        hidden, residual = (to_slots(inputs_embeds, routing) if in_slots else inputs_embeds), None
         for layer in self.model.layers:
             hidden, residual = layer(hidden, residual, cos_sin, routing, attention)
+        if in_slots:  # rows back in batch order for the final norm and the logits
+            hidden, residual = from_slots(hidden, routing), from_slots(residual, routing)
         return hidden, residual
 
     def rotary_cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,6 +196,25 @@ class CogVLMForCausalLM(nn.Module):
             layer.mlp.fuse_language_gate_up()
             layer.one_row_gemv = one_row_gemv
             layer.pdl = pdl
+
+    def use_grouped_expert_rows(self, on: bool) -> None:
+        """Whether a forward with vision rows carries its hidden states through the layers in the
+        routing's slot order (kernels/expert_routing.py): language rows, then vision rows, each
+        region padded to a multiple of 256. Every tile of a routed projection is then one run of
+        rows (kernels/grouped_expert_linear.py: TMA loads only, so Triton warp-specialises its loop
+        on Hopper), where kernels/expert_linear.py gathers the rows of the tiles that straddle
+        two runs through an index. The cost: two gathers a layer around attention, which reads
+        each sequence's rows in order, and one each at the embedding and the final norm; the
+        norms and residual adds run over the padding slots too (1536 slots for a one-image
+        batch of 1267 rows). Slots of tiles with no row are never written by the grouped kernel
+        and hold whatever the allocator left: every op between to_slots and from_slots is
+        row-wise, so no result reads them. Decode steps (no vision row) never take it.
+
+        The grouped kernel reads through TMA: on CUDA, sm_90 or later (on CPU the references run)."""
+        if on and self.device.type == "cuda" and not has_tma(self.device):
+            name = torch.cuda.get_device_name(self.device)
+            raise ValueError(f"--expert-rows grouped needs a GPU with TMA (sm_90 or later); {name} has none")
+        self.grouped_expert_rows = on
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32
         return self.lm_head(hidden).float()

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.expert_routing import ExpertRouting
+from kernels.expert_routing import ExpertRouting, from_slots, to_slots
 from model.attention import AttentionBackend
 from model.config import CogVLMConfig
 from model.experts import routed_linear
@@ -26,13 +26,18 @@ class VisionExpertAttention(nn.Module):
 
     def forward(
         self,
-        hidden: torch.Tensor,  # [T, hidden]
+        hidden: torch.Tensor,  # [T, hidden]; [num_slots, hidden] when routing.in_slots
         cos_sin: tuple[torch.Tensor, torch.Tensor],  # 2 x [T, 1, head_dim]
         routing: ExpertRouting | None,  # rows by expert; None: no vision token in the batch
         attention: AttentionBackend,
-    ) -> torch.Tensor:  # [T, hidden]
+    ) -> torch.Tensor:  # [T, hidden]; [num_slots, hidden] when routing.in_slots
         qkv = routed_linear(hidden, routing, self.language_expert_query_key_value, self.vision_expert_query_key_value)
+        in_slots = routing is not None and routing.in_slots
+        if in_slots:  # attention reads each sequence's rows in order: the one place rows leave slot order
+            qkv = from_slots(qkv, routing)  # [T, q + 2 kv]
         ctx = self.attend(qkv, cos_sin, attention)  # [T, H * D]
+        if in_slots:
+            ctx = to_slots(ctx, routing)  # [num_slots, H * D]
         return routed_linear(ctx, routing, self.language_expert_dense, self.vision_expert_dense)
 
     def attend(

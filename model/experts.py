@@ -4,6 +4,11 @@
   with the language weights;
 - CUDA: the routed Triton kernels of kernels/expert_linear.py (one launch, no host sync);
 - CPU: the plain-torch references (gather -> two GEMMs -> scatter).
+
+When the model carries its rows in the routing's slot order (ExpertRouting.in_slots, the
+engine's --expert-rows grouped), the routed projections take them as they are: on CUDA through
+kernels/grouped_expert_linear.py, every tile one run of rows; on CPU through the same
+references over the slots' own mask.
 """
 
 from __future__ import annotations
@@ -14,29 +19,37 @@ from torch import nn
 
 from kernels.activation import silu_and_mul
 from kernels.expert_linear import expert_gated_up, expert_gated_up_ref, expert_linear, expert_linear_ref
-from kernels.expert_routing import ExpertRouting, route_by_expert
+from kernels.expert_routing import ExpertRouting, route_by_expert, slot_vision_mask
+from kernels.grouped_expert_linear import grouped_expert_linear, grouped_gated_up
 from model.dispatch import use_triton
 
 
-def routing_for(vision_mask: torch.Tensor | None) -> ExpertRouting | None:
-    """Once per forward: the same routing serves the 6 projections of every layer."""
-    return None if vision_mask is None else route_by_expert(vision_mask)
+def routing_for(vision_mask: torch.Tensor | None, in_slots: bool = False) -> ExpertRouting | None:
+    """Once per forward: the same routing serves the 6 projections of every layer. in_slots: the
+    layers carry their rows in its slot order (CogVLMForCausalLM.grouped_expert_rows)."""
+    return None if vision_mask is None else route_by_expert(vision_mask, in_slots)
 
 
 def routed_linear(
-    x: torch.Tensor,  # [T, in]
+    x: torch.Tensor,  # [T, in]; [num_slots, in] when routing.in_slots
     routing: ExpertRouting | None,
     language: nn.Linear,
     vision: nn.Linear,
-) -> torch.Tensor:  # [T, out]
+) -> torch.Tensor:  # [T, out]; [num_slots, out] when routing.in_slots
     if routing is None:
         return F.linear(x, language.weight, language.bias)
-    args = (x, routing.vision_mask, language.weight, vision.weight, language.bias, vision.bias)
-    return expert_linear(*args, routing=routing) if use_triton(x) else expert_linear_ref(*args)
+    weights = (language.weight, vision.weight, language.bias, vision.bias)
+    if routing.in_slots:
+        if use_triton(x):
+            return grouped_expert_linear(x, routing, *weights)
+        return expert_linear_ref(x, slot_vision_mask(routing), *weights)
+    if use_triton(x):
+        return expert_linear(x, routing.vision_mask, *weights, routing=routing)
+    return expert_linear_ref(x, routing.vision_mask, *weights)
 
 
 def routed_gated_mlp(
-    x: torch.Tensor,  # [T, hidden]
+    x: torch.Tensor,  # [T, hidden]; [num_slots, hidden] when routing.in_slots
     routing: ExpertRouting | None,
     language: nn.Module,  # has gate_proj, up_proj, down_proj
     vision: nn.Module,
@@ -57,7 +70,12 @@ def routed_gated_mlp(
         vision.gate_proj.weight,
         vision.up_proj.weight,
     )
-    if use_triton(x):
+    if routing.in_slots:
+        if use_triton(x):
+            h = grouped_gated_up(x, routing, *weights)  # [num_slots, inter], written once
+        else:
+            h = expert_gated_up_ref(x, slot_vision_mask(routing), *weights)
+    elif use_triton(x):
         h = expert_gated_up(x, routing.vision_mask, *weights, routing=routing)  # [T, inter], written once
     else:
         h = expert_gated_up_ref(x, routing.vision_mask, *weights)

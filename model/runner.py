@@ -54,6 +54,8 @@ class RunnerConfig:
     attention_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | torch | triton | flash_attn
     one_row_gemv: bool = False  # CUDA: batch-1 text decodes through kernels/gemv.py (norms fused in)
     pdl: bool = False  # CUDA sm_90+: our decode kernels as programmatic dependent launches (kernels/pdl.py)
+    # steps with image rows carry them in the routing's slot order (CogVLMForCausalLM.use_grouped_expert_rows)
+    grouped_expert_rows: bool = False
 
 
 class ModelRunner:
@@ -63,6 +65,7 @@ class ModelRunner:
         self.config = config
         if model.device.type == "cuda":
             model.fuse_for_inference(config.one_row_gemv, config.pdl)
+        model.use_grouped_expert_rows(config.grouped_expert_rows)
         self.kv_cache = PagedKVCache(cfg.num_layers, config.num_blocks, config.block_size, cfg.num_kv_heads,
                                      cfg.head_dim, model.dtype, model.device)  # fmt: skip
         self.attention = make_attention_backend(config.attention_backend, self.kv_cache, model.device, config.pdl)
@@ -97,15 +100,17 @@ class ModelRunner:
         a step of up to max_rows tokens falls in, so the autotuner benchmarks its configs now: on
         the first image step of each bucket it would take about a second a projection shape,
         stalling every running request. All layers share the shapes: layer 0's weights serve.
-        Returns the row counts run."""
+        With grouped expert rows, this compiles kernels/grouped_expert_linear.py's kernels instead
+        (one tile, nothing to tune). Returns the row counts run."""
         layer, cfg = self.model.model.layers[0], self.model.config
         device, dtype = self.model.device, self.model.dtype
         attn = layer.self_attn
         row_counts = tuning_row_counts(max_rows)
         for rows in row_counts:
-            routing = routing_for(torch.arange(rows, device=device) >= rows // 2)  # both experts
-            hidden = torch.zeros(rows, cfg.hidden_size, dtype=dtype, device=device)
-            ctx = torch.zeros(rows, cfg.num_heads * cfg.head_dim, dtype=dtype, device=device)
+            routing = routing_for(torch.arange(rows, device=device) >= rows // 2, self.model.grouped_expert_rows)
+            num = routing.num_slots if routing.in_slots else rows  # the projections' rows
+            hidden = torch.zeros(num, cfg.hidden_size, dtype=dtype, device=device)
+            ctx = torch.zeros(num, cfg.num_heads * cfg.head_dim, dtype=dtype, device=device)
             routed_linear(hidden, routing, attn.language_expert_query_key_value, attn.vision_expert_query_key_value)
             routed_linear(ctx, routing, attn.language_expert_dense, attn.vision_expert_dense)
             layer.mlp(hidden, routing)  # gate_up with silu * up, then down

@@ -154,6 +154,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tuned-gemv-configs", action=argparse.BooleanOptionalAction, default=d.pin_tuned_gemvs,
                         help="CUDA: batch-1 GEMVs of the shapes tuned for this card (kernels/gemv.py TUNED) "
                              "launch those configs; off: the autotuner picks at start")  # fmt: skip
+    parser.add_argument("--expert-rows", default=d.expert_rows, choices=["gathered", "grouped"],
+                        help="steps with image rows: keep the batch's row order (gathered) or carry the rows "
+                             "grouped by expert through the layers (grouped; CUDA: sm_90 or later)")  # fmt: skip
     parser.add_argument("--skip-kernel-tuning", action="store_true",
                         help="CUDA: do not autotune the expert kernels at start (each row bucket then tunes "
                              "on its first image step, about a second a shape, stalling running requests)")  # fmt: skip
@@ -167,7 +170,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         attention_backend=args.attention_backend, cuda_graphs=not args.enforce_eager,
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
         one_row_gemv=args.one_row_gemv, pdl=args.pdl, tune_expert_kernels=not args.skip_kernel_tuning,
-        pin_tuned_gemvs=args.tuned_gemv_configs,
+        pin_tuned_gemvs=args.tuned_gemv_configs, expert_rows=args.expert_rows,
     )  # fmt: skip
 
 

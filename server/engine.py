@@ -81,6 +81,12 @@ class EngineConfig:
     # to 3.64 ms pinned (six times, three processes), 3.60 to 3.77 with the autotuner's picks
     # (RESULTS.md, nineteenth session). Tuning in a graph, when asked, replaces it.
     pin_tuned_gemvs: bool = True
+    # Steps with image rows: "gathered" keeps the batch's row order, and kernels/expert_linear.py
+    # gathers the rows of each tile through the routing; "grouped" carries the rows through the
+    # layers in the routing's slot order (CogVLMForCausalLM.use_grouped_expert_rows), where every
+    # tile is one run of rows (CUDA: sm_90 or later). Untimed end to end so far:
+    # benchmarks/bench_expert_layers.py compares the two.
+    expert_rows: str = "gathered"
 
 
 @dataclass
@@ -132,7 +138,7 @@ class Engine:
                 "memory (--kv-cache-gb on CPU, --gpu-memory-fraction on CUDA) or lower --max-model-len"
             )
         runner_config = RunnerConfig(num_blocks, config.block_size, config.encoder_cache_size, config.attention_backend,
-                                     config.one_row_gemv, config.pdl)  # fmt: skip
+                                     config.one_row_gemv, config.pdl, config.expert_rows == "grouped")  # fmt: skip
         self.runner = ModelRunner(model, runner_config)
         if config.tune_gemv_in_graph and config.one_row_gemv and model.device.type == "cuda":
             start = time.perf_counter()  # before the decode graphs capture the configs it pins

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kernels.expert_linear import expert_gated_up_ref, expert_linear_ref
-from kernels.expert_routing import route_by_expert
-from kernels.grouped_expert_linear import from_slots, grouped_expert_linear, grouped_gated_up, to_slots
+from kernels.expert_routing import from_slots, route_by_expert, slot_vision_mask, to_slots
+from kernels.grouped_expert_linear import grouped_expert_linear, grouped_gated_up
 from tests.kernels.error_bound import DEVICE, DTYPES, check_close
 from tests.kernels.test_expert_linear import pattern, weights
 
@@ -79,3 +79,43 @@ def test_the_warp_specialised_binary_gives_the_same_bits_every_run(gated):
     want = expert_gated_up_ref(xs.float(), mask, *(w.float() for w in ws)) if gated else (
         expert_linear_ref(xs.float(), mask, *(w.float() for w in ws)))  # fmt: skip
     assert ((from_slots(first, routing).float() - want).norm() / want.norm()).item() < 1e-2  # bf16 outputs
+
+
+@pytest.mark.parametrize("mask_name", ["all_text", "all_vision", "two_runs", "random"])
+def test_slot_order_round_trip(mask_name):
+    """to_slots puts each row in its slot (padding slots copy row 0, so they stay finite) and
+    from_slots reads it back: the model's way into slot order and out of it."""
+    mask = pattern(mask_name, 300)
+    routing = route_by_expert(mask, in_slots=True)
+    x = torch.randn(300, 24, device=DEVICE)
+    slots = to_slots(x, routing)
+    assert slots.shape == (routing.num_slots, 24) and routing.in_slots
+    sorted_rows = routing.sorted_rows.cpu()
+    valid = sorted_rows >= 0
+    assert torch.equal(slots.cpu()[valid], x.cpu()[sorted_rows[valid].long()])
+    assert torch.equal(slots.cpu()[~valid], x.cpu()[0].expand(int((~valid).sum()), 24))
+    assert torch.equal(from_slots(slots, routing), x)
+    assert torch.equal(sorted_rows[routing.row_slots.cpu().long()], torch.arange(300, dtype=torch.int32))
+    in_vision = slot_vision_mask(routing).cpu()
+    assert torch.equal(in_vision[routing.row_slots.cpu().long()], mask.cpu())  # each row's slot is in its region
+    assert not in_vision[: int(routing.vision_start)].any() and in_vision[int(routing.vision_start) :].all()
+
+
+@pytest.mark.gpu
+def test_no_host_synchronisation_in_slot_order():
+    """Into slot order, the grouped projections and out again: no device value read on the host."""
+    mask = pattern("two_runs", 2000)
+    x = torch.randn(2000, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
+    routing = route_by_expert(mask, in_slots=True)
+    grouped_expert_linear(to_slots(x, routing), routing, w, w)  # compile outside the check
+    grouped_gated_up(to_slots(x, routing), routing, w, w, w, w)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        routing = route_by_expert(mask, in_slots=True)
+        slots = to_slots(x, routing)
+        from_slots(grouped_expert_linear(slots, routing, w, w), routing)
+        from_slots(grouped_gated_up(slots, routing, w, w, w, w), routing)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -110,6 +110,55 @@ def test_one_row_logits_take_the_final_norm_into_the_lm_head_gemv(monkeypatch, t
     assert not any(w is model.lm_head.weight for w in weights)
 
 
+# the grouped kernel leaves slots of padding-only tiles unwritten, and the row-wise norms read them
+# (use_grouped_expert_rows): numpy may warn about what it finds there, rows no result reads
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+@pytest.mark.parametrize("triton", [False, True], ids=["torch", "interpreter"])
+def test_grouped_expert_rows_give_the_same_tokens(monkeypatch, tiny_checkpoint, triton):
+    """Hidden states carried in the routing's slot order (use_grouped_expert_rows): the projections
+    take the slots as they are (the interpreter: kernels/grouped_expert_linear.py; torch: the
+    references over the slots' mask), attention reads rows back in order, and the tokens and
+    logprobs are the batch-order path's."""
+    if triton and torch.cuda.is_available():
+        pytest.skip("interpreter variant; the CUDA engine test covers CUDA")
+    model = load_model(tiny_checkpoint, torch.float32)
+    processor = Processor(load_tokenizer(tiny_checkpoint), CogVLMConfig.from_checkpoint(tiny_checkpoint))
+    image = Image.fromarray((torch.rand(20, 30, 3) * 255).byte().numpy())
+    inputs = processor.build(Conversation(query="What is it?", image=image))
+    params = GenerationParams(max_tokens=4, stop_token_ids=(), top_logprobs=3)
+    want = generate_reference(model, inputs, params)
+    monkeypatch.setattr(dispatch, "FORCE_TRITON", triton)
+    calls = []
+    for name in ("expert_linear", "expert_gated_up", "grouped_expert_linear", "grouped_gated_up", "expert_linear_ref"):
+        original = getattr(experts, name)
+        monkeypatch.setattr(experts, name, lambda *a, _f=original, _n=name, **k: calls.append((_n, a[0].shape[0])) or
+                            _f(*a, **k))  # fmt: skip
+    model.use_grouped_expert_rows(True)
+    got = generate_reference(model, inputs, params)
+    num_slots = experts.route_by_expert(torch.zeros(inputs.num_tokens, dtype=torch.bool)).num_slots
+    if triton:  # the prefill's 6 projections a layer, each over the slots; decodes are dense
+        assert sorted(set(calls)) == [("grouped_expert_linear", num_slots), ("grouped_gated_up", num_slots)]
+        assert len(calls) == 4 * model.config.num_layers  # qkv, dense, gate_up with silu * up, down
+    else:
+        assert set(calls) == {("expert_linear_ref", num_slots)}
+    assert got.output_token_ids == want.output_token_ids
+    for got_top, want_top in zip(got.top_logprobs, want.top_logprobs, strict=True):
+        assert [t for t, _ in got_top] == [t for t, _ in want_top]
+        assert [lp for _, lp in got_top] == pytest.approx([lp for _, lp in want_top], abs=1e-4)
+
+
+def test_grouped_expert_rows_need_tma_on_cuda(monkeypatch):
+    """A GPU before sm_90 has no TMA, which every tile of the grouped kernel reads through: asking
+    for grouped rows there fails at start, naming the card, not at the first image step."""
+    monkeypatch.setattr(cogvlm, "has_tma", lambda device: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    fake = type("Model", (), {"device": torch.device("cuda", 0), "grouped_expert_rows": False})()
+    with pytest.raises(ValueError, match="sm_90 or later.*Tesla V100"):
+        cogvlm.CogVLMForCausalLM.use_grouped_expert_rows(fake, True)
+    cogvlm.CogVLMForCausalLM.use_grouped_expert_rows(fake, False)  # the default asks for nothing
+    assert fake.grouped_expert_rows is False
+
+
 def test_no_vision_token_takes_the_dense_path(monkeypatch):
     layer = torch.nn.Linear(8, 4, bias=False)
     other = torch.nn.Linear(8, 4, bias=False)

@@ -196,6 +196,17 @@ def test_expert_kernels_tune_at_start_unless_skipped():
     assert skipped.tune_expert_kernels is False
 
 
+def test_expert_rows_flag():
+    from server.cli import build_parser, engine_config
+
+    parser = build_parser()
+    assert engine_config(parser.parse_args(["serve", "--model", "m"])).expert_rows == "gathered"
+    grouped = engine_config(parser.parse_args(["serve", "--model", "m", "--expert-rows", "grouped"]))
+    assert grouped.expert_rows == "grouped"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--model", "m", "--expert-rows", "sorted"])
+
+
 def test_the_tokenizer_info_endpoint_is_off_unless_asked_for():
     from server.cli import build_parser, serve_config
 

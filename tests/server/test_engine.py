@@ -331,6 +331,22 @@ def test_tuning_at_start_runs_the_real_kernels(monkeypatch, setup, tiny_checkpoi
     assert engine.runner.tune_expert_kernels(300) == [256, 300]
 
 
+def test_grouped_expert_rows_give_the_same_tokens(setup, prompts_and_reference):
+    """--expert-rows grouped: steps mixing prefill chunks of several image requests with decode rows
+    run in slot order through the layers, and every request's tokens are the reference path's."""
+    prompts, reference = prompts_and_reference
+    engine = setup.engine(max_num_batched_tokens=40, expert_rows="grouped")
+    assert engine.model.grouped_expert_rows
+    steps = []
+    forward = engine.runner.forward
+    engine.runner.forward = lambda out, feed=None: steps.append(len(out.scheduled)) or forward(out, feed)
+    try:
+        assert run(engine, prompts) == reference
+    finally:
+        engine.model.use_grouped_expert_rows(False)  # the module's shared model
+    assert max(steps) > 1  # several sequences a step
+
+
 def test_decode_graph_sizes():
     assert capture_sizes(1) == [1]
     assert capture_sizes(5) == [1, 2, 4, 5]
@@ -340,18 +356,21 @@ def test_decode_graph_sizes():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "backend, cuda_graphs, look_ahead, one_row_gemv, pdl",
-    [("triton", True, True, False, False), ("triton", False, True, False, False), ("torch", True, True, False, False),
-     ("triton", True, False, False, False), ("triton", True, True, True, False), ("triton", False, True, True, False),
-     ("triton", True, True, True, True), ("triton", True, True, False, True)],
+    "backend, cuda_graphs, look_ahead, one_row_gemv, pdl, expert_rows",
+    [("triton", True, True, False, False, "gathered"), ("triton", False, True, False, False, "gathered"),
+     ("torch", True, True, False, False, "gathered"), ("triton", True, False, False, False, "gathered"),
+     ("triton", True, True, True, False, "gathered"), ("triton", False, True, True, False, "gathered"),
+     ("triton", True, True, True, True, "gathered"), ("triton", True, True, False, True, "gathered"),
+     ("triton", True, True, False, True, "grouped")],
 )  # fmt: skip
 def test_engine_on_cuda_matches_the_cpu_reference(
-    tiny_checkpoint, prompts_and_reference, backend, cuda_graphs, look_ahead, one_row_gemv, pdl
+    tiny_checkpoint, prompts_and_reference, backend, cuda_graphs, look_ahead, one_row_gemv, pdl, expert_rows
 ):
     """fp32 on CUDA: Triton expert and paged-attention kernels, compiled, chunked prefill, decode
     steps replayed from CUDA graphs (or eager), look-ahead decode steps (or not); with
     one_row_gemv, one request at a time, so every decode takes kernels/gemv.py's layers; with
-    pdl, our decode kernels as programmatic dependent launches."""
+    pdl, our decode kernels as programmatic dependent launches; with grouped expert rows, image
+    steps through kernels/grouped_expert_linear.py in slot order."""
     from model.weights import load_model
     from server.engine import Engine, EngineConfig
     from tests.server.engine_helpers import make_setup
@@ -363,8 +382,9 @@ def test_engine_on_cuda_matches_the_cpu_reference(
         cpu.processor,
         EngineConfig(num_kv_blocks=512, max_num_batched_tokens=40, attention_backend=backend,
                      max_num_seqs=1 if one_row_gemv else 12, cuda_graphs=cuda_graphs, async_scheduling=look_ahead,
-                     one_row_gemv=one_row_gemv, pdl=pdl),
+                     one_row_gemv=one_row_gemv, pdl=pdl, expert_rows=expert_rows),
     )  # fmt: skip
+    assert engine.model.grouped_expert_rows == (expert_rows == "grouped")
     assert run(engine, prompts) == reference
     assert (engine.num_lookahead_steps > 0) == look_ahead
     graphs = engine.runner.decode_graphs
