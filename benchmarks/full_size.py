@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from model.cogvlm import CogVLMForCausalLM
@@ -28,9 +30,14 @@ class DigitTokenizer:
         return " ".join(str(i) for i in ids)
 
 
-def random_model(arch: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> CogVLMForCausalLM:
-    """Built on the meta device, then materialised once on `device`: a 35 GB model never exists twice."""
+def random_model(
+    arch: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, num_layers: int | None = None
+) -> CogVLMForCausalLM:
+    """Built on the meta device, then materialised once on `device`: a 35 GB model never exists
+    twice. num_layers: fewer decoder layers than the architecture's (a layer benchmark)."""
     cfg: CogVLMConfig = ARCHITECTURES[arch]()
+    if num_layers is not None:
+        cfg = dataclasses.replace(cfg, num_layers=num_layers)
     torch.set_default_dtype(dtype)
     with torch.device("meta"):
         model = CogVLMForCausalLM(cfg)

@@ -27,8 +27,8 @@ from kernels.expert_linear import (
     expert_linear,
     expert_linear_ref,
 )
-from kernels.expert_routing import route_by_expert
-from kernels.grouped_expert_linear import from_slots, grouped_expert_linear, grouped_gated_up, to_slots
+from kernels.expert_routing import from_slots, route_by_expert, to_slots
+from kernels.grouped_expert_linear import grouped_expert_linear, grouped_gated_up
 from model.gemv_tuning import graph_ms
 
 MODELS = {
