@@ -18,30 +18,75 @@ keeps batch order.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels.expert_linear import _expert_pick, _num_sms, _sk_tile, check_biases
-from kernels.expert_routing import ALIGN_M, ExpertRouting
+from kernels.expert_routing import ALIGN_M, ExpertRouting, tuning_bucket
 from kernels.tma import has_tma, set_tma_allocator, tma_ready
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU: 4 warps, because the partitioned
-# loop runs them as the producer and adds two consumer warpgroups (at 8 warps nothing is
-# partitioned); the gated tile halves BLOCK_N for its second accumulator. Untimed.
-GPU_TILE = (128, 256, 64, 4, 3)
-GPU_GATED_TILE = (128, 128, 64, 4, 3)
-INTERPRETER_TILE = (64, 64, 32, 4, 3)  # and the tests' tile on a GPU: small shapes
+
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int, ws: bool = True) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "WS": ws}, num_warps=warps, num_stages=stages)
+
+
+# Autotuned on a GPU, per weight shape and row bucket. WS: the K loop warp-specialised, which needs
+# num_warps=4 (the producer; Triton adds two consumer warpgroups of 64 rows each; at 8 warps it
+# partitions nothing). Each WS config compiles for sm_90 partitioned, with 168 registers a thread
+# and no spill, under Triton 3.6 and 3.7 (tests/kernels/hopper_compile.py's stand-in, twenty-first
+# session; shared memory in the comments). The gated tiles halve BLOCK_N for their second
+# accumulator. The last of each list is the same persistent loop unpartitioned at 8 warps (175 to
+# 218 registers, no spill): beside the others it says what the partitioning buys. All untimed;
+# bench_expert_linear.py prints each shape's pick.
+PLAIN_CONFIGS = [
+    _config(128, 256, 64, 4, 3),  # 176 KB: the first choice (twentieth session)
+    _config(128, 256, 64, 4, 4),  # 224 KB: one stage more in flight
+    _config(256, 128, 64, 4, 3),  # 160 KB: each consumer 128 x 128
+    _config(128, 256, 64, 8, 3, ws=False),
+]
+GATED_CONFIGS = [
+    _config(128, 128, 64, 4, 3),  # 160 KB
+    _config(128, 128, 64, 4, 4),  # 208 KB
+    _config(128, 64, 64, 4, 4),  # 144 KB: twice the tiles, for a one-image batch's partial wave
+    _config(128, 128, 64, 8, 3, ws=False),
+]
+# The interpreter's tile, and fp32's on a GPU: IEEE fp32 has no wgmma, and the GPU tiles would
+# spill 27 KB a thread there
+SMALL_CONFIG = _config(64, 64, 32, 4, 3, ws=False)
 GROUP_M = 8
 # each expert's region starts on a multiple of ALIGN_M, so a tile never holds both experts
-assert all(ALIGN_M % tile[0] == 0 for tile in (GPU_TILE, GPU_GATED_TILE, INTERPRETER_TILE))
+assert all(ALIGN_M % c.kwargs["BLOCK_M"] == 0 for c in PLAIN_CONFIGS + GATED_CONFIGS + [SMALL_CONFIG])
 
 
+def _configs() -> list[triton.Config]:
+    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+        return [SMALL_CONFIG]  # NOTE: the interpreter cannot autotune over several configs
+    if os.environ.get("COGSERVE_AUTOTUNE", "1") == "0":
+        return [PLAIN_CONFIGS[0], GATED_CONFIGS[0]]  # tests: the first choice of each variant
+    return PLAIN_CONFIGS + GATED_CONFIGS
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """The variant's own list (plain or gated); fp32 takes the small tile."""
+    if named_args["x_ptr"].dtype == torch.float32:
+        return [SMALL_CONFIG]
+    wanted = GATED_CONFIGS if kwargs["GATED"] else PLAIN_CONFIGS
+    return [c for c in configs if c in wanted] or [SMALL_CONFIG]
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["N", "K", "GATED", "M_BUCKET"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
 @triton.jit
 def _grouped_expert_kernel(
     x_ptr, out_ptr, w_lang_ptr, w_vis_ptr, w2_lang_ptr, w2_vis_ptr, b_lang_ptr, b_vis_ptr,
     vision_start_ptr, num_language_ptr,
-    num_rows, num_slots, N, K, stride_om,
+    num_rows, num_slots, N, K, stride_om, M_BUCKET,  # M_BUCKET: autotune key only
     HAS_BIAS_LANG: tl.constexpr, HAS_BIAS_VIS: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, WS: tl.constexpr,
 ):  # fmt: skip
@@ -87,12 +132,6 @@ def _grouped_expert_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=offs_n[None, :] < N)
 
 
-def compiled(device: torch.device) -> bool:
-    """Whether the kernel is compiled (CUDA: the GPU tile, warp-specialised) or interpreted (the
-    interpreter's tile). tests/kernels/hopper_compile.py answers True to compile the GPU binary."""
-    return device.type == "cuda"
-
-
 def _launch(x, routing: ExpertRouting, weights: list[torch.Tensor], b_lang, b_vis, gated: bool) -> torch.Tensor:
     num_slots, in_features = x.shape
     out_features = weights[0].shape[0]
@@ -106,11 +145,6 @@ def _launch(x, routing: ExpertRouting, weights: list[torch.Tensor], b_lang, b_vi
     check_biases(b_lang, b_vis, out_features)
     if not has_tma(x.device):
         raise ValueError("grouped_expert_linear reads every tile through TMA: sm_90 or later")
-    # fp32 (the GPU tests) computes in IEEE fp32, which has no wgmma: its GPU tile would spill 27 KB
-    # a thread, so it takes the interpreter's, unpartitioned
-    gpu = compiled(x.device) and x.dtype != torch.float32
-    tile = (GPU_GATED_TILE if gated else GPU_TILE) if gpu else INTERPRETER_TILE
-    block_m, block_n, block_k, warps, stages = tile
     out = torch.empty(num_slots, out_features, dtype=x.dtype, device=x.device)
     set_tma_allocator(x.device)
     w_lang, w_vis = weights[0], weights[1]
@@ -121,10 +155,9 @@ def _launch(x, routing: ExpertRouting, weights: list[torch.Tensor], b_lang, b_vi
         b_lang if b_lang is not None else w_lang, b_vis if b_vis is not None else w_vis,  # unused when absent
         routing.vision_start, routing.num_language,
         routing.vision_mask.shape[0], num_slots, out_features, in_features, out.stride(0),
+        tuning_bucket(routing.vision_mask.shape[0]),
         HAS_BIAS_LANG=b_lang is not None, HAS_BIAS_VIS=b_vis is not None, GATED=gated,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M, WS=gpu,
-        num_warps=warps, num_stages=stages,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", GROUP_M=GROUP_M,
     )
     # fmt: on
     return out

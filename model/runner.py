@@ -100,8 +100,8 @@ class ModelRunner:
         a step of up to max_rows tokens falls in, so the autotuner benchmarks its configs now: on
         the first image step of each bucket it would take about a second a projection shape,
         stalling every running request. All layers share the shapes: layer 0's weights serve.
-        With grouped expert rows, this compiles kernels/grouped_expert_linear.py's kernels instead
-        (one tile, nothing to tune). Returns the row counts run."""
+        With grouped expert rows it tunes kernels/grouped_expert_linear.py's kernel instead (the same
+        shapes and row buckets). Returns the row counts run."""
         layer, cfg = self.model.model.layers[0], self.model.config
         device, dtype = self.model.device, self.model.dtype
         attn = layer.self_attn

@@ -28,7 +28,7 @@ from kernels.expert_linear import (
     expert_linear_ref,
 )
 from kernels.expert_routing import from_slots, route_by_expert, to_slots
-from kernels.grouped_expert_linear import grouped_expert_linear, grouped_gated_up
+from kernels.grouped_expert_linear import _grouped_expert_kernel, grouped_expert_linear, grouped_gated_up
 from model.gemv_tuning import graph_ms
 
 MODELS = {
@@ -118,6 +118,13 @@ def tile_of(config) -> str:
             f"{k['TMA']}{sk}{group}")  # fmt: skip
 
 
+def grouped_tile_of(config) -> str:
+    """The grouped-rows kernel's chosen config: "WS" when its loop is warp-specialised."""
+    k = config.kwargs
+    ws = ", WS" if k["WS"] else ""
+    return f"{k['BLOCK_M']}, {k['BLOCK_N']}, {k['BLOCK_K']}, {config.num_warps}, {config.num_stages}{ws}"
+
+
 def tile_counts(routing, block_m: int, block_n: int, n_out: int) -> dict:
     """Output tiles of a config: ours (the routed row tiles that hold rows), the dense GEMM's over
     the same rows, and ours that gather their rows by pointer (not one run of x: the language tile,
@@ -198,8 +205,10 @@ def run_case(name, proj, mask, n_in, n_out, gated) -> dict:
         flops = 2 * m * n_in * n_out
     contenders = {"ours": call, "peers": peers_call, "dense": dense_call}
     grouped_err = grouped_graph = math.nan  # NaN in the report when the grouped rows sit out
+    grouped_config = ""
     if GROUPED:
-        grouped_err = rel_err(from_slots(grouped_call(), routing), ref32)
+        grouped_err = rel_err(from_slots(grouped_call(), routing), ref32)  # its autotuner tunes this shape here
+        grouped_config = grouped_tile_of(_grouped_expert_kernel.best_config)
         contenders["grouped"] = grouped_call
     times = bench_interleaved(contenders)
     ours, peers, dense = times["ours"], times["peers"], times["dense"]
@@ -218,7 +227,7 @@ def run_case(name, proj, mask, n_in, n_out, gated) -> dict:
         "one_expert_graph_ms": one_graph, "routing_cost": ours_graph / one_graph,
         "kernel_vs_cublas": one_graph / dense_graph, "tiles": tiles,
         "grouped_ms": times.get("grouped", math.nan), "grouped_graph_ms": grouped_graph,
-        "grouped_rel_err_vs_fp32": grouped_err,
+        "grouped_rel_err_vs_fp32": grouped_err, "grouped_config": grouped_config,
         "grouped_graph_ratio_vs_dense": grouped_graph / dense_graph,
         "tuning_ms": tuning, "tuning_best_ms_by_tma_level": best_by_tma_level(tuning),
         "host_us": host_us(call), "dense_host_us": host_us(dense_call),
@@ -264,8 +273,8 @@ def main() -> None:
               f"{r['graph_ratio_vs_dense']:>8.2f}x{r['routing_cost']:>8.2f}x{r['kernel_vs_cublas']:>7.2f}x"
               f"{r['grouped_graph_ratio_vs_dense']:>8.2f}x  "
               f"{r['host_us']:5.0f}, {r['dense_host_us']:3.0f}  ({r['config']}); {tuning}; tiles "
-              f"{r['tiles']['ours']} ({r['tiles']['gathered']} gathered) to {r['tiles']['dense']}",
-              flush=True)  # fmt: skip
+              f"{r['tiles']['ours']} ({r['tiles']['gathered']} gathered) to {r['tiles']['dense']}; "
+              f"grouped ({r['grouped_config']})", flush=True)  # fmt: skip
         if r["host_profile"]:
             print(f"host time of {r['model']} {r['proj']}, by function:\n{r['host_profile']}", flush=True)
 
@@ -296,7 +305,8 @@ def main() -> None:
           f"{geo('ratio_vs_dense'):.2f}x the dense GEMM (target <= 1.15x); GPU time alone (CUDA graphs) "
           f"{geo('graph_ratio_vs_dense'):.2f}x the dense GEMM's = routing {geo('routing_cost'):.2f}x "
           f"x kernel {geo('kernel_vs_cublas'):.2f}x; grouped rows (warp-specialised, rows in slot order) "
-          f"{geo('grouped_graph_ratio_vs_dense'):.2f}x")  # fmt: skip
+          f"{geo('grouped_graph_ratio_vs_dense'):.2f}x, warp-specialised in "
+          f"{sum(r['grouped_config'].endswith('WS') for r in results)} of {len(results)} picks")  # fmt: skip
 
 
 if __name__ == "__main__":

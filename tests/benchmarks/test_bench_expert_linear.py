@@ -48,6 +48,7 @@ def test_a_case_splits_its_graphed_ratio_into_routing_and_kernel(monkeypatch):
     assert r["routing_cost"] == 3.0 / 2.5 and r["kernel_vs_cublas"] == 2.5 / 2.0
     assert r["one_expert_graph_ms"] == 2.5 and r["graph_ratio_vs_dense"] == 3.0 / 2.0
     assert r["grouped_graph_ratio_vs_dense"] == 1.8 / 2.0
+    assert r["grouped_config"] == "64, 64, 32, 4, 3"  # the interpreter's tile, not warp-specialised
     assert torch.equal(routed[0], mask) and routed[1].all() and len(routed) == 2 and len(routed[1]) == 40
 
 

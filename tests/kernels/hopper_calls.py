@@ -27,6 +27,7 @@ def production_calls(quick: bool, dtype: torch.dtype) -> list[tuple[str, Callabl
     """(label, thunk) for each call the CUDA engine makes, at full-size shapes."""
     from kernels import expert_linear, gemv, paged_attention, rms_norm, rotary
     from kernels.activation import silu_and_mul
+    from kernels.expert_routing import route_by_expert
 
     size = torch.tensor([], dtype=dtype).element_size()
     expert_linear._expert_linear_kernel.configs = _choose(
@@ -77,11 +78,15 @@ def production_calls(quick: bool, dtype: torch.dtype) -> list[tuple[str, Callabl
         cache = t(8, 16, kv_heads, 128)
         rotary.rotary_and_write_kv_(q, k, k.clone(), cos, cos.clone(), cache, cache.clone(), torch.arange(64), pdl)
 
-    def grouped_projections():  # kernels/grouped_expert_linear.py, the experiment the kernel benchmark times
-        from kernels.expert_routing import route_by_expert
-        from kernels.grouped_expert_linear import grouped_expert_linear, grouped_gated_up
+    def grouped_projections():  # kernels/grouped_expert_linear.py: --expert-rows grouped
+        from kernels import grouped_expert_linear as grouped
 
-        routing = route_by_expert(mask)
+        grouped._grouped_expert_kernel.configs = _choose(
+            grouped.PLAIN_CONFIGS + grouped.GATED_CONFIGS, quick, ("WS",),
+            [lambda c: c in grouped.PLAIN_CONFIGS, lambda c: c in grouped.GATED_CONFIGS],
+        )  # fmt: skip
+        grouped_expert_linear, grouped_gated_up = grouped.grouped_expert_linear, grouped.grouped_gated_up
+        routing = route_by_expert(mask, in_slots=True)
         slots = t(routing.num_slots, hidden)
         grouped_expert_linear(slots, routing, t(hidden, hidden), t(hidden, hidden), None, t(hidden))
         grouped_gated_up(slots, routing, *(t(11008, hidden) for _ in range(4)))

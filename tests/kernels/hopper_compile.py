@@ -240,11 +240,8 @@ def install() -> HopperStandIn:
     triton.knobs.runtime.jit_post_compile_hook = stand_in.post_compile_hook
 
     import kernels.gemv
-    import kernels.grouped_expert_linear
     import kernels.paged_attention
     import kernels.rotary
-
-    kernels.grouped_expert_linear.compiled = lambda device: True  # its GPU tile, warp-specialised
 
     def pdl_launch(pdl, device):  # kernels/pdl.py's decision on an sm_90 device
         return pdl, ({"launch_pdl": True} if pdl else {})
@@ -257,13 +254,14 @@ def install() -> HopperStandIn:
 def compile_all(quick: bool) -> list[Compiled]:
     stand_in = install()
     from kernels import expert_linear, gemv
+    from kernels import grouped_expert_linear as grouped
     from tests.kernels.hopper_calls import production_calls, small_shape_calls
 
     for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32):
         calls = production_calls(quick, dtype) + ([] if quick or dtype == torch.float16 else small_shape_calls(dtype))
         for label, call in calls:
             stand_in.call = f"{label} {str(dtype).removeprefix('torch.')}"
-            for autotuned in (expert_linear._expert_linear_kernel, gemv._gemv_kernel):
+            for autotuned in (expert_linear._expert_linear_kernel, gemv._gemv_kernel, grouped._grouped_expert_kernel):
                 autotuned.cache.clear()  # an earlier call's choice (its key lacks PDL) would skip the candidates
             try:
                 call()

@@ -87,6 +87,10 @@ def test_the_hopper_paths_are_the_ones_compiled(records):
     expert = [r["config"] for r in records if r["kernel"] == "_expert_linear_kernel"]
     for needle in ("TMA=0 SK=0", "TMA=1 SK=0", "TMA=2 SK=0", "TMA=2 SK=1", "GATED=True", "HAS_BIAS_VIS=True"):
         assert any(needle in c for c in expert), needle
+    grouped = [set(r["config"].split()) for r in records if r["kernel"] == "_grouped_expert_kernel"]
+    for gated in (False, True):  # each variant's warp-specialised loop and its unpartitioned twin
+        for ws in (False, True):
+            assert any({f"GATED={gated}", f"WS={ws}"} <= words for words in grouped), (gated, ws)
     for kernel in ("_gemv_kernel", "_rotary_kernel", "_paged_attention_kernel", "_decode_split_kernel"):
         assert any("PDL=True" in r["config"] for r in records if r["kernel"] == kernel), kernel
     gemv = [r["config"] for r in records if r["kernel"] == "_gemv_kernel"]
@@ -113,9 +117,10 @@ def test_each_binary_uses_the_hopper_instructions_its_config_asks_for(records):
             assert "l2 prefetch before PDL wait" in r["features"], r  # the point: during the kernel before
         if r["kernel"] in ("_expert_linear_kernel", "_grouped_expert_kernel"):
             assert "wgmma" in r["features"], r
-        # Triton partitions the grouped-rows loop (every tile one TMA run), and nothing else here:
-        # not expert_linear's K loop, which sits under its run-or-gather branch (the NOTE there)
-        assert ("warp specialised" in r["features"]) == (r["kernel"] == "_grouped_expert_kernel"), r
+        # Triton partitions the grouped-rows loop (every tile one TMA run) where its config asks,
+        # and nothing else here: not expert_linear's K loop, which sits under its run-or-gather
+        # branch (the NOTE there)
+        assert ("warp specialised" in r["features"]) == ("WS=True" in words), r
         streams = ("_expert_linear_kernel", "_grouped_expert_kernel", "_gemv_kernel", "_paged_attention_kernel")
         if r["kernel"] in streams:
             # weight or K/V tiles stream through a ring of buffers, except in the GEMV's STAGES=1 configs
