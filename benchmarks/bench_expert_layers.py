@@ -45,10 +45,12 @@ STEP_BUDGET = 2048  # EngineConfig.max_num_batched_tokens
 
 
 class QueryAsContext:
-    """An attention backend that returns q as the context ([T, H * D]): no rotary, no scores."""
+    """An attention backend that returns a copy of q as the context ([T, H * D]): no rotary, no
+    scores. A copy, as a real backend writes its output to a tensor of its own (q is a strided
+    view of the QKV projection's output)."""
 
     def attend(self, layer_idx, q, k, v, cos_sin) -> torch.Tensor:
-        return q.reshape(q.shape[0], -1)
+        return q.reshape(q.shape[0], -1).contiguous()
 
 
 def steps(num_image: int, device) -> dict[str, torch.Tensor]:
