@@ -151,7 +151,8 @@ class Engine:
         if config.tune_expert_kernels and model.device.type == "cuda":
             start = time.perf_counter()
             rows = self.runner.tune_expert_kernels(config.max_num_batched_tokens)
-            logger.info("expert kernels tuned for steps of %s rows in %.1f s", rows, time.perf_counter() - start)
+            logger.info("expert kernels (%s rows) tuned for steps of %s rows in %.1f s", config.expert_rows, rows,
+                        time.perf_counter() - start)  # fmt: skip
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv

@@ -119,3 +119,21 @@ def test_no_host_synchronisation_in_slot_order():
         from_slots(grouped_gated_up(slots, routing, w, w, w, w), routing)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_each_variant_tunes_over_its_own_configs():
+    """The autotuner's pruning (on a GPU, every config is a candidate): a plain call takes the plain
+    tiles, a gated one the gated tiles (half as wide, for their second accumulator), fp32 the small
+    unpartitioned tile; each list holds warp-specialised tiles and one unpartitioned twin."""
+    from kernels import grouped_expert_linear as grouped
+
+    every = grouped.PLAIN_CONFIGS + grouped.GATED_CONFIGS
+    bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
+    assert grouped._prune_configs(every, {"x_ptr": bf16}, GATED=False) == grouped.PLAIN_CONFIGS
+    assert grouped._prune_configs(every, {"x_ptr": bf16}, GATED=True) == grouped.GATED_CONFIGS
+    assert grouped._prune_configs(every, {"x_ptr": fp32}, GATED=True) == [grouped.SMALL_CONFIG]
+    assert grouped._prune_configs([grouped.SMALL_CONFIG], {"x_ptr": bf16}, GATED=False) == [grouped.SMALL_CONFIG]
+    for configs in (grouped.PLAIN_CONFIGS, grouped.GATED_CONFIGS):
+        assert [c.kwargs["WS"] for c in configs] == [True] * (len(configs) - 1) + [False]
+        assert all(c.num_warps == (4 if c.kwargs["WS"] else 8) for c in configs)  # WS partitions only at 4
+    assert all(c.kwargs["BLOCK_N"] <= 128 for c in grouped.GATED_CONFIGS)
