@@ -49,6 +49,7 @@ def test_a_case_splits_its_graphed_ratio_into_routing_and_kernel(monkeypatch):
     assert r["one_expert_graph_ms"] == 2.5 and r["graph_ratio_vs_dense"] == 3.0 / 2.0
     assert r["grouped_graph_ratio_vs_dense"] == 1.8 / 2.0
     assert r["grouped_config"] == "64, 64, 32, 4, 3"  # the interpreter's tile, not warp-specialised
+    assert r["grouped_repeatable"] is True
     assert torch.equal(routed[0], mask) and routed[1].all() and len(routed) == 2 and len(routed[1]) == 40
 
 
@@ -90,3 +91,19 @@ def test_a_case_leaves_the_grouped_rows_out_when_gpu_check_says_so(monkeypatch):
     r = bench.run_case("tiny", "dense", mask, 64, 48, gated=False)
     assert math.isnan(r["grouped_graph_ratio_vs_dense"]) and math.isnan(r["grouped_ms"])
     assert r["routing_cost"] == 3.0 / 2.5
+
+
+def test_a_case_reports_a_grouped_kernel_whose_results_change_from_run_to_run(monkeypatch):
+    """What a warp-specialised binary with a buffer race would do: each run's bits differ."""
+    import torch
+
+    import benchmarks.kernels.bench_expert_linear as bench
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(bench, "grouped_expert_linear", lambda x, routing, w, *_: torch.randn(x.shape[0], w.shape[0]))
+    monkeypatch.setattr(bench, "graph_ms", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(bench, "bench_interleaved", lambda fns: {name: (fn(), 1.0)[1] for name, fn in fns.items()})
+    monkeypatch.setattr(bench, "host_us", lambda fn: 0.0)
+    mask = torch.zeros(40, dtype=torch.bool)
+    mask[3:30] = True
+    assert bench.run_case("tiny", "dense", mask, 64, 48, gated=False)["grouped_repeatable"] is False

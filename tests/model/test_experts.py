@@ -122,6 +122,8 @@ def test_grouped_expert_rows_give_the_same_tokens(monkeypatch, tiny_checkpoint, 
     if triton and torch.cuda.is_available():
         pytest.skip("interpreter variant; the CUDA engine test covers CUDA")
     model = load_model(tiny_checkpoint, torch.float32)
+    if triton and model.config.generation == 1:  # 9 s of the suite's time on this project's machine
+        pytest.skip("the interpreter runs CogVLM2's layout (GQA, the vision QKV bias); torch runs both")
     processor = Processor(load_tokenizer(tiny_checkpoint), CogVLMConfig.from_checkpoint(tiny_checkpoint))
     image = Image.fromarray((torch.rand(20, 30, 3) * 255).byte().numpy())
     inputs = processor.build(Conversation(query="What is it?", image=image))
