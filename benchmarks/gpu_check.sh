@@ -4,7 +4,7 @@
 # Usage (repo root): bash benchmarks/gpu_check.sh [tests] [kernels] [layers]  # no argument: these,
 #   in this order, about 450 s by estimate on an H200: tests 148 s with pytest-xdist (nineteenth
 #   session), the grouped-rows tests apart (at most 90 s), the kernel benchmark about 215 s (at most
-#   270; the grouped-rows kernel tunes 4 configs a shape since the twenty-first session), the layer
+#   270; the grouped-rows kernel tunes 4 or 5 configs a shape since the twenty-first session), the layer
 #   benchmark about 60 s (at most 150; it reuses the kernel benchmark's tuning).
 #   The decode benchmark left the default in the twenty-first session (about 100 s): decode's
 #   targets are met, and the time went to the layer benchmark. For a second call:
@@ -103,7 +103,7 @@ if want kernels; then
     echo "== kernel benchmark (expert_linear, mixed prefill) =="
     # since the twentieth session each case also times the grouped-rows kernel and one-expert rows
     # (about half a second a case more, so 240 s where 200 sufficed), and since the twenty-first
-    # tunes the grouped-rows kernel (4 configs a shape)
+    # tunes the grouped-rows kernel (4 or 5 configs a shape)
     TRITON_CACHE_AUTOTUNING=1 COGSERVE_EXPERT_CANDIDATES=1 timeout 270 $PY benchmarks/kernels/bench_expert_linear.py \
         --json "$OUT/bench_expert_linear.json" 2>&1 | tee "$OUT/bench.log" | tail -n 40
     bench_rc=${PIPESTATUS[0]}
