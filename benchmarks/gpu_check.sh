@@ -42,13 +42,13 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import torch, triton; import importlib.util as u; print('torch', torch.__version__, 'triton', triton.__version__, 'xgrammar', bool(u.find_spec('xgrammar')), 'commit', '${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}')" | tee -a "$OUT/gpu.txt"
 
+# pytest-xdist (in the machine's image): 6 workers compile the kernels side by side, 220 s -> ~90 s
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 6")
 tests_rc=0 bench_rc=0 layers_rc=0 decode_rc=0 gemv_rc=0 decode2_rc=0 prefill_rc=0 attention_rc=0
 # The GPU machine has no HTTP stack (fastapi, pydantic, openai): the tests that need CUDA are in
 # the kernels, the model and the engine; the HTTP tests run on CPU in CI.
 if want tests; then
     echo "== GPU tests (compiled kernels) =="
-    # pytest-xdist (in the machine's image): 6 workers compile the kernels side by side, 220 s -> ~90 s
-    XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 6")
     # the grouped-rows experiment runs apart (below), so a hang in its warp-specialised binary costs
     # 90 s and not these tests
     timeout 300 $PY -m pytest $XDIST -rf --tb=short tests/kernels tests/model tests/server/test_engine.py \
@@ -62,7 +62,7 @@ fi
 grouped_rc=0
 if want tests || want kernels || want layers; then
     echo "== grouped rows, warp-specialised (kernels/grouped_expert_linear.py) =="
-    timeout 90 $PY -m pytest -rf --tb=short tests/kernels/test_grouped_expert_linear.py 2>&1 \
+    timeout 90 $PY -m pytest $XDIST -rf --tb=short tests/kernels/test_grouped_expert_linear.py 2>&1 \
         | tee "$OUT/grouped.log" | tail -n 15
     grouped_rc=${PIPESTATUS[0]}
     [[ $grouped_rc -ne 0 ]] && export COGSERVE_BENCH_GROUPED=0
