@@ -32,6 +32,6 @@ def test_the_script_runs_and_its_ways_agree(monkeypatch, tmp_path, capsys, arch)
     assert [r["step"] for r in rows] == list(steps(1, "cpu"))
     # on CPU every way runs the torch references, over batch order or slot order: the same numbers
     assert all(r["gathered_err"] == 0.0 and r["grouped_err"] == 0.0 for r in rows)
-    assert all(r[f"{m}_ms"] > 0 for r in rows for m in ("dense", "gathered", "grouped", "peers"))
+    assert all(r[f"{m}_ms"] > 0 for r in rows for m in ("dense", "gathered", "grouped", "peers", "gathers"))
     assert sorted(set(into_slots)) == sorted(r["rows"] for r in rows)  # the grouped way entered slot order
     assert "geomean of the layers' time against dense" in capsys.readouterr().out
