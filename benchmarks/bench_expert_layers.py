@@ -11,7 +11,8 @@ turns in one process:
 - grouped: the rows carried in the routing's slot order (--expert-rows grouped) through
   kernels/grouped_expert_linear.py, with the gathers it costs (into slot order at the start, out
   and back around each layer's attention, out at the end);
-- peers: gather -> two cuBLAS GEMMs -> scatter for each projection (the torch references).
+- peers: gather -> two cuBLAS GEMMs -> scatter for each projection, gate and up apart (the torch
+  references; bench_expert_linear.py's peers fuse gate and up, a stronger baseline).
 
 Attention itself is left out (its backend hands q back as the context): it is the same work in
 every way, and would only dilute the ratios. The steps: one one-image request; a step of the
@@ -67,7 +68,7 @@ def steps(num_image: int, device) -> dict[str, torch.Tensor]:
 @contextlib.contextmanager
 def torch_projections():
     """The routed projections through model/experts.py's CPU path (the torch references: gather,
-    two GEMMs, scatter) on this device; the norms and silu * up keep their kernels."""
+    two GEMMs, scatter; silu * up in torch) on this device; the norms keep their kernels."""
     use_triton = experts.use_triton
     experts.use_triton = lambda x: False
     try:
