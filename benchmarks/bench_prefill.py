@@ -11,7 +11,7 @@ prefix or encoder cache hits: every image differs):
 The FLOPs counted are the linear layers' (2 x weights x rows, each row through one expert); the
 attention scores are left out, so the rate is a lower bound.
 
-    python benchmarks/bench_prefill.py [--arch cogvlm-17b|cogvlm2-19b] [--images 8]
+    python benchmarks/bench_prefill.py [--arch cogvlm-17b|cogvlm2-19b] [--images 8] [--expert-rows grouped]
     python benchmarks/bench_prefill.py --arch tiny --device cpu    # smoke test of this script
 """
 
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", default="cogvlm-17b", choices=sorted(ARCHITECTURES))
     parser.add_argument("--images", type=int, default=8, help="image requests sent at once in the second case")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--expert-rows", default=EngineConfig.expert_rows, choices=["gathered", "grouped"],
+                        help="the engine's row order for image steps (serve's --expert-rows)")  # fmt: skip
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -109,9 +111,11 @@ def main(argv: list[str] | None = None) -> None:
         query = "What is in the image? Describe it in detail."
         return [processor.build(Conversation(query=query, image=image(first_seed + i, size))) for i in range(count)]
 
-    engine = Engine(model, processor, EngineConfig(gpu_memory_fraction=0.5, num_kv_blocks=None if cuda else 2048))
+    engine = Engine(model, processor, EngineConfig(gpu_memory_fraction=0.5, num_kv_blocks=None if cuda else 2048,
+                                                   expert_rows=args.expert_rows))  # fmt: skip
     time_to_first_tokens(engine, prompts(1, 10_000), sync)  # warm-up: kernels compiled, graphs captured
-    print(f"prefill, {args.arch} architecture, random weights, {torch.cuda.get_device_name() if cuda else 'CPU'}")
+    print(f"prefill, {args.arch} architecture, random weights, {torch.cuda.get_device_name() if cuda else 'CPU'}, "
+          f"{args.expert_rows} expert rows")  # fmt: skip
     print(f"{str(dtype).removeprefix('torch.')} GEMM ({'8192' if cuda else '256'}^3): {gemm_rate / 1e12:.2f} TFLOP/s")
     print("| requests | prompt tokens | time to first tokens ms | vision tower ms | vision share | "
           "prefill tokens/s | linear TFLOP/s | vs GEMM |")  # fmt: skip

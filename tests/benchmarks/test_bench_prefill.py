@@ -25,9 +25,17 @@ def test_linear_flops_are_the_reference_prefills_matmuls(arch, with_image):
     assert linear_flops(model, prompt) == counts.get("mm", 0) + counts.get("addmm", 0)
 
 
-def test_the_script_reports_both_cases(capsys):
-    main(["--arch", "tiny", "--device", "cpu", "--images", "3"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+@pytest.mark.parametrize("rows", ["gathered", "grouped"])
+def test_the_script_reports_both_cases(monkeypatch, capsys, rows):
+    import model.cogvlm as cogvlm
+
+    into_slots = []
+    original = cogvlm.to_slots
+    monkeypatch.setattr(cogvlm, "to_slots", lambda x, routing: into_slots.append(1) or original(x, routing))
+    main(["--arch", "tiny", "--device", "cpu", "--images", "3", "--expert-rows", rows])
+    out = capsys.readouterr().out
+    assert f"{rows} expert rows" in out and bool(into_slots) == (rows == "grouped")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split(" | ")[0] for row in rows] == ["| 1", "| 3"]
     for row in rows:
         share = float(row.split(" | ")[4])
