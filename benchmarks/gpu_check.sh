@@ -16,7 +16,8 @@
 #     can join TUNED
 #   [gemv] the one-row GEMV's configs (candidates too) one by one against cuBLAS (52 s)
 #   [attention] the split decode's shapes at batch 1, and its rotary inside against rotary's own launch
-#   [prefill] time to first token for image requests and the vision tower's share (17B and CogVLM2)
+#   [prefill] time to first token for image requests and the vision tower's share (17B and CogVLM2);
+#     with PREFILL_ROWS=grouped, in the grouped row order (bench_prefill.py --expert-rows)
 # Carry .whl (fetched here by benchmarks/gpu_wheels.sh) for the structured-output part of the CUDA
 # look-ahead test: run(carry=[".whl"], command="COMMIT=... OUT=$OUT bash benchmarks/gpu_check.sh").
 # Logs and JSON go to $OUT (default /tmp/gpu_check). COMMIT=abc1234 names the commit: write the hash from this
@@ -83,7 +84,7 @@ fi
 if want prefill; then
     echo "== prefill benchmark (image requests, random weights) =="
     for arch in cogvlm-17b cogvlm2-19b; do
-        timeout 240 $PY benchmarks/bench_prefill.py --arch $arch 2>&1 | tee -a "$OUT/bench_prefill.log" | tail -n 8
+        timeout 240 $PY benchmarks/bench_prefill.py --arch $arch --expert-rows "${PREFILL_ROWS:-gathered}" 2>&1 | tee -a "$OUT/bench_prefill.log" | tail -n 8
         prefill_rc=$(( prefill_rc || PIPESTATUS[0] ))
     done
 fi
