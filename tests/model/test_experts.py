@@ -138,9 +138,9 @@ def test_grouped_expert_rows_give_the_same_tokens(monkeypatch, tiny_checkpoint, 
     model.use_grouped_expert_rows(True)
     got = generate_reference(model, inputs, params)
     num_slots = experts.route_by_expert(torch.zeros(inputs.num_tokens, dtype=torch.bool)).num_slots
-    if triton:  # the prefill's 6 projections a layer, each over the slots; decodes are dense
+    if triton:  # the prefill's launches, each over the slots; decodes are dense
         assert sorted(set(calls)) == [("grouped_expert_linear", num_slots), ("grouped_gated_up", num_slots)]
-        assert len(calls) == 4 * model.config.num_layers  # qkv, dense, gate_up with silu * up, down
+        assert len(calls) == 4 * model.config.num_layers  # a layer's qkv, dense, gate_up with silu * up, down
     else:
         assert set(calls) == {("expert_linear_ref", num_slots)}
     assert got.output_token_ids == want.output_token_ids
