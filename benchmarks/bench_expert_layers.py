@@ -35,7 +35,7 @@ import torch
 
 import model.experts as experts
 from benchmarks.full_size import ARCHITECTURES, random_model
-from benchmarks.kernels.bench_expert_linear import GROUPED, TEXT_TOKENS, bench_interleaved, serving_mask
+from benchmarks.kernels.bench_expert_linear import GROUPED, TEXT_TOKENS, bench_interleaved, rel_err, serving_mask
 from kernels.expert_routing import from_slots, route_by_expert, to_slots
 from model.cogvlm import CogVLMForCausalLM
 from model.gemv_tuning import graph_ms
@@ -117,10 +117,6 @@ def slot_gathers(cfg, num_layers: int, mask: torch.Tensor, dtype: torch.dtype):
     return call
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
 @torch.inference_mode()
 def run_arch(arch: str, num_layers: int, device: str, dtype: torch.dtype) -> list[dict]:
     cfg = ARCHITECTURES[arch]()
@@ -138,7 +134,7 @@ def run_arch(arch: str, num_layers: int, device: str, dtype: torch.dtype) -> lis
         row |= {key: math.nan for key in ("grouped_ms", "grouped_graph_ms", "grouped_err", "gathers_ms")}
         for mode in MODES:
             if mode in ("gathered", "grouped"):
-                row[f"{mode}_err"] = rel_err(outs[mode], outs["peers"])
+                row[f"{mode}_err"] = rel_err(outs[mode], outs["peers"].float())
         if cuda:
             row |= {f"{mode}_ms": ms for mode, ms in bench_interleaved(calls).items()}
             for mode in MODES:

@@ -8,8 +8,8 @@ vision rows, padding), as the model holds its hidden states from the embedding t
 when asked to (CogVLMForCausalLM.use_grouped_expert_rows; attention reads rows back in order). Every
 tile is then one TMA run of x, which is what Triton's Hopper warp specialisation needs: with
 kernels/expert_linear.py's gathered tiles it partitions nothing (the NOTE there), while this loop
-is partitioned under Triton 3.6 and 3.7 (a producer warpgroup, two consumers of 64 rows; 12 warps
-at num_warps=4, no spill), cuBLAS's Hopper layout. expert_linear reaches 600 to 680 TFLOP/s where
+is partitioned under Triton 3.6 and 3.7 (a producer warpgroup, two consumers splitting the tile's
+rows; 12 warps at num_warps=4, no spill), cuBLAS's Hopper layout. expert_linear reaches 600 to 680 TFLOP/s where
 cuBLAS reaches 700 to 780 (nineteenth session). Untimed so far: benchmarks/kernels/bench_expert_linear.py
 times this kernel beside both, and benchmarks/bench_expert_layers.py the layers either way, so a GPU
 run says whether carrying the slot order through the model pays; until then the engine's default

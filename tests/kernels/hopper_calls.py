@@ -85,11 +85,10 @@ def production_calls(quick: bool, dtype: torch.dtype) -> list[tuple[str, Callabl
             grouped.PLAIN_CONFIGS + grouped.GATED_CONFIGS, quick, ("WS",),
             [lambda c: c in grouped.PLAIN_CONFIGS, lambda c: c in grouped.GATED_CONFIGS],
         )  # fmt: skip
-        grouped_expert_linear, grouped_gated_up = grouped.grouped_expert_linear, grouped.grouped_gated_up
         routing = route_by_expert(mask, in_slots=True)
         slots = t(routing.num_slots, hidden)
-        grouped_expert_linear(slots, routing, t(hidden, hidden), t(hidden, hidden), None, t(hidden))
-        grouped_gated_up(slots, routing, *(t(11008, hidden) for _ in range(4)))
+        grouped.grouped_expert_linear(slots, routing, t(hidden, hidden), t(hidden, hidden), None, t(hidden))
+        grouped.grouped_gated_up(slots, routing, *(t(11008, hidden) for _ in range(4)))
 
     calls = [
         ("17B projections", lambda: projections(3 * hidden, 11008, False)),

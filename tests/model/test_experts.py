@@ -13,14 +13,19 @@ from model.processor import Conversation, Processor, load_tokenizer
 from model.weights import load_model
 
 
+def image_prompt(tiny_checkpoint):
+    """A question about a random 20 x 30 image, built by the checkpoint's processor."""
+    processor = Processor(load_tokenizer(tiny_checkpoint), CogVLMConfig.from_checkpoint(tiny_checkpoint))
+    image = Image.fromarray((torch.rand(20, 30, 3) * 255).byte().numpy())
+    return processor.build(Conversation(query="What is it?", image=image))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter variant; the CUDA one is below")
 def test_model_with_triton_kernels_gives_the_same_tokens(monkeypatch, tiny_checkpoint):
     """The six projections wired to the routed kernels, the fused norms, rotary and silu*up
     (interpreter on CPU) change no token."""
     model = load_model(tiny_checkpoint, torch.float32)
-    processor = Processor(load_tokenizer(tiny_checkpoint), CogVLMConfig.from_checkpoint(tiny_checkpoint))
-    image = Image.fromarray((torch.rand(20, 30, 3) * 255).byte().numpy())
-    inputs = processor.build(Conversation(query="What is it?", image=image))
+    inputs = image_prompt(tiny_checkpoint)
     params = GenerationParams(max_tokens=4, stop_token_ids=(), top_logprobs=3)
     want = generate_reference(model, inputs, params)
     monkeypatch.setattr(dispatch, "FORCE_TRITON", True)
@@ -42,9 +47,7 @@ def test_one_row_gemv_layers_give_the_same_tokens(monkeypatch, tiny_checkpoint):
     """Batch-1 text decodes through kernels/gemv.py (norms and silu * up in the GEMV prologues)
     give the eager layers' tokens and logprobs; the prefill (image rows) keeps the routed path."""
     model = load_model(tiny_checkpoint, torch.float32)
-    processor = Processor(load_tokenizer(tiny_checkpoint), CogVLMConfig.from_checkpoint(tiny_checkpoint))
-    image = Image.fromarray((torch.rand(20, 30, 3) * 255).byte().numpy())
-    inputs = processor.build(Conversation(query="What is it?", image=image))
+    inputs = image_prompt(tiny_checkpoint)
     params = GenerationParams(max_tokens=5, stop_token_ids=(), top_logprobs=3)
     want = generate_reference(model, inputs, params)  # the torch layers, the reference of the test above too
     monkeypatch.setattr(dispatch, "FORCE_TRITON", True)
@@ -124,9 +127,7 @@ def test_grouped_expert_rows_give_the_same_tokens(monkeypatch, tiny_checkpoint, 
     model = load_model(tiny_checkpoint, torch.float32)
     if triton and model.config.generation == 1:  # 9 s of the suite's time on this project's machine
         pytest.skip("the interpreter runs CogVLM2's layout (GQA, the vision QKV bias); torch runs both")
-    processor = Processor(load_tokenizer(tiny_checkpoint), CogVLMConfig.from_checkpoint(tiny_checkpoint))
-    image = Image.fromarray((torch.rand(20, 30, 3) * 255).byte().numpy())
-    inputs = processor.build(Conversation(query="What is it?", image=image))
+    inputs = image_prompt(tiny_checkpoint)
     # the prefill's token, then one decode that reads the K/V the grouped prefill wrote
     params = GenerationParams(max_tokens=2, stop_token_ids=(), top_logprobs=3)
     want = generate_reference(model, inputs, params)
@@ -173,9 +174,7 @@ def test_no_vision_token_takes_the_dense_path(monkeypatch):
 @pytest.mark.gpu
 def test_model_on_cuda_matches_the_cpu_reference(tiny_checkpoint):
     """fp32 on CUDA, routed Triton kernels compiled, against the CPU reference path."""
-    processor = Processor(load_tokenizer(tiny_checkpoint), CogVLMConfig.from_checkpoint(tiny_checkpoint))
-    image = Image.fromarray((torch.rand(20, 30, 3) * 255).byte().numpy())
-    inputs = processor.build(Conversation(query="What is it?", image=image))
+    inputs = image_prompt(tiny_checkpoint)
     params = GenerationParams(max_tokens=6, stop_token_ids=())
     want = generate_reference(load_model(tiny_checkpoint, torch.float32, "cpu"), inputs, params)
     got = generate_reference(load_model(tiny_checkpoint, torch.float32, "cuda"), inputs, params)
